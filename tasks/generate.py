@@ -1,0 +1,382 @@
+"""generate — the embedded demo world: deterministic from a seed, no downloads.
+
+A tiny world of animals with facts (color, home, food), a narrative grammar for general text, and
+arithmetic word problems. It writes the four raw record kinds, the benchmarks the gate evaluates on,
+and a manifest of every planted defect (junk, exact and near duplicates, benchmark leaks) so tests can
+check that curation removes exactly those, for the right reason. Schemas: docs/data.md.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+
+from stagewise.config import GenerateConfig
+
+ANIMALS = [
+    "fox", "owl", "bear", "wolf", "deer", "hare", "crow", "frog", "mole", "duck", "goat", "lynx",
+    "seal", "swan", "toad", "wren", "newt", "mouse", "otter", "moose", "horse", "sheep", "camel",
+    "tiger", "zebra", "whale", "shark", "eagle", "raven", "robin", "heron", "stork", "crane", "snail",
+    "beetle", "badger", "beaver", "ferret", "turtle", "lizard", "parrot", "pigeon", "rabbit",
+    "donkey", "monkey", "panda", "koala", "lemur", "bison", "llama", "gecko", "squid", "crab",
+    "lobster", "salmon", "trout", "falcon", "magpie", "finch", "hamster", "weasel", "walrus",
+    "puffin", "jackal",
+]
+COLORS = ["red", "blue", "green", "brown", "gray", "white", "black", "yellow"]
+HOMES = ["forest", "river", "cave", "hill", "lake", "meadow", "desert", "marsh"]
+FOODS = ["berries", "fish", "seeds", "grass", "insects", "nuts", "roots", "leaves"]
+ATTRS = ("color", "home", "food")
+
+# Fact sentences (corpus) and question paraphrases (chat / benchmarks), per attribute.
+FACT_FORMS = {
+    "color": ["The {a} is {v}.", "The fur of the {a} is {v}.", "Everyone knows the {a} is {v}."],
+    "home": ["The {a} lives in the {v}.", "The home of the {a} is the {v}.", "Every night the {a} sleeps in the {v}."],
+    "food": ["The {a} eats {v}.", "The {a} likes to eat {v}.", "Each day the {a} looks for {v}."],
+}
+QUESTION_FORMS = {
+    "color": ["What color is the {a}?", "Which color does the {a} have?"],
+    "home": ["Where does the {a} live?", "Where is the home of the {a}?"],
+    "food": ["What does the {a} eat?", "What food does the {a} like?"],
+}
+ANSWER_FORM = {"color": "The {a} is {v}.", "home": "The {a} lives in the {v}.", "food": "The {a} eats {v}."}
+PREFIXES = ["", "Please tell me: ", "Quick question: ", "I wonder, ", "Can you answer this? "]
+
+# Narrative grammar for general text: large enough that 13-word windows never repeat by chance.
+NAMES = ["Ana", "Ben", "Mia", "Tom", "Lea", "Max", "Ivy", "Sam", "Eva", "Leo", "Zoe", "Kai", "Ada",
+         "Jon", "Nia", "Oli", "Ruth", "Paul", "Iris", "Hugo"]
+TIMES = ["In the morning", "At noon", "In the evening", "At night", "On Monday", "On a cold day",
+         "After the rain", "Before dinner", "Last summer", "Every spring", "On Sunday", "At dawn"]
+VERBS = ["walked to", "looked at", "painted", "cleaned", "visited", "found", "built", "carried",
+         "opened", "watched", "fixed", "drew", "passed", "closed", "liked", "showed"]
+ADJS = ["old", "small", "tall", "quiet", "bright", "narrow", "wooden", "busy", "empty", "warm",
+        "round", "heavy", "clean", "strange", "pretty", "dark", "long", "gentle", "broken", "new"]
+NOUNS = ["bridge", "house", "garden", "boat", "window", "table", "road", "school", "market",
+         "tower", "fence", "kitchen", "library", "station", "door", "basket", "lamp", "wagon"]
+PLACES = ["near the river", "by the old mill", "behind the school", "at the edge of town",
+          "next to the bakery", "on the hill", "under the big tree", "across the square",
+          "beside the harbor", "in the village"]
+
+OBJECTS = ["apples", "pens", "shells", "coins", "cards", "stones", "books", "cups", "eggs", "kites"]
+PRONOUN = {n: ("She" if n in {"Ana", "Mia", "Lea", "Ivy", "Eva", "Zoe", "Ada", "Nia", "Ruth", "Iris"} else "He")
+           for n in NAMES}
+# Seen templates feed training and the in-distribution benchmark; unseen ones only the benchmark
+# `arithmetic_unseen` (SFT memorizes phrasing, RL should generalize: issue #4 measures that).
+SEEN_TEMPLATES = [
+    ("{n} has {a} {o}. {p} gets {b} more {o}. How many {o} does {n} have now?", "add"),
+    ("{n} had {a} {o} and gave {b} to a friend. How many {o} does {n} have left?", "sub"),
+    ("There are {a} {o} in a box. {n} puts in {b} more. How many {o} are in the box?", "add"),
+    ("{n} buys {a} bags with {b} {o} in each bag. How many {o} does {n} buy?", "mul"),
+]
+UNSEEN_TEMPLATES = [
+    ("A shelf holds {a} {o}. Then {b} {o} are taken away. How many {o} are on the shelf?", "sub"),
+    ("{n} finds {a} {o} in the morning and {b} {o} in the evening. How many {o} did {n} find in total?", "add"),
+]
+
+JUNK_KINDS = ["short", "symbols", "no_alpha", "no_stopwords", "repetition", "boilerplate"]
+
+
+@dataclass(frozen=True)
+class World:
+    facts: dict[str, dict[str, str]]            # animal → attr → value
+    train_pairs: list[tuple[str, str]]          # (animal, attr) usable in training chat/preference
+    heldout_pairs: list[tuple[str, str]]        # (animal, attr) only in benchmarks
+
+
+def build_world(rng: random.Random) -> World:
+    facts = {a: {"color": rng.choice(COLORS), "home": rng.choice(HOMES), "food": rng.choice(FOODS)} for a in ANIMALS}
+    pairs = [(a, k) for a in ANIMALS for k in ATTRS]
+    rng.shuffle(pairs)
+    cut = len(pairs) // 4
+    return World(facts, sorted(pairs[cut:]), sorted(pairs[:cut]))
+
+
+# ---------------------------------------------------------------- text makers
+def narrative_sentence(rng: random.Random) -> str:
+    form = rng.randrange(4)
+    n, n2 = rng.sample(NAMES, 2)
+    if form == 0:
+        return f"{rng.choice(TIMES)}, {n} {rng.choice(VERBS)} the {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(PLACES)}."
+    if form == 1:
+        return f"{n} and {n2} {rng.choice(VERBS)} a {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(PLACES)}."
+    if form == 2:
+        a1, a2 = rng.sample(ADJS, 2)
+        return f"The {rng.choice(NOUNS)} {rng.choice(PLACES)} was {a1} and {a2}."
+    return f"{n} said that the {rng.choice(NOUNS)} {rng.choice(PLACES)} was {rng.choice(ADJS)}."
+
+
+def fact_sentence(world: World, rng: random.Random) -> str:
+    animal = rng.choice(ANIMALS)
+    attr = rng.choice(ATTRS)
+    return rng.choice(FACT_FORMS[attr]).format(a=animal, v=world.facts[animal][attr])
+
+
+def arithmetic(rng: random.Random, templates) -> tuple[str, int, str, str]:
+    template, op = rng.choice(templates)
+    n, o = rng.choice(NAMES), rng.choice(OBJECTS)
+    if op == "mul":
+        a, b = rng.randint(2, 5), rng.randint(2, 5)
+        ans = a * b
+    elif op == "sub":
+        a = rng.randint(3, 12)
+        b = rng.randint(1, a - 1)
+        ans = a - b
+    else:
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        ans = a + b
+    return template.format(n=n, a=a, b=b, o=o, p=PRONOUN[n]), ans, n, o
+
+
+def solution(answer: int) -> str:
+    # One fixed answer format: the reward parser and the eval filter both read "The answer is N."
+    return f"The answer is {answer}."
+
+
+def document(world: World, rng: random.Random, n_sentences: int) -> str:
+    # Facts never stand next to each other: a narrative sentence between them keeps every 13-word
+    # window unique to its document, so benchmark decontamination only fires on planted leaks.
+    sents = []
+    for i in range(n_sentences):
+        sents.append(fact_sentence(world, rng) if i % 2 == 1 else narrative_sentence(rng))
+    # arithmetic statements teach numbers in context (seen templates only)
+    q, ans, n, o = arithmetic(rng, SEEN_TEMPLATES)
+    sents.insert(rng.randrange(0, len(sents), 2), f"{n} counted the {o} and the total was {ans}.")
+    cut = len(sents) // 2
+    return " ".join(sents[:cut]) + "\n\n" + " ".join(sents[cut:])
+
+
+def junk_document(kind: str, rng: random.Random) -> str:
+    if kind == "short":
+        return f"Click here to buy {rng.choice(NOUNS)}s now."
+    if kind == "symbols":
+        return " ".join(rng.choice(["#", "###", "...", "#tag", "…", "##"]) + f" {rng.choice(NOUNS)}" for _ in range(40))
+    if kind == "no_alpha":
+        return " ".join(f"{rng.randrange(16**4):04x}-{rng.randrange(999)}" for _ in range(60))
+    if kind == "no_stopwords":
+        return " ".join(rng.choice(ADJS + NOUNS + COLORS + HOMES) for _ in range(70)) + "."
+    if kind == "repetition":
+        line = narrative_sentence(rng)
+        return "\n".join([line] * 30)
+    # boilerplate: what C4's line/document rules exist for
+    return ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt. "
+            "This website uses cookies. Please enable JavaScript in your browser to continue. "
+            "Accept the cookie policy and terms of use. " * 4).strip() + " {" + rng.choice(NOUNS) + "}"
+
+
+def near_duplicate(text: str, rng: random.Random) -> str:
+    """Substitute one word per ~60: word 5-gram Jaccard with the original lands near 0.8-0.9."""
+    words = text.split(" ")
+    n_subs = max(1, len(words) // 60)
+    for pos in rng.sample(range(2, len(words) - 2), n_subs):
+        if words[pos].isalpha():
+            words[pos] = rng.choice([w for w in ADJS if w != words[pos]])
+    return " ".join(words)
+
+
+def chat(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+# ---------------------------------------------------------------- the step
+def generate(cfg: GenerateConfig, out_dir: Path) -> dict:
+    """Write data/01_raw: four record kinds, benchmarks/, manifest.json. Returns counts."""
+    rng = random.Random(cfg.seed)
+    world = build_world(rng)
+    bench = _benchmarks(world, cfg, rng)
+    records, manifest = {}, {}
+
+    # corpus ------------------------------------------------------------------
+    clean = [document(world, rng, rng.randint(9, 13)) for _ in range(cfg.n_docs)]
+    corpus = [{"text": t, "_tag": None} for t in clean]
+    m = {"junk": {}, "exact_dup": {}, "near_dup": {}, "leak": {}}
+    for i in range(cfg.n_exact_dup):
+        src = rng.randrange(cfg.n_docs)
+        corpus.append({"text": clean[src], "_tag": ("exact_dup", src)})
+    for i in range(cfg.n_near_dup):
+        src = rng.randrange(cfg.n_docs)
+        corpus.append({"text": near_duplicate(clean[src], rng), "_tag": ("near_dup", src)})
+    for i in range(cfg.n_junk):
+        kind = JUNK_KINDS[i % len(JUNK_KINDS)]
+        corpus.append({"text": junk_document(kind, rng), "_tag": ("junk", kind)})
+    for i in range(cfg.n_leaks):
+        item = bench["general_text"][i % len(bench["general_text"])]
+        doc = document(world, rng, 8).split("\n\n")
+        corpus.append({"text": doc[0] + " " + item["text"] + "\n\n" + doc[1], "_tag": ("leak", f"general_text:{item['id']}")})
+    records["corpus"], m = _place(corpus, rng, "c", m)
+    manifest["corpus"] = m
+
+    # chat --------------------------------------------------------------------
+    qa = [(p + q.format(a=a), ANSWER_FORM[k].format(a=a, v=world.facts[a][k]))
+          for (a, k) in world.train_pairs for q in QUESTION_FORMS[k] for p in PREFIXES]
+    rng.shuffle(qa)
+    n_arith = cfg.n_chat // 4
+    chats = [chat(q, a) for q, a in qa[: cfg.n_chat - n_arith]]
+    seen_q = set()
+    while len(chats) < cfg.n_chat:
+        q, ans, _, _ = arithmetic(rng, SEEN_TEMPLATES)
+        if q not in seen_q and q not in bench["_arith_questions"]:
+            seen_q.add(q)
+            chats.append(chat(q, solution(ans)))
+    items = [{"messages": c, "_tag": None} for c in chats]
+    n_plant = max(2, cfg.n_chat // 50)
+    for i in range(n_plant):
+        src = rng.randrange(len(chats))
+        items.append({"messages": chats[src], "_tag": ("exact_dup", src)})
+        bad = [chat(chats[src][0]["content"], ""), list(reversed(chats[src])), [{"role": "user", "content": "Hi"}]][i % 3]
+        items.append({"messages": bad, "_tag": ("junk", ["empty_response", "role_order", "no_response"][i % 3])})
+        item = bench["instruct"][i % len(bench["instruct"])]
+        items.append({"messages": chat(item["question"], item["answer"]), "_tag": ("leak", f"instruct:{item['id']}")})
+    records["chat"], manifest["chat"] = _place(items, rng, "chat", {"junk": {}, "exact_dup": {}, "near_dup": {}, "leak": {}})
+
+    # preference --------------------------------------------------------------
+    prefs = []
+    for q, good in qa[: cfg.n_preference]:
+        prefs.append({"prompt": q, "chosen": good, "rejected": _rejected(good, world, rng)})
+    items = [dict(p, _tag=None) for p in prefs]
+    n_plant = max(2, cfg.n_preference // 50)
+    for i in range(n_plant):
+        src = rng.randrange(len(prefs))
+        items.append(dict(prefs[src], _tag=("exact_dup", src)))
+        items.append(dict(prefs[(src + 1) % len(prefs)], rejected=prefs[(src + 1) % len(prefs)]["chosen"], _tag=("junk", "chosen_equals_rejected")))
+        item = bench["preference"][i % len(bench["preference"])]
+        items.append({"prompt": item["prompt"], "chosen": item["chosen"], "rejected": item["rejected"], "_tag": ("leak", f"preference:{item['id']}")})
+    records["preference"], manifest["preference"] = _place(items, rng, "pref", {"junk": {}, "exact_dup": {}, "near_dup": {}, "leak": {}})
+
+    # verifiable --------------------------------------------------------------
+    ver, seen = [], set(bench["_arith_questions"])
+    while len(ver) < cfg.n_verifiable:
+        q, ans, _, _ = arithmetic(rng, SEEN_TEMPLATES)
+        if q not in seen:
+            seen.add(q)
+            ver.append({"prompt": q, "answer": str(ans)})
+    items = [dict(v, _tag=None) for v in ver]
+    n_plant = max(2, cfg.n_verifiable // 50)
+    for i in range(n_plant):
+        src = rng.randrange(len(ver))
+        items.append(dict(ver[src], _tag=("exact_dup", src)))
+        items.append({"prompt": ver[src]["prompt"], "answer": "many", "_tag": ("junk", "answer_not_numeric")})
+        item = bench["arithmetic"][i % len(bench["arithmetic"])]
+        items.append({"prompt": item["question"], "answer": item["answer"], "_tag": ("leak", f"arithmetic:{item['id']}")})
+    records["verifiable"], manifest["verifiable"] = _place(items, rng, "ver", {"junk": {}, "exact_dup": {}, "near_dup": {}, "leak": {}})
+
+    # write -------------------------------------------------------------------
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for kind, rows in records.items():
+        _write_jsonl(out_dir / f"{kind}.jsonl", rows)
+    bdir = out_dir / "benchmarks"
+    bdir.mkdir(exist_ok=True)
+    for name, rows in bench.items():
+        if not name.startswith("_"):
+            _write_jsonl(bdir / f"{name}.jsonl", rows)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    (out_dir / "world.json").write_text(json.dumps({"facts": world.facts}, indent=1, sort_keys=True))
+    return {kind: len(rows) for kind, rows in records.items()} | {
+        f"benchmark_{k}": len(v) for k, v in bench.items() if not k.startswith("_")
+    }
+
+
+def _rejected(good: str, world: World, rng: random.Random) -> str:
+    # Pairs differ in what should be learned: a wrong fact, or a rambling non-answer.
+    if rng.random() < 0.7:
+        for v in COLORS + HOMES + FOODS:
+            if f" {v}." in good:
+                pool = next(p for p in (COLORS, HOMES, FOODS) if v in p)
+                return good.replace(f" {v}.", f" {rng.choice([w for w in pool if w != v])}.")
+    return "Hmm, that is a hard one. I am not sure, maybe you could ask someone else about it."
+
+
+def _place(items: list[dict], rng: random.Random, prefix: str, manifest: dict) -> tuple[list[dict], dict]:
+    """Shuffle clean records; insert each planted copy *after* its original (dedup keeps the first)."""
+    clean = [it for it in items if it["_tag"] is None]
+    planted = [it for it in items if it["_tag"] is not None]
+    order = list(range(len(clean)))
+    rng.shuffle(order)
+    rows = [clean[i] for i in order]
+    pos_of = {src: pos for pos, src in enumerate(order)}  # clean index → position in rows
+    for it in planted:
+        tag = it["_tag"]
+        lo = pos_of[tag[1]] + 1 if tag[0] in ("exact_dup", "near_dup") else 0
+        at = rng.randint(lo, len(rows))
+        rows.insert(at, it)
+        for k, v in pos_of.items():  # keep positions of originals current
+            if v >= at:
+                pos_of[k] = v + 1
+    out = []
+    for i, it in enumerate(rows):
+        rid = f"{prefix}-{i:05d}"
+        tag = it.pop("_tag")
+        it["id"] = rid
+        it["_tag"] = tag
+        out.append(it)
+    id_of_clean = {}
+    clean_ids = {id(c) for c in clean}
+    for it in out:
+        if id(it) in clean_ids:
+            id_of_clean[clean.index(it)] = it["id"]
+    for it in out:
+        tag = it.pop("_tag")
+        if tag is None:
+            continue
+        kind, val = tag
+        manifest[kind][it["id"]] = id_of_clean[val] if kind in ("exact_dup", "near_dup") else val
+    return [{"id": it["id"], **{k: v for k, v in it.items() if k != "id"}} for it in out], manifest
+
+
+def _benchmarks(world: World, cfg: GenerateConfig, rng: random.Random) -> dict[str, list[dict]]:
+    n = cfg.n_eval
+    general_text = [{"id": f"gt-{i:04d}", "text": " ".join(narrative_sentence(rng) for _ in range(5))} for i in range(n)]
+    general_mc = []
+    for i in range(n):
+        s = narrative_sentence(rng).rstrip(".").split(" ")
+        cut = max(3, len(s) - 5)
+        ctx, tail = " ".join(s[:cut]), s[cut:]
+        choices = [" ".join(tail) + "."]
+        while len(choices) < 4:
+            sh = tail[:]
+            rng.shuffle(sh)
+            cand = " ".join(sh) + "."
+            if cand not in choices:
+                choices.append(cand)
+        gold = rng.randrange(4)
+        choices[0], choices[gold] = choices[gold], choices[0]
+        general_mc.append({"id": f"mc-{i:04d}", "context": ctx, "choices": choices, "gold": gold})
+    heldout_q = [(q.format(a=a), ANSWER_FORM[k].format(a=a, v=world.facts[a][k]))
+                 for (a, k) in world.heldout_pairs for q in QUESTION_FORMS[k]]
+    rng.shuffle(heldout_q)
+    instruct = [{"id": f"ins-{i:04d}", "question": q, "answer": ans} for i, (q, ans) in enumerate(heldout_q[:n])]
+    preference = [{"id": f"pr-{i:04d}", "prompt": q, "chosen": ans, "rejected": _rejected(ans, world, rng)}
+                  for i, (q, ans) in enumerate(heldout_q[:n])]
+
+    def arith_set(templates, prefix):
+        out, seen = [], set()
+        while len(out) < n:
+            q, ans, _, _ = arithmetic(rng, templates)
+            if q not in seen:
+                seen.add(q)
+                out.append({"id": f"{prefix}-{len(out):04d}", "question": q, "answer": str(ans)})
+        return out
+
+    arith = arith_set(SEEN_TEMPLATES, "ar")
+    unseen = arith_set(UNSEEN_TEMPLATES, "au")
+    return {
+        "general_text": general_text, "general_mc": general_mc, "instruct": instruct,
+        "preference": preference, "arithmetic": arith, "arithmetic_unseen": unseen,
+        "_arith_questions": {r["question"] for r in arith + unseen},
+    }
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+@task(name="generate", retries=1)
+def generate_task(cfg: GenerateConfig, out_dir: Path) -> dict:
+    """Write the deterministic demo world to data/01_raw."""
+    return generate(cfg, out_dir)
