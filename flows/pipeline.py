@@ -1,0 +1,138 @@
+"""The Stagewise DAG, wiring only: data → train → compress → gate.
+
+    stagewise run --profile demo            # CLI
+    from flows.pipeline import pipeline; pipeline(profile="smoke")   # Python
+
+Each phase is a subflow; each step is a Prefect task named after the step (tasks/<step>.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+from stagewise.config import Config
+from stagewise.run import DATA_STEPS, TRAIN_STAGES
+from stagewise.stage import Lineage, RunContext
+
+
+# ------------------------------------------------------------------ run bookkeeping tasks
+@task(name="start-run")
+def start_run_task(root: Path, config_path: Path, profile: str | None, overrides: list[str],
+                   force: bool, force_stages: list[str]) -> tuple[RunContext, Config]:
+    """Resolve the config, prepare MLflow/DVC stores, open the parent MLflow run."""
+    from stagewise.run import start_run
+
+    return start_run(root, config_path, profile, overrides, force, force_stages)
+
+
+@task(name="dvc-status")
+def dvc_current_task(root: Path, step: str) -> bool:
+    """Is this DVC stage up to date (deps, params, outs unchanged)?"""
+    from stagewise import dvcops
+
+    return dvcops.is_current(root, step)
+
+
+@task(name="dvc-commit", retries=2, retry_delay_seconds=2)
+def dvc_commit_task(root: Path, step: str, stats: dict) -> str | None:
+    """Record the step's outputs in dvc.lock; return their md5 (the data hash in lineage)."""
+    from stagewise import dvcops
+    from stagewise.steps import metrics_path
+    from stagewise.workspace import Workspace
+
+    return dvcops.commit(root, step, stats, metrics_path(Workspace.at(root), step))
+
+
+@task(name="finish-run", retries=1)
+def finish_run_task(ctx: RunContext, summary: dict[str, Any]) -> str:
+    """Write reports/<run_id>/summary.json and close the MLflow parent run."""
+    from stagewise.run import finish_run
+
+    return str(finish_run(ctx, summary))
+
+
+# ------------------------------------------------------------------ phases
+@flow(name="data")
+def data_phase(cfg: Config, ctx: RunContext, selected: list[str]) -> dict[str, Any]:
+    """Raw text → curated, validated, DVC-tracked datasets and a tokenizer."""
+    import json
+
+    from stagewise.hashing import dvc_out_hash
+    from stagewise.steps import data_steps
+
+    ws = ctx.ws
+    out: dict[str, Any] = {"stats": {}, "cached": [], "hashes": {}}
+    for step, (step_task, kwargs) in data_steps(cfg, ws).items():
+        if step == "generate" and cfg.data.sources:
+            continue  # user data: nothing to generate
+        stats_file = kwargs.get("out_dir", Path()) / "stats.json"
+        if step not in selected or (not ctx.forced(step) and dvc_current_task(ctx.root, step)):
+            out["cached"].append(step)
+            out["stats"][step] = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        else:
+            out["stats"][step] = step_task(**kwargs)
+            dvc_commit_task(ctx.root, step, out["stats"][step])
+        out["hashes"][step] = dvc_out_hash(ctx.root, step)
+    return out
+
+
+@flow(name="train")
+def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: list[str]) -> dict[str, Any]:
+    """Init (or base) model → pretrain → sft → preference → reasoning, one model version each."""
+    from tasks import preference, pretrain, reasoning, sft
+    from tasks.base import base_task
+
+    stage_tasks = {"pretrain": pretrain.pretrain_task, "sft": sft.sft_task,
+                   "preference": preference.preference_task, "reasoning": reasoning.reasoning_task}
+    parent: Lineage = base_task(cfg, ctx, data["hashes"].get("tokenizer"))
+    lineage, rows = [parent], []
+    last = max((TRAIN_STAGES.index(s) for s in selected if s in TRAIN_STAGES), default=-1)
+    for stage in TRAIN_STAGES[: last + 1]:
+        if stage == "pretrain" and cfg.model.base:
+            continue  # a given base model replaces pretraining
+        child, row = stage_tasks[stage](ctx, cfg, parent, data["hashes"].get("decontaminate"),
+                                        cache_only=stage not in selected)
+        lineage.append(child)
+        rows.append(row)
+        parent = child
+    return {"lineage": lineage, "rows": rows}
+
+
+@flow(name="gate")
+def gate_phase(cfg: Config, ctx: RunContext, trained: dict[str, Any]) -> dict[str, Any]:
+    """Forgetting guard on the final candidate; challenger always, champion only on a pass."""
+    from tasks.gate import gate_task
+
+    return gate_task(ctx, cfg, trained["lineage"])
+
+
+# ------------------------------------------------------------------ the pipeline
+@flow(name="stagewise")
+def pipeline(profile: str | None = "demo", stages: list[str] | None = None, overrides: list[str] | None = None,
+             config_path: str = "params.yaml", workspace: str = ".", force: bool = False,
+             force_stages: list[str] | None = None) -> dict[str, Any]:
+    """Raw text to a promoted model: data → train → compress → gate → registry."""
+    import time
+
+    from stagewise.summary import build_summary, publish_summary_task
+
+    t0 = time.time()
+    root = Path(workspace).resolve()
+    ctx, cfg = start_run_task(root, root / config_path, profile, overrides or [], force, force_stages or [])
+    selected = stages or cfg.run.stages
+    try:
+        data = data_phase(cfg, ctx, selected)
+        trained = train_phase(cfg, ctx, data, selected)
+        verdict = gate_phase(cfg, ctx, trained) if "gate" in selected and trained["rows"] else None
+    except BaseException:
+        from stagewise.run import fail_run
+
+        fail_run(ctx)
+        raise
+    summary = build_summary(ctx, profile, data, trained, verdict, seconds=time.time() - t0)
+    finish_run_task(ctx, summary)
+    publish_summary_task(summary)
+    return summary

@@ -1,0 +1,132 @@
+"""`stagewise` command line. Heavy libraries are imported inside commands: `--help` stays instant."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+STEPS_HELP = """Steps (module tasks/<step>.py = DVC stage = params section = MLflow run = Prefect task):
+data: generate, ingest, quality, dedup, decontaminate, validate, tokenizer;
+train: pretrain, sft, preference, reasoning; ship: compress, gate."""
+
+app = typer.Typer(
+    help=f"Stagewise: one Prefect DAG from raw text to a promoted model.\n\n{STEPS_HELP}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _split(values: Optional[list[str]]) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out += [s.strip() for s in v.split(",") if s.strip()]
+    return out
+
+
+@app.command()
+def run(
+    profile: str = typer.Option("demo", help="Profile from params.yaml `profiles:` (smoke, demo)."),
+    stages: Optional[list[str]] = typer.Option(None, help="Comma-separated steps to run (default: all)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override, e.g. --set sft.epochs=2 (repeatable)."),
+    config: Path = typer.Option(Path("params.yaml"), help="The params file (its folder is the workspace)."),
+    force: bool = typer.Option(False, help="Re-run every step, ignoring caches."),
+    force_stage: Optional[list[str]] = typer.Option(None, help="Re-run this step (repeatable / comma-separated)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Library logs too."),
+) -> None:
+    """Run the pipeline end to end and print the summary table."""
+    from stagewise.config import ConfigError, load_config
+
+    root = config.resolve().parent
+    selected = _split(stages) or None
+    try:  # fail fast on config errors, before any engine starts
+        cfg = load_config(config, profile, set_ or [])
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    unknown = [s for s in (selected or []) + _split(force_stage) if s not in cfg.run.stages]
+    if unknown:
+        typer.echo(f"error: unknown step(s) {', '.join(unknown)}; known: {', '.join(cfg.run.stages)}", err=True)
+        raise typer.Exit(2)
+    from stagewise.logs import configure
+
+    configure(verbose)
+    from stagewise.run import env_defaults
+
+    env_defaults(root)
+    from flows.pipeline import pipeline
+    from stagewise.summary import summary_table
+
+    summary = pipeline(profile=profile, stages=selected, overrides=set_ or [], config_path=config.name,
+                       workspace=str(root), force=force, force_stages=_split(force_stage))
+    typer.echo("\n" + summary_table(summary))
+
+
+@app.command()
+def step(
+    name: str = typer.Argument(..., help="A data step: generate, ingest, quality, dedup, decontaminate, validate, tokenizer."),
+    config: Path = typer.Option(Path("params.resolved.yaml"), help="Resolved params (written by `stagewise run`)."),
+) -> None:
+    """Run one data step without Prefect (what `dvc repro` calls)."""
+    from stagewise.config import ConfigError, load_config
+    from stagewise.run import env_defaults
+    from stagewise.steps import data_steps, metrics_path
+    from stagewise.workspace import Workspace
+
+    root = config.resolve().parent
+    env_defaults(root)
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    ws = Workspace.at(root)
+    steps = data_steps(cfg, ws)
+    if name not in steps:
+        typer.echo(f"error: {name!r} is not a data step; choose from {', '.join(steps)}", err=True)
+        raise typer.Exit(2)
+    step_task, kwargs = steps[name]
+    stats = step_task.fn(**kwargs)
+    from stagewise.dvcops import write_metrics
+
+    write_metrics(metrics_path(ws, name), stats)
+
+
+@app.command()
+def profiles(config: Path = typer.Option(Path("params.yaml"))) -> None:
+    """List the profiles defined in params.yaml."""
+    from stagewise.config import profiles_in
+
+    for p in profiles_in(config):
+        typer.echo(p)
+
+
+def _mount_optional() -> None:
+    # Sub-apps live in their own modules; each keeps its imports inside its commands.
+    try:
+        from stagewise.cli_data import data_app
+
+        app.add_typer(data_app, name="data", help="Curate any JSONL/Parquet/text file outside the DAG.")
+    except ImportError:
+        pass
+    try:
+        from stagewise.cli_registry import register_commands
+
+        register_commands(app)
+    except ImportError:
+        pass
+
+
+_mount_optional()
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,160 @@
+"""MLflow tracking + model registry: where versions, lineage and aliases live.
+
+Aliases, not stages (deprecated in MLflow 3): `challenger` is the latest gated candidate, `champion`
+moves only when its gate passed, `previous-champion` is what `stagewise rollback` returns to.
+Load the champion anywhere with:
+
+    mlflow.transformers.load_model("models:/stagewise@champion", return_type="components")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+EXPERIMENT = "stagewise"
+LINEAGE_KEYS = ("stage", "parent_version", "data_hash", "config_hash", "code_version", "cache_key",
+                "pipeline_run", "weights_hash")
+
+
+def setup_tracking(root: Path, experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at the workspace store (`mlflow/`) unless MLFLOW_TRACKING_URI says otherwise."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    store = Path(root) / "mlflow"
+    store.mkdir(parents=True, exist_ok=True)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        # An explicit artifact location: nothing lands in the cwd's ./mlruns.
+        artifact_root = None if uri.startswith("http") else (store / "artifacts").resolve().as_uri()
+        mlflow.create_experiment(experiment, artifact_location=artifact_root)
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def log_model_version(model_dir: Path, registered_name: str, stage: str, lineage: dict[str, Any],
+                      run_id: str, trust_remote_code: bool = False) -> str:
+    """Log the HF folder as an MLflow transformers model inside `run_id`, register it, tag lineage.
+
+    Called only after `model_dir` was written completely (stages save atomically), so a crash can
+    never register a half-written model.
+    """
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tok},
+            name=stage,
+            task="text-generation",
+            # mlflow would infer torchvision etc.; state what the model actually needs.
+            pip_requirements=["torch", "transformers", "safetensors", "tokenizers"],
+            registered_model_name=registered_name,
+        )
+    version = str(info.registered_model_version)
+    c = client()
+    for key, value in lineage.items():
+        if value is not None:
+            c.set_model_version_tag(registered_name, version, key, str(value))
+    c.set_model_version_tag(registered_name, version, "stage", stage)
+    return version
+
+
+def find_cached_version(registered_name: str, stage: str, cache_key: str) -> dict | None:
+    """A registered version of `stage` built from exactly these inputs, if any (newest first)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client().search_model_versions(f"name='{registered_name}' and tag.cache_key='{cache_key}'")
+    except MlflowException:
+        return None
+    hits = [v for v in versions if v.tags.get("stage") == stage]
+    if not hits:
+        return None
+    v = max(hits, key=lambda v: int(v.version))
+    return {"version": str(v.version), "tags": dict(v.tags), "run_id": v.run_id, "source": v.source}
+
+
+def alias_version(registered_name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client().get_model_version_by_alias(registered_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def version_tags(registered_name: str, version: str) -> dict[str, str]:
+    return dict(client().get_model_version(registered_name, version).tags)
+
+
+def set_challenger(registered_name: str, version: str) -> None:
+    client().set_registered_model_alias(registered_name, CHALLENGER, version)
+
+
+def promote(registered_name: str, version: str, gate_passed: bool, force_reason: str | None = None) -> bool:
+    """Move `champion` to `version` if its gate passed (or a forced promotion has a reason).
+
+    The previous champion keeps `previous-champion`. Returns whether the alias moved.
+    """
+    c = client()
+    if not gate_passed and not force_reason:
+        c.set_model_version_tag(registered_name, version, "gate", "failed")
+        return False
+    c.set_model_version_tag(registered_name, version, "gate", "passed" if gate_passed else "forced")
+    if force_reason:
+        c.set_model_version_tag(registered_name, version, "forced_reason", force_reason)
+    current = alias_version(registered_name, CHAMPION)
+    if current == str(version):
+        return True
+    if current is not None:
+        c.set_registered_model_alias(registered_name, PREVIOUS, current)
+    c.set_registered_model_alias(registered_name, CHAMPION, str(version))
+    return True
+
+
+def rollback(registered_name: str) -> str:
+    """Champion back to the previous champion; returns the version now champion."""
+    c = client()
+    prev = alias_version(registered_name, PREVIOUS)
+    if prev is None:
+        raise RuntimeError(f"model {registered_name!r} has no '{PREVIOUS}' alias: nothing to roll back to")
+    current = alias_version(registered_name, CHAMPION)
+    c.set_registered_model_alias(registered_name, CHAMPION, prev)
+    if current is not None:
+        c.set_registered_model_alias(registered_name, PREVIOUS, current)
+        c.set_model_version_tag(registered_name, current, "rolled_back", "true")
+    return prev
+
+
+def download_model(registered_name: str, version: str, dest: Path) -> Path:
+    """Materialize a registered version as a plain HF folder (model + tokenizer) at `dest`."""
+    import mlflow
+
+    comps = mlflow.transformers.load_model(f"models:/{registered_name}/{version}", return_type="components")
+    tmp = dest.with_name(dest.name + ".tmp")
+    comps["model"].save_pretrained(tmp, safe_serialization=True)
+    comps["tokenizer"].save_pretrained(tmp)
+    _replace_dir(tmp, dest)
+    return dest
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    import shutil
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)

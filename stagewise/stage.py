@@ -1,0 +1,177 @@
+"""What every training stage does around its recipe: cache, track, evaluate, register.
+
+A stage's Prefect task is one line, `run_stage(ctx, "sft", sft)`. The recipe (`tasks/sft.py:sft`)
+stays a plain function that knows nothing of MLflow or Prefect; this module owns the bookkeeping so
+that it is identical for every stage:
+
+1. cache key = hash(stage config, model/train config, data hash, parent's cache key, stage code);
+   a registered version with that key is reused (its folder materialized if missing);
+2. otherwise an MLflow run `<stage>` nested under the pipeline run records params, training
+   curves (`report_to="mlflow"`), the evaluation of child *and* parent, and the model version;
+3. a stage that raises registers nothing (its MLflow run is marked FAILED).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from stagewise.config import Config, hash_obj
+from stagewise.workspace import Workspace
+
+log = logging.getLogger("stagewise")
+
+
+@dataclass
+class RunContext:
+    """Identity of one pipeline run, passed to every stage task."""
+
+    run_id: str                      # reports/<run_id>/
+    root: Path                       # workspace root
+    mlflow_run_id: str | None        # parent MLflow run
+    registered_model: str
+    code_version: str
+    force: bool = False
+    force_stages: list[str] = field(default_factory=list)
+
+    @property
+    def ws(self) -> Workspace:
+        return Workspace.at(self.root)
+
+    def forced(self, stage: str) -> bool:
+        return self.force or stage in self.force_stages
+
+
+@dataclass
+class Lineage:
+    """What a stage's model was made from; becomes tags on its model version."""
+
+    stage: str
+    model_dir: str
+    cache_key: str
+    version: str | None = None       # registered model version (None for the untrained init)
+    data_hash: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    parent_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+TrainFn = Callable[..., dict]
+
+
+def cache_key(stage: str, cfg: Config, parent: Lineage | None, data_hash: str | None, code: str,
+              sections: tuple[str, ...]) -> str:
+    return hash_obj({
+        "stage": stage,
+        "config": {s: cfg.section(s).model_dump(mode="json") for s in sections},
+        "parent": parent.cache_key if parent else None,
+        "data": data_hash,
+        "code": code,
+    })
+
+
+def flat_params(prefix: str, obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flat_params(f"{prefix}.{k}" if prefix else str(k), v))
+    else:
+        out[prefix] = obj if not isinstance(obj, list) else ",".join(map(str, obj))
+    return out
+
+
+def numeric_metrics(evals: dict) -> dict[str, float]:
+    """{task: {metric: v}} → {"task.metric": v} for MLflow (numbers only)."""
+    out = {}
+    for task, metrics in evals.items():
+        for m, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{task}.{m}".replace(",", "_")] = float(v)
+    return out
+
+
+def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: Lineage,
+              data_dir: Path, data_hash: str | None, eval_tasks: list[str],
+              sections: tuple[str, ...], code_modules: tuple[str, ...],
+              cache_only: bool = False) -> tuple[Lineage, dict]:
+    """Cache-or-train one stage; returns its lineage and its summary row."""
+    import mlflow
+
+    from stagewise import registry
+    from stagewise.hashing import dir_hash, source_hash
+    from tasks.evaluate import evaluate
+
+    ws = ctx.ws
+    out_dir = ws.model_dir(stage)
+    key = cache_key(stage, cfg, parent, data_hash, source_hash(*code_modules), sections)
+    t0 = time.time()
+    row: dict[str, Any] = {"name": stage, "parent_version": parent.version, "cached": False}
+
+    # The parent is scored on the child's evals (cached per weights hash): the baseline of every delta.
+    parent_metrics = evaluate(Path(parent.model_dir), eval_tasks, ws, cfg.evaluate)
+    hit = None if ctx.forced(stage) else registry.find_cached_version(ctx.registered_model, stage, key)
+    if hit is None and cache_only:
+        raise RuntimeError(
+            f"stage {stage!r} was not selected to run and has no registered version for these inputs; "
+            f"add it to --stages (or drop --stages to run everything)")
+    if hit is not None:
+        if not out_dir.exists() or dir_hash(out_dir, "*.safetensors") != hit["tags"].get("weights_hash"):
+            registry.download_model(ctx.registered_model, hit["version"], out_dir)
+        log.info("%s: inputs unchanged, reusing model version %s", stage, hit["version"])
+        child_metrics = evaluate(out_dir, eval_tasks, ws, cfg.evaluate)
+        row.update(cached=True, model_version=hit["version"])
+        lineage = Lineage(stage, str(out_dir), key, hit["version"], data_hash, child_metrics)
+    else:
+        with mlflow.start_run(run_name=stage, nested=ctx.mlflow_run_id is not None,
+                              parent_run_id=ctx.mlflow_run_id) as run:
+            mlflow.set_tags({"stage": stage, "pipeline_run": ctx.run_id, "code_version": ctx.code_version})
+            params = {}
+            for s in sections:
+                params.update(flat_params(s, cfg.section(s).model_dump(mode="json")))
+            mlflow.log_params(params)
+            result = train(cfg, Path(parent.model_dir), data_dir, out_dir, report_to="mlflow")
+            extras = {k: v for k, v in (result.get("train_metrics") or {}).items() if isinstance(v, (int, float))}
+            mlflow.log_metrics({f"train.{k}": float(v) for k, v in extras.items()})
+            child_metrics = evaluate(out_dir, eval_tasks, ws, cfg.evaluate)
+            mlflow.log_metrics(numeric_metrics(child_metrics))
+            mlflow.log_metrics({f"parent.{k}": v for k, v in numeric_metrics(parent_metrics).items()})
+            version = registry.log_model_version(
+                out_dir, ctx.registered_model, stage,
+                lineage={
+                    "parent_version": parent.version or "none",
+                    "data_hash": data_hash,
+                    "config_hash": hash_obj({s: cfg.section(s).model_dump(mode="json") for s in sections}),
+                    "code_version": ctx.code_version,
+                    "cache_key": key,
+                    "pipeline_run": ctx.run_id,
+                    "weights_hash": dir_hash(out_dir, "*.safetensors"),
+                    "mlflow_run_id": run.info.run_id,
+                },
+                run_id=run.info.run_id,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+            row.update(model_version=version, steps=result.get("steps"),
+                       resumed_from_step=result.get("resumed_from_step"))
+            lineage = Lineage(stage, str(out_dir), key, version, data_hash, child_metrics)
+    lineage.parent_metrics = parent_metrics
+    row.update(target_row(stage, child_metrics, parent_metrics))
+    row["seconds"] = round(time.time() - t0, 1)
+    return lineage, row
+
+
+def target_row(stage: str, child: dict, parent: dict) -> dict[str, Any]:
+    """The stage's target metric vs its parent, and every general metric vs its parent."""
+    from tasks.evaluate import GENERAL_METRICS, STAGE_TARGETS
+
+    task, metric, higher = STAGE_TARGETS[stage]
+    value = child.get(task, {}).get(metric)
+    base = parent.get(task, {}).get(metric)
+    improved = None if value is None or base is None else (value > base if higher else value < base)
+    general = {
+        f"{t}.{m}": {"value": child.get(t, {}).get(m), "baseline": parent.get(t, {}).get(m), "higher_is_better": h}
+        for t, m, h in GENERAL_METRICS
+    }
+    return {"target_metric": f"{task}.{metric}", "value": value, "baseline_value": base,
+            "higher_is_better": higher, "improved": improved, "general": general}

@@ -1,0 +1,102 @@
+"""The run summary: `reports/<run_id>/summary.json` (schema in docs/summary.md) and its table."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from prefect import task
+
+from stagewise.stage import RunContext
+
+
+def curation_funnel(stats: dict[str, dict]) -> list[dict]:
+    """input → kept per data step and record kind, from each step's stats.json."""
+    funnel = []
+    for step in ("ingest", "quality", "dedup", "decontaminate"):
+        s = stats.get(step) or {}
+        for kind, n_in in (s.get("input") or {}).items():
+            funnel.append({"step": step, "kind": kind, "input": n_in, "kept": (s.get("kept") or {}).get(kind)})
+    return funnel
+
+
+def removed_counts(stats: dict[str, dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for step in ("ingest", "quality", "dedup", "decontaminate"):
+        for reason, n in ((stats.get(step) or {}).get("removed") or {}).items():
+            if isinstance(n, (int, float)):
+                out[reason] = out.get(reason, 0) + int(n)
+            elif isinstance(n, list):
+                out[reason] = out.get(reason, 0) + len(n)
+    return out
+
+
+def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dict, verdict: dict | None,
+                  seconds: float) -> dict[str, Any]:
+    stats = data.get("stats", {})
+    decon = stats.get("decontaminate") or {}
+    rows = trained.get("rows", [])
+    return {
+        "run_id": ctx.run_id,
+        "profile": profile,
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+        "code_version": ctx.code_version,
+        "mlflow_run_id": ctx.mlflow_run_id,
+        "registered_model": ctx.registered_model,
+        "data": {"cached": data.get("cached", []), "hashes": data.get("hashes", {})},
+        "curation": {
+            "funnel": curation_funnel(stats),
+            "removed": removed_counts(stats),
+            "contaminated": decon.get("contaminated_items", []),
+        },
+        "stages": rows,
+        "gate": (verdict or {}).get("gate", {"passed": None, "reasons": ["gate not run"]}),
+        "champion": (verdict or {}).get("champion", {"name": ctx.registered_model, "version": None}),
+        "challenger": (verdict or {}).get("challenger"),
+        **({"compression": verdict["compression"]} if verdict and verdict.get("compression") else {}),
+    }
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def summary_table(summary: dict) -> str:
+    """Plain-text table: one line per stage, then the verdict."""
+    head = ("stage", "version", "target", "parent", "child", "improved", "cached", "seconds")
+    lines = [head]
+    for r in summary["stages"]:
+        lines.append((r["name"], _fmt(r.get("model_version")), _fmt(r.get("target_metric")),
+                      _fmt(r.get("baseline_value")), _fmt(r.get("value")), _fmt(r.get("improved")),
+                      _fmt(r.get("cached")), _fmt(r.get("seconds"))))
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    gate = summary.get("gate") or {}
+    verdict = {True: "PASSED", False: "FAILED", None: "not run"}[gate.get("passed")]
+    out.append("")
+    out.append(f"gate: {verdict}" + ("" if not gate.get("reasons") else " — " + "; ".join(gate["reasons"])))
+    champ = summary.get("champion") or {}
+    out.append(f"champion: {champ.get('name')} v{champ.get('version')}" if champ.get("version") else "champion: none")
+    out.append(f"report: reports/{summary['run_id']}/ (summary.json, gate.md, gate.html)")
+    return "\n".join(out)
+
+
+def summary_markdown(summary: dict) -> str:
+    return f"# Stagewise run `{summary['run_id']}`\n\n```\n{summary_table(summary)}\n```\n"
+
+
+@task(name="publish-summary")
+def publish_summary_task(summary: dict) -> None:
+    """Publish the run summary as a Prefect Markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=summary_markdown(summary), key="run-summary",
+                             description=f"Stagewise run {summary['run_id']}")

@@ -1,0 +1,53 @@
+"""base — the model the training stages start from: a random init sized by `model:`, or `model.base`.
+
+The random init is pretraining's parent, so "pretraining learned something" is measured against
+the same weights the run started from. It is saved, not registered: it is not a candidate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from stagewise.config import Config
+from stagewise.hashing import dir_hash, hash_obj
+from stagewise.stage import Lineage, RunContext
+
+
+def init_model(cfg: Config, tokenizer_dir: Path, out_dir: Path) -> Path:
+    """Random-init decoder (seeded) with the trained tokenizer, as an HF folder with safetensors."""
+    from stagewise.modeling import build_model, load_tokenizer, save_model
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = build_model(cfg.model, tok, seed=cfg.run.seed)
+    return save_model(model, tok, out_dir)
+
+
+def resolve_base(cfg: Config, out_dir: Path) -> Path:
+    """`model.base` as a local HF folder (a hub id is fetched by transformers for users with network)."""
+    from stagewise.modeling import load_parent, save_model
+
+    path = Path(cfg.model.base)
+    if path.is_dir():
+        return path
+    # A hub id: only reachable with network (the demo and tests never take this branch).
+    model, tok = load_parent(cfg, Path(cfg.model.base))
+    return save_model(model, tok, out_dir)
+
+
+@task(name="base")
+def base_task(cfg: Config, ctx: RunContext, tokenizer_hash: str | None) -> Lineage:
+    """The starting model of the lineage: random init, or the configured base model."""
+    ws = ctx.ws
+    if cfg.model.base:
+        path = resolve_base(cfg, ws.model_dir("base"))
+        return Lineage("base", str(path), hash_obj({"base": cfg.model.base, "weights": dir_hash(path, "*.safetensors")}),
+                       version=None)
+    out_dir = ws.model_dir("init")
+    key = hash_obj({"model": cfg.model.model_dump(mode="json"), "seed": cfg.run.seed, "tokenizer": tokenizer_hash})
+    marker = out_dir / "cache_key"
+    if not (marker.exists() and marker.read_text() == key):
+        init_model(cfg, ws.tokenizer, out_dir)
+        marker.write_text(key)
+    return Lineage("init", str(out_dir), key, version=None)
