@@ -1,0 +1,36 @@
+"""Suite-wide environment: offline, quiet, and every store (Prefect, MLflow, DVC) in temp dirs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_TMP_HOME = tempfile.mkdtemp(prefix="stagewise-prefect-")
+for k, v in {
+    "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PREFECT_HOME": _TMP_HOME,
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}.items():
+    os.environ[k] = v
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def make_workspace(dest: Path) -> Path:
+    """A fresh workspace: the project's params.yaml, dvc.yaml and evals/, nothing else."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "evals", dest / "evals", dirs_exist_ok=True)
+    return dest
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    return make_workspace(tmp_path / "ws")
