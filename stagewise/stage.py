@@ -92,11 +92,27 @@ def numeric_metrics(evals: dict) -> dict[str, float]:
     return out
 
 
+def stage_evals(stage: str) -> list[str]:
+    """The stage's target eval plus every general eval (the forgetting guard's view)."""
+    from tasks.evaluate import GENERAL_METRICS, STAGE_TARGETS
+
+    tasks = [STAGE_TARGETS[stage][0]] + [t for t, _, _ in GENERAL_METRICS]
+    return list(dict.fromkeys(tasks))
+
+
 def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: Lineage,
-              data_dir: Path, data_hash: str | None, eval_tasks: list[str],
-              sections: tuple[str, ...], code_modules: tuple[str, ...],
-              cache_only: bool = False) -> tuple[Lineage, dict]:
-    """Cache-or-train one stage; returns its lineage and its summary row."""
+              data_hash: str | None, cache_only: bool = False,
+              sections: tuple[str, ...] | None = None, code_modules: tuple[str, ...] | None = None,
+              ) -> tuple[Lineage, dict]:
+    """Cache-or-train one stage; returns its lineage and its summary row.
+
+    `sections`: the params sections that shape this stage's model (default: its own, model, train);
+    `code_modules`: whose source is the stage's code version (default: tasks.<stage>, stagewise.modeling).
+    """
+    sections = sections or (stage, "model", "train")
+    code_modules = code_modules or (f"tasks.{stage}", "stagewise.modeling")
+    eval_tasks = stage_evals(stage)
+    data_dir = ctx.ws.curated
     import mlflow
 
     from stagewise import registry

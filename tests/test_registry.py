@@ -1,0 +1,83 @@
+"""Registry semantics on a real (temp, SQLite) MLflow store with a real tiny model."""
+
+from pathlib import Path
+
+import pytest
+
+from stagewise import registry
+from stagewise.config import GenerateConfig, ModelConfig, TokenizerConfig
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reg")
+    registry.setup_tracking(root)
+    from tasks.generate import generate
+    from tasks.tokenizer import train_tokenizer
+    from stagewise.modeling import build_model, load_tokenizer, save_model
+
+    generate(GenerateConfig(n_docs=30, n_junk=2, n_exact_dup=1, n_near_dup=1, n_leaks=1, n_chat=20,
+                            n_preference=10, n_verifiable=10, n_eval=5), root / "raw")
+    train_tokenizer(TokenizerConfig(vocab_size=300), root / "raw", root / "tok")
+    tok = load_tokenizer(root / "tok")
+    model = build_model(ModelConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1), tok)
+    save_model(model, tok, root / "model")
+    return root
+
+
+def _register(store: Path, name: str, stage: str, key: str) -> str:
+    import mlflow
+
+    with mlflow.start_run(run_name=stage) as run:
+        pass
+    return registry.log_model_version(store / "model", name, stage,
+                                      {"parent_version": "none", "data_hash": "d1", "config_hash": "c1",
+                                       "code_version": "test", "cache_key": key}, run.info.run_id)
+
+
+def test_lineage_tags_and_cache_lookup(store):
+    v = _register(store, "reg-a", "sft", "key-1")
+    tags = registry.version_tags("reg-a", v)
+    assert {tags[k] for k in ("stage", "data_hash", "config_hash", "code_version")} == {"sft", "d1", "c1", "test"}
+    assert registry.find_cached_version("reg-a", "sft", "key-1")["version"] == v
+    assert registry.find_cached_version("reg-a", "sft", "key-2") is None       # other inputs: no hit
+    assert registry.find_cached_version("reg-a", "pretrain", "key-1") is None  # other stage: no hit
+
+
+def test_champion_moves_only_on_pass_and_rolls_back(store):
+    v1 = _register(store, "reg-b", "sft", "k1")
+    v2 = _register(store, "reg-b", "sft", "k2")
+    v3 = _register(store, "reg-b", "sft", "k3")
+    assert registry.promote("reg-b", v1, gate_passed=True)
+    assert registry.alias_version("reg-b", registry.CHAMPION) == v1
+    assert not registry.promote("reg-b", v2, gate_passed=False)               # failing gate: no move
+    assert registry.alias_version("reg-b", registry.CHAMPION) == v1
+    assert registry.version_tags("reg-b", v2)["gate"] == "failed"
+    assert registry.promote("reg-b", v3, gate_passed=True)
+    assert registry.alias_version("reg-b", registry.CHAMPION) == v3
+    assert registry.alias_version("reg-b", registry.PREVIOUS) == v1
+    assert registry.rollback("reg-b") == v1
+    assert registry.alias_version("reg-b", registry.CHAMPION) == v1
+
+
+def test_forced_promotion_records_the_reason(store):
+    v = _register(store, "reg-c", "sft", "k")
+    assert registry.promote("reg-c", v, gate_passed=False, force_reason="hotfix approved by on-call")
+    tags = registry.version_tags("reg-c", v)
+    assert (tags["gate"], tags["forced_reason"]) == ("forced", "hotfix approved by on-call")
+
+
+def test_champion_loads_through_mlflow_and_matches_weights(store, tmp_path):
+    import mlflow
+    import torch
+
+    from stagewise.modeling import load_model
+
+    v = _register(store, "reg-d", "sft", "k")
+    registry.promote("reg-d", v, gate_passed=True)
+    comps = mlflow.transformers.load_model("models:/reg-d@champion", return_type="components")
+    ref = load_model(store / "model")
+    for (n, a), (_, b) in zip(ref.state_dict().items(), comps["model"].state_dict().items()):
+        assert torch.equal(a, b.float()), n
+    out = registry.download_model("reg-d", v, tmp_path / "champ")
+    assert (out / "model.safetensors").exists()
