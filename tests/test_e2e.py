@@ -1,0 +1,100 @@
+"""End to end: `stagewise run --profile smoke` in a fresh workspace with its own stores.
+
+One pipeline run (module-scoped) and several tests reading what it left behind: the MLflow store,
+the registry, DVC, reports/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_workspace
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def run_cli(ws: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PREFECT_HOME=str(ws / ".prefect"), PATH=f"{BIN}:{os.environ['PATH']}")
+    return subprocess.run([str(BIN / "stagewise"), *args, "--config", str(ws / "params.yaml")],
+                          cwd=ws, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    ws = make_workspace(tmp_path_factory.mktemp("e2e") / "ws")
+    proc = run_cli(ws, "run", "--profile", "smoke")
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+    summary = json.loads((ws / "reports" / "latest" / "summary.json").read_text())
+    return ws, proc, summary
+
+
+def test_summary_has_every_field_and_prints_the_table(smoke_run):
+    ws, proc, s = smoke_run
+    assert {"run_id", "profile", "stages", "gate", "champion"} <= s.keys()
+    assert s["profile"] == "smoke"
+    assert (ws / "reports" / s["run_id"] / "summary.json").exists()
+    names = [r["name"] for r in s["stages"]]
+    assert names[:2] == ["pretrain", "sft"]
+    for r in s["stages"]:
+        assert {"name", "model_version", "target_metric", "value", "baseline_value", "improved", "cached", "seconds"} <= r.keys()
+        assert r["cached"] is False
+    assert "gate:" in proc.stdout and "pretrain" in proc.stdout
+
+
+def test_pretrain_and_sft_measurably_learn(smoke_run):
+    _, _, s = smoke_run
+    rows = {r["name"]: r for r in s["stages"]}
+    assert rows["pretrain"]["value"] < rows["pretrain"]["baseline_value"]   # held-out perplexity fell
+    assert rows["pretrain"]["improved"] is True
+    assert rows["sft"]["improved"] is True
+
+
+def test_mlflow_has_pipeline_run_nested_stage_runs_and_versions_with_lineage(smoke_run):
+    ws, _, s = smoke_run
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("stagewise")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.info.run_id == s["mlflow_run_id"]]
+    assert parent and parent[0].info.status == "FINISHED"
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == s["mlflow_run_id"]}
+    assert {"pretrain", "sft"} <= children
+    sft_run = next(r for r in runs if r.info.run_name == "sft")
+    assert "sw_instruct.exact_match" in sft_run.data.metrics and sft_run.data.params["sft.peft"] == "none"
+    versions = client.search_model_versions("name='stagewise'")
+    assert len(versions) >= 2
+    by_stage = {v.tags["stage"]: v for v in versions}
+    sft = by_stage["sft"]
+    assert sft.tags["parent_version"] == by_stage["pretrain"].version
+    assert sft.tags["data_hash"].endswith(".dir")          # DVC's md5 of data/05_curated
+    lock = (ws / "dvc.lock").read_text()
+    assert sft.tags["data_hash"] in lock
+    assert len(sft.tags["config_hash"]) == 16 and sft.tags["code_version"]
+    # artifacts live in the workspace store, never in a stray ./mlruns
+    assert not (ws / "mlruns").exists() and (ws / "mlflow" / "artifacts").is_dir()
+
+
+def test_dvc_reports_the_data_pipeline_up_to_date(smoke_run):
+    ws, _, _ = smoke_run
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    out = subprocess.run([str(BIN / "dvc"), "status"], cwd=ws, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "up to date" in out.stdout, out.stdout
+    metrics = json.loads((ws / "metrics" / "dedup.json").read_text())
+    assert metrics["removed"]                                 # dvc metrics carry the curation counts
+
+
+def test_models_are_safetensors(smoke_run):
+    ws, _, _ = smoke_run
+    for stage in ("pretrain", "sft"):
+        d = ws / "models" / stage
+        assert (d / "model.safetensors").exists() and not list(d.glob("*.bin"))
