@@ -39,9 +39,13 @@ class RunConfig(Section):
 
 
 class SourceConfig(Section):
-    path: str
-    format: Literal["jsonl", "parquet", "text", "hf_disk"] = "jsonl"
+    path: str                    # a file or a folder (all *.jsonl / *.parquet / *.txt files in it)
+    # text: one corpus document per file; hf_disk: datasets.save_to_disk folder; hf_hub: a hub
+    # dataset name (needs network)
+    format: Literal["jsonl", "parquet", "text", "hf_disk", "hf_hub"] = "jsonl"
     kind: Literal["corpus", "chat", "preference", "verifiable"]
+    columns: dict[str, str] = Field(default_factory=dict)  # our field -> your field, e.g. {text: content}
+    split: str | None = None     # hf_disk / hf_hub: which split (None: all splits of a DatasetDict; hub: train)
 
 
 class DataConfig(Section):
@@ -65,42 +69,90 @@ class GenerateConfig(Section):
 
 
 class IngestConfig(Section):
-    pass
+    max_quarantine_chars: int = 10_000  # a quarantined row keeps at most this much of its raw line
 
 
 class QualityConfig(Section):
-    # Gopher quality (Rae et al. 2021); null disables a rule.
+    """Published defaults (datatrove's implementations); null disables a rule. Reason codes: docs/data.md."""
+    # Gopher quality (Rae et al. 2021, table A1) -- corpus
     gopher_min_words: int | None = 50
     gopher_max_words: int | None = 100_000
     gopher_min_mean_word_len: float | None = 3.0
     gopher_max_mean_word_len: float | None = 10.0
-    gopher_max_symbol_word_ratio: float | None = 0.1
-    gopher_min_alpha_words: float | None = 0.8
+    gopher_max_symbol_word_ratio: float | None = 0.1   # "#" and "..." per word
+    gopher_max_bullet_lines: float | None = 0.9        # share of lines starting with a bullet
+    gopher_max_ellipsis_lines: float | None = 0.3      # share of lines ending with "..."
+    gopher_min_alpha_words: float | None = 0.8         # share of words with a letter
     gopher_min_stop_words: int | None = 2
+    # Gopher repetition (Rae et al. 2021, table A1) -- corpus
+    gopher_max_dup_line_frac: float | None = 0.3
+    gopher_max_dup_para_frac: float | None = 0.3
+    gopher_max_dup_line_char_frac: float | None = 0.2
+    gopher_max_dup_para_char_frac: float | None = 0.2
+    gopher_max_top_ngram_char_frac: dict[int, float | None] = Field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
+    gopher_max_dup_ngram_char_frac: dict[int, float | None] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+    # C4 (Raffel et al. 2020) -- corpus. Line rules drop lines (the document is kept, counted as
+    # edited); document rules drop the document.
+    c4_terminal_punct_lines: bool = True     # line: keep only lines ending in . ? ! " '
+    c4_min_words_per_line: int | None = 3    # line
+    c4_max_word_len: int | None = 1000       # line
+    c4_javascript_lines: bool = True         # line: drop lines mentioning javascript
+    c4_policy_lines: bool = True             # line: drop cookie / terms-of-use lines
+    c4_remove_citations: bool = True         # line: strip [1], [edit], [citation needed]
+    c4_min_sentences: int | None = 5         # document, counted after the line rules
+    c4_lorem_ipsum: bool = True              # document
+    c4_curly_bracket: bool = True            # document
+    # FineWeb (Penedo et al. 2024) -- corpus
+    fineweb_min_punct_line_ratio: float | None = 0.12
+    fineweb_max_short_line_ratio: float | None = 0.67
+    fineweb_short_line_chars: int = 30
+    fineweb_max_dup_line_char_ratio: float | None = 0.01
+    fineweb_max_newline_ratio: float | None = 0.3      # newlines per word (list-like pages)
+    # chat / instruction data
+    chat_truncated_endings: str | None = ".!?…\"'”’)]}>`*:;"  # last reply must end with one of these
+    chat_max_chars: int | None = 100_000
+    # preference / verifiable
+    pair_max_chars: int | None = 100_000     # preference prompt+chosen+rejected, verifiable prompt+answer
+    verifiable_answer_regex: str | None = r"-?\d+(?:\.\d+)?"  # the whole answer must match
 
 
 class DedupConfig(Section):
-    ngram: int = 5
-    bands: int = 14
+    ngram: int = 5               # word n-grams (shingles) on normalized text
+    bands: int = 14              # LSH: bands x rows = hashes per signature (112, 64-bit)
     rows: int = 8
     seed: int = 42
+    # Candidate pairs (same bucket in any band) are merged only if their signatures agree on at least
+    # this share of hashes (estimated Jaccard); null = pure LSH buckets, no check.
+    threshold: float | None = 0.7
+    near_dup_min_words: int = 50  # shorter records get exact dedup only: 5-gram MinHash on a few words
+                                  # is noise (two questions differing in one number share most shingles)
 
 
 class DecontaminateConfig(Section):
-    ngram: int = 13
-    short_ngram: int = 8
-    short_coverage: float = 0.5
-    mode: Literal["drop", "excise"] = "drop"
+    ngram: int = 13              # documents (corpus): any shared word 13-gram with a benchmark flags
+    short_ngram: int = 8         # prompts (chat/preference/verifiable): 8-gram coverage ...
+    short_coverage: float = 0.5  # ... >= this flags; a benchmark prompt shorter than 8 words flags if contained
+    short_min_words: int = 4     # benchmark prompts shorter than this are ignored (too generic)
+    prompt_fields: list[str] = Field(default_factory=lambda: ["question", "prompt", "text", "context"])
+    mode: Literal["drop", "excise"] = "drop"  # excise: cut matched spans out of documents (Janitor)
+    excise_window_chars: int = 200   # cut this much around each match
+    excise_min_chars: int = 200      # drop left-over pieces shorter than this
+    excise_max_matches: int = 10     # more matches than this: drop the document
 
 
 class ValidateConfig(Section):
     min_text_chars: int = 1
+    max_text_chars: int | None = 1_000_000   # warning, not critical
+    answer_regex: str = r"-?\d+(?:\.\d+)?"    # verifiable answers must parse (critical)
+    fail_on: Literal["critical", "warning", "never"] = "critical"
 
 
 # ---------------------------------------------------------------- model and training
 class TokenizerConfig(Section):
-    kind: Literal["bpe", "char"] = "bpe"
-    vocab_size: int = 1024
+    kind: Literal["bpe", "char"] = "bpe"   # char: the 256-byte alphabet, no merges
+    vocab_size: int = 1024                 # bpe only
+    min_frequency: int = 2                 # a merge must occur at least this often
 
 
 class ModelConfig(Section):
@@ -114,11 +166,15 @@ class ModelConfig(Section):
     num_heads: int = 4
     num_kv_heads: int = 2
     max_seq_len: int = 256
+    num_experts: int = 4          # moe only: experts per layer
+    experts_per_token: int = 2    # moe only: top-k routing
 
 
 class TrainConfig(Section):
     launcher: Literal["inprocess", "accelerate"] = "inprocess"
     bf16: Literal["auto", True, False] = "auto"  # auto: on where the CPU supports it
+    logging_steps: int = 10       # progress line (step, loss, tokens/s) every N optimizer steps
+    accelerate_config: str = "configs/accelerate/cpu_2proc.yaml"  # launcher=accelerate; relative to the project root
 
 
 class PretrainConfig(Section):
@@ -130,6 +186,9 @@ class PretrainConfig(Section):
     weight_decay: float = 0.1
     eval_steps: int = 100
     save_steps: int = 100
+    eval_fraction: float = 0.05   # corpus documents held out for the periodic eval loss
+    max_eval_blocks: int = 64     # cap on eval blocks: periodic eval stays cheap
+    heldout_limit: int | None = None  # benchmark general_text items for the before/after perplexity
 
 
 class LoraConfigSection(Section):
@@ -150,25 +209,131 @@ class SFTConfig(Section):
     max_length: int = 128
     peft: Literal["none", "lora", "qlora"] = "none"
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    lora_learning_rate: float = 3e-3   # peft=lora|qlora: adapters want a larger step than full fine-tuning
     save_steps: int = 50
+    eval_limit: int | None = 60        # held-out instruct/arithmetic items for the before/after self-check
+
+
+class RewardModelConfig(Section):
+    # rlhf only: the reward model (TRL RewardTrainer) trained on the preference pairs from the SFT model.
+    epochs: float = 2.0
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+
+
+class PPOConfigSection(Section):
+    # rlhf only: stagewise/ppo.py (TRL 1.16 has no PPO).
+    steps: int = 20               # rollout/update iterations
+    batch_size: int = 16          # prompts per rollout
+    minibatch_size: int = 8
+    ppo_epochs: int = 2
+    learning_rate: float = 1e-4
+    kl_coef: float = 0.05         # β of the per-token KL penalty to the reference (the SFT model)
+    clip: float = 0.2
+    vf_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a completion that never ends
 
 
 class PreferenceConfig(Section):
     method: Literal["dpo", "rlhf"] = "dpo"
     epochs: float = 1.0
+    max_steps: int = -1           # dpo: > 0 caps optimizer steps (overrides epochs)
     batch_size: int = 8
     learning_rate: float = 5e-5
     beta: float = 0.1
+    max_length: int = 128
+    peft: Literal["none", "lora"] = "none"   # dpo with LoRA (sft.lora settings); merged before saving
+    save_steps: int = 50
+    eval_limit: int | None = 60   # held-out preference items for the before/after self-check
+    reward: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    ppo: PPOConfigSection = Field(default_factory=PPOConfigSection)
 
 
 class ReasoningConfig(Section):
     max_steps: int = 50
     num_generations: int = 4
     learning_rate: float = 1e-5
+    batch_size: int = 16          # completions per optimizer step (a multiple of num_generations)
+    max_completion_length: int = 12
+    temperature: float = 1.0
+    beta: float = 0.0             # KL to the reference (TRL's default 0: no reference model kept)
+    format_weight: float = 0.5    # weight of the format reward next to correctness (1.0)
+    save_steps: int = 25
+    eval_limit: int | None = 100  # held-out arithmetic items for pass@1 (and pass@k)
+    pass_k: int = 4               # k of the sampled pass@k
+    # The SFT-on-solutions baseline for the SFT-vs-RFT table: same parent, same problems.
+    sft_epochs: float = 2.0
+    sft_learning_rate: float = 5e-4
+
+
+CompressMethod = Literal["nf4", "int8", "dynamic_int8", "prune_magnitude", "prune_2of4", "prune_structured",
+                         "distill", "merge"]
+
+
+class QuantizeSettings(Section):
+    nf4_double_quant: bool = True      # QLoRA double quantization: the quantization constants are quantized too
+    # Linear layers left in fp32. None = transformers' default (lm_head: tied to the embedding here,
+    # and bitsandbytes cannot quantize a tied weight).
+    skip_modules: list[str] | None = None
+
+
+class PruneSettings(Section):
+    sparsity: float = 0.5              # prune_magnitude: fraction of each Linear's weights set to zero
+    mlp_fraction: float = 0.5          # prune_structured: fraction of MLP neurons removed in every layer
+    kv_group_fraction: float = 0.5     # prune_structured: fraction of GQA key/value groups (with their query heads) removed
+    calibration_texts: int = 32        # texts whose activations rank neurons and heads
+    recovery_steps: int = 60           # causal-LM fine-tuning steps after pruning (0 = none); masks stay applied
+    recovery_learning_rate: float = 1e-3
+    batch_size: int = 16
+    seq_len: int = 128
+
+
+class DistillSettings(Section):
+    temperature: float = 2.0           # T: softens both distributions; the KL term is scaled by T^2
+    alpha: float = 0.5                 # λ: loss = (1-λ)·CE + λ·T²·KL(p_t^T || p_s^T)
+    depth_factor: float = 0.5          # student layers = round(teacher layers * depth_factor)
+    width_factor: float = 0.75         # student hidden size (hidden channels kept from the teacher)
+    mlp_factor: float = 0.5            # student intermediate size
+    init: Literal["prune", "scratch"] = "prune"  # prune: start from the teacher's most important weights (Minitron)
+    steps: int = 300
+    learning_rate: float = 2e-3
+    batch_size: int = 16
+    seq_len: int = 128
+
+
+class MergeSettings(Section):
+    method: Literal["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear"] = "ties"
+    base_stage: str = "pretrain"       # task-vector methods: tau_i = theta_i - theta_base (models/<stage>)
+    with_stages: list[str] = Field(default_factory=lambda: ["sft"])  # merged with the parent unless merge_with is passed
+    weights: list[float] | None = None  # one per model, parent first; None = 1.0 each (linear: equal shares)
+    density: float = 0.5               # ties / dare: fraction of each task vector kept
+    t: float = 0.5                     # slerp: interpolation towards the second model
+
+
+class SelectSettings(Section):
+    task_metric: str | None = None     # None: the first evaluated metric not named *general*
+    max_task_drop_points: float = 2.0  # accuracy-like task metric (points on the 0-100 scale)
+    max_task_rise_pct: float = 5.0     # loss/perplexity-like task metric (relative)
+    size_by: Literal["memory_bytes", "bytes", "params"] = "memory_bytes"
+    # The forgetting guard on metrics named *general* reuses gate.general_max_drop_points and
+    # gate.perplexity_max_rise_pct.
 
 
 class CompressConfig(Section):
-    methods: list[str] = Field(default_factory=list)
+    methods: list[CompressMethod] = Field(default_factory=lambda: [
+        "nf4", "int8", "dynamic_int8", "prune_magnitude", "prune_2of4", "prune_structured", "distill", "merge"])
+    quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
+    prune: PruneSettings = Field(default_factory=PruneSettings)
+    distill: DistillSettings = Field(default_factory=DistillSettings)
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    select: SelectSettings = Field(default_factory=SelectSettings)
+    gen_tokens: int = 32               # tokens generated (greedy, batch 1) to measure tokens/s
+    gen_repeats: int = 3               # best of N timings
+    eval_texts: int = 64               # built-in check (no evaluate_fn): held-out texts per NLL
 
 
 class EvaluateConfig(Section):
@@ -177,12 +342,16 @@ class EvaluateConfig(Section):
     bootstrap_iters: int = 1000
     # Extra lm-eval harness tasks by name (need network for their datasets).
     extra_tasks: list[str] = Field(default_factory=list)
+    extra_tasks_chat_template: bool = False   # run extra_tasks under the model's chat template
+    cache_dir: str = ".cache/evaluate"        # results cache, relative to the workspace root
+    trust_remote_code: bool = False           # for evaluating models whose code lives in their folder
 
 
 class GateConfig(Section):
     require_target_improvement: bool = True
     general_max_drop_points: float = 3.0      # accuracy-like metrics, in points (0-100 scale)
     perplexity_max_rise_pct: float = 10.0     # perplexity-like metrics, relative
+    confidence: float = 0.95                  # bootstrap CI level for every delta
 
 
 class Config(Section):

@@ -1,0 +1,221 @@
+"""gate — the forgetting guard: may a candidate replace its parent / the champion?
+
+Rules (params.yaml `gate:`):
+  1. target_improves: the stage's own target metric (evaluate.STAGE_TARGETS) beats the parent's.
+  2. general_no_drop: no accuracy-like general metric drops more than `general_max_drop_points`
+     (points on a 0-100 scale) vs the parent, and vs the champion when there is one.
+  3. general_ppl_rise: no perplexity-like general metric rises more than `perplexity_max_rise_pct` %.
+
+Every delta carries a bootstrap confidence interval from the per-item scores evaluate() keeps
+(paired over the same benchmark items when both sides scored the same items), and each rule says
+whether its verdict would flip somewhere inside that interval: a verdict that could flip is noise,
+and the report says so instead of pretending to a precision the eval set does not have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefect import task
+
+from stagewise.config import GateConfig
+from tasks.evaluate import GENERAL_METRICS, RATIO_METRICS, STAGE_TARGETS
+
+_LOWER_IS_BETTER = RATIO_METRICS | {"perplexity", "loss"}
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    reasons: list[str]
+    # Enforced rules: {rule, metric, against, candidate, baseline, delta, unit, threshold,
+    # ci_low, ci_high, passed, flips_within_ci, enforced}
+    rules: list[dict]
+    # Every other metric both sides were scored on, same fields, never enforced (context for readers).
+    comparisons: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def relative(metric: str, higher_is_better: bool) -> bool:
+    """Perplexity-like metrics are compared in % change, accuracy-like ones in points."""
+    return metric in _LOWER_IS_BETTER or not higher_is_better
+
+
+# ---------------------------------------------------------------- bootstrap
+def _arrays(res: dict, metric: str):
+    import numpy as np
+
+    items = res.get("samples", {}).get(metric)
+    if not items:
+        return None, None
+    ids = res.get("doc_ids") or list(range(len(items)))
+    if metric in RATIO_METRICS:
+        arr = np.asarray(items, dtype=float).reshape(len(items), 2)
+    else:
+        arr = np.asarray(items, dtype=float).reshape(len(items), 1)
+    return arr, list(ids)
+
+
+def _agg(metric: str, arr, idx):
+    """Aggregate over each bootstrap row of indices (vectorised version of evaluate.aggregate)."""
+    import numpy as np
+
+    if metric in RATIO_METRICS:
+        ll, cnt = arr[idx, 0].sum(-1), arr[idx, 1].sum(-1)
+        return -ll / cnt / np.log(2) if metric == "bits_per_byte" else np.exp(-ll / cnt)
+    return arr[idx, 0].mean(-1)
+
+
+def _delta(metric: str, rel: bool, cand, base):
+    return 100.0 * (cand / base - 1.0) if rel else 100.0 * (cand - base)
+
+
+def bootstrap_delta_ci(metric: str, rel: bool, cand_res: dict, base_res: dict, iters: int,
+                       confidence: float, seed: int = 0) -> tuple[float | None, float | None, bool]:
+    """Percentile CI of the delta; paired over shared items when possible. Returns (lo, hi, paired)."""
+    import numpy as np
+
+    ca, cids = _arrays(cand_res, metric)
+    ba, bids = _arrays(base_res, metric)
+    if ca is None or ba is None or iters < 2:
+        return None, None, False
+    rng = np.random.default_rng(seed)
+    paired = cids == bids
+    if not paired and set(cids) & set(bids):
+        # Same benchmark, different subsets (e.g. another limit): pair on the shared items.
+        shared = sorted(set(cids) & set(bids))
+        ca = ca[[cids.index(i) for i in shared]]
+        ba = ba[[bids.index(i) for i in shared]]
+        paired = True
+    if paired:
+        idx = rng.integers(0, len(ca), size=(iters, len(ca)))
+        d = _delta(metric, rel, _agg(metric, ca, idx), _agg(metric, ba, idx))
+    else:
+        d = _delta(metric, rel, _agg(metric, ca, rng.integers(0, len(ca), size=(iters, len(ca)))),
+                   _agg(metric, ba, rng.integers(0, len(ba), size=(iters, len(ba)))))
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(d, [alpha, 1.0 - alpha])
+    return float(lo), float(hi), paired
+
+
+# ---------------------------------------------------------------- rules
+def _compare(rule: str, task_name: str, metric: str, hib: bool, against: str, cand: dict, base: dict,
+             threshold: float, kind: str, iters: int, confidence: float, enforced: bool) -> dict | None:
+    """One rule row. kind: 'improve' (delta must beat 0), 'max_drop' (delta >= -thr), 'max_rise' (delta <= thr)."""
+    if task_name not in base or metric not in base[task_name]:
+        return None
+    rel = relative(metric, hib)
+    row: dict[str, Any] = {
+        "rule": rule, "metric": f"{task_name}/{metric}", "against": against, "higher_is_better": hib,
+        "unit": "%" if rel else "points", "enforced": enforced,
+    }
+    if task_name not in cand or metric not in cand[task_name]:
+        return row | {"candidate": None, "baseline": base[task_name][metric], "delta": None, "threshold": threshold,
+                      "ci_low": None, "ci_high": None, "paired": False, "passed": False, "flips_within_ci": None}
+    c, b = float(cand[task_name][metric]), float(base[task_name][metric])
+    delta = _delta(metric, rel, c, b)
+    lo, hi, paired = bootstrap_delta_ci(metric, rel, cand[task_name], base[task_name], iters, confidence)
+
+    if kind == "improve":  # better means up for accuracy, down for perplexity
+        ok = (lambda d: d > threshold) if hib else (lambda d: d < -threshold)
+    elif kind == "max_drop":
+        ok = lambda d: d >= -threshold  # noqa: E731
+    else:
+        ok = lambda d: d <= threshold  # noqa: E731
+    passed = ok(delta)
+    flips = None if lo is None else (ok(lo) != passed or ok(hi) != passed)
+    return row | {"candidate": c, "baseline": b, "delta": delta, "threshold": threshold, "ci_low": lo,
+                  "ci_high": hi, "paired": paired, "passed": passed, "flips_within_ci": flips}
+
+
+def _describe(r: dict) -> str:
+    if r["candidate"] is None:
+        return f"{r['metric']} was not evaluated on the candidate (it is needed to compare with the {r['against']})"
+    u = r["unit"]
+    d = f"{r['delta']:+.2f}{' points' if u == 'points' else '%'}"
+    ci = "" if r["ci_low"] is None else f" (CI {r['ci_low']:+.2f}..{r['ci_high']:+.2f})"
+    vals = f"{r['baseline']:.4g} → {r['candidate']:.4g}"
+    if r["rule"] == "target_improves":
+        return f"target {r['metric']} did not improve over the {r['against']}: {vals}, {d}{ci}"
+    if r["rule"] == "general_no_drop":
+        return (f"forgetting: {r['metric']} dropped {d}{ci} vs the {r['against']} ({vals}); "
+                f"limit -{r['threshold']:g} points")
+    return (f"forgetting: {r['metric']} rose {d}{ci} vs the {r['against']} ({vals}); "
+            f"limit +{r['threshold']:g}%")
+
+
+def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None, cfg: GateConfig,
+         bootstrap_iters: int = 1000, seed: int = 0) -> GateResult:
+    """Apply the forgetting guard to evaluate() results of a candidate, its parent and the champion."""
+    rules: list[dict] = []
+    notes: list[str] = []
+    iters, conf = bootstrap_iters, cfg.confidence
+
+    if stage in STAGE_TARGETS and parent is not None:
+        t, m, hib = STAGE_TARGETS[stage]
+        row = _compare("target_improves", t, m, hib, "parent", candidate, parent, 0.0, "improve", iters, conf,
+                       enforced=cfg.require_target_improvement)
+        if row is None:
+            notes.append(f"target {t}/{m} not evaluated on the parent: improvement not checked")
+        else:
+            rules.append(row)
+    elif stage in STAGE_TARGETS:
+        notes.append(f"no parent: {stage} is the first model, so its target has nothing to improve on")
+    else:
+        notes.append(f"stage {stage!r} has no target metric of its own: only the forgetting guard applies")
+
+    for against, base in (("parent", parent), ("champion", champion)):
+        if base is None:
+            continue
+        for t, m, hib in GENERAL_METRICS:
+            if relative(m, hib):
+                row = _compare("general_ppl_rise", t, m, hib, against, candidate, base, cfg.perplexity_max_rise_pct,
+                               "max_rise", iters, conf, enforced=True)
+            else:
+                row = _compare("general_no_drop", t, m, hib, against, candidate, base, cfg.general_max_drop_points,
+                               "max_drop", iters, conf, enforced=True)
+            if row is None:
+                notes.append(f"{t}/{m} not evaluated on the {against}: not compared")
+            else:
+                rules.append(row)
+    if champion is None:
+        notes.append("no champion yet: compared with the parent only")
+
+    # Context: every other task/metric both sides were scored on (not enforced).
+    enforced_keys = {(r["metric"], r["against"]) for r in rules}
+    comparisons = []
+    for against, base in (("parent", parent), ("champion", champion)):
+        for t in sorted(set(candidate) & set(base or {})):
+            for m in sorted(k for k in candidate[t].get("samples", {}) if k in base[t]):
+                if (f"{t}/{m}", against) in enforced_keys:
+                    continue
+                hib = m not in _LOWER_IS_BETTER
+                row = _compare("compare", t, m, hib, against, candidate, base, 0.0, "improve", iters, conf,
+                               enforced=False)
+                if row is not None:
+                    comparisons.append(row)
+
+    failed = [r for r in rules if r["enforced"] and not r["passed"]]
+    passed = not failed
+    reasons = [_describe(r) for r in failed]
+    if passed:
+        n = sum(r["enforced"] for r in rules)
+        reasons.append(f"all {n} enforced rule(s) passed" if n else "no rule applied")
+    for r in rules:
+        if r["flips_within_ci"]:
+            reasons.append(f"not significant: the verdict on {r['metric']} vs the {r['against']} could flip within "
+                           f"its {conf:.0%} CI ({r['ci_low']:+.2f}..{r['ci_high']:+.2f} {r['unit']})")
+        if not r["enforced"] and not r["passed"]:
+            reasons.append(f"not enforced (gate.require_target_improvement=false): {_describe(r)}")
+    reasons += notes
+    return GateResult(passed=passed, reasons=reasons, rules=rules, comparisons=comparisons)
+
+
+@task(name="gate", retries=0)
+def gate_task(stage: str, candidate: dict, parent: dict | None, champion: dict | None, cfg: GateConfig,
+              bootstrap_iters: int = 1000) -> dict:
+    """Forgetting guard: candidate vs parent and champion, with bootstrap CIs."""
+    return gate(stage, candidate, parent, champion, cfg, bootstrap_iters).to_dict()
