@@ -21,11 +21,11 @@ from stagewise.stage import Lineage, RunContext
 # ------------------------------------------------------------------ run bookkeeping tasks
 @task(name="start-run")
 def start_run_task(root: Path, config_path: Path, profile: str | None, overrides: list[str],
-                   force: bool, force_stages: list[str]) -> tuple[RunContext, Config]:
+                   force: bool, force_stages: list[str], run_id: str | None = None) -> tuple[RunContext, Config]:
     """Resolve the config, prepare MLflow/DVC stores, open the parent MLflow run."""
     from stagewise.run import start_run
 
-    return start_run(root, config_path, profile, overrides, force, force_stages)
+    return start_run(root, config_path, profile, overrides, force, force_stages, run_id=run_id)
 
 
 @task(name="dvc-status")
@@ -72,8 +72,8 @@ def data_phase(cfg: Config, ctx: RunContext, selected: list[str]) -> dict[str, A
         if step not in selected or (not ctx.forced(step) and dvc_current_task(ctx.root, step)):
             out["cached"].append(step)
             out["stats"][step] = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-        else:
-            out["stats"][step] = step_task(**kwargs)
+        else:  # submitted: runs on the phase's task runner (threads, or Dask workers with ops.data_runner)
+            out["stats"][step] = step_task.submit(**kwargs).result()
             dvc_commit_task(ctx.root, step, out["stats"][step])
         out["hashes"][step] = dvc_out_hash(ctx.root, step)
     return out
@@ -119,20 +119,27 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
 
     from stagewise.summary import build_summary, publish_summary_task
 
+    from stagewise.lock import run_lock
+    from stagewise.run import data_task_runner, new_run_id
+
     t0 = time.time()
     root = Path(workspace).resolve()
-    ctx, cfg = start_run_task(root, root / config_path, profile, overrides or [], force, force_stages or [])
-    selected = stages or cfg.run.stages
-    try:
-        data = data_phase(cfg, ctx, selected)
-        trained = train_phase(cfg, ctx, data, selected)
-        verdict = gate_phase(cfg, ctx, trained) if "gate" in selected and trained["rows"] else None
-    except BaseException:
-        from stagewise.run import fail_run
+    run_id = new_run_id()
+    # One run per workspace at a time (a second one waits, ops.lock_timeout): see stagewise/lock.py.
+    with run_lock(root, root / config_path, profile, overrides or [], run_id):
+        ctx, cfg = start_run_task(root, root / config_path, profile, overrides or [], force, force_stages or [],
+                                  run_id=run_id)
+        selected = stages or cfg.run.stages
+        try:
+            data = data_phase.with_options(task_runner=data_task_runner(cfg.ops))(cfg, ctx, selected)
+            trained = train_phase(cfg, ctx, data, selected)
+            verdict = gate_phase(cfg, ctx, trained) if "gate" in selected and trained["rows"] else None
+        except BaseException:
+            from stagewise.run import fail_run
 
-        fail_run(ctx)
-        raise
-    summary = build_summary(ctx, profile, data, trained, verdict, seconds=time.time() - t0)
-    finish_run_task(ctx, summary)
+            fail_run(ctx)
+            raise
+        summary = build_summary(ctx, profile, data, trained, verdict, seconds=time.time() - t0)
+        finish_run_task(ctx, summary)
     publish_summary_task(summary)
     return summary

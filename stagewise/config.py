@@ -354,6 +354,14 @@ class GateConfig(Section):
     confidence: float = 0.95                  # bootstrap CI level for every delta
 
 
+class OpsConfig(Section):
+    # How runs are executed, not what they compute: never part of a cache key (docs/operations.md).
+    lock_timeout: float = 3600     # seconds a run waits for another run in the same workspace; 0 = fail at once
+    data_runner: Literal["sequential", "dask"] = "sequential"  # task runner of the data phase (prefect-dask)
+    dask_address: str | None = None  # data_runner=dask: scheduler of a running cluster; null = a LocalCluster
+    dask_workers: int = 2          # LocalCluster only: worker processes
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -373,6 +381,7 @@ class Config(Section):
     compress: CompressConfig = Field(default_factory=CompressConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    ops: OpsConfig = Field(default_factory=OpsConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 

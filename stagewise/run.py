@@ -50,7 +50,9 @@ def start_run(root: Path, config_path: Path, profile: str | None, overrides: lis
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     dvcops.ensure_repo(ws.root)
-    registry.setup_tracking(ws.root)
+    tracking_uri = registry.setup_tracking(ws.root)
+    # Under the workspace lock: whatever an earlier run left half-done was left by a dead process.
+    clean_crash_leftovers(ws)
     code = git_commit()
     # Created through the client so it stays RUNNING while stages (in any thread) nest under it by id.
     client = mlflow.MlflowClient()
@@ -66,7 +68,138 @@ def start_run(root: Path, config_path: Path, profile: str | None, overrides: lis
     ctx = RunContext(run_id=run_id, root=ws.root, mlflow_run_id=run.info.run_id,
                      registered_model=cfg.run.registered_model, code_version=code,
                      force=force, force_stages=list(force_stages))
+    mark_dead_runs(ws, keep=run.info.run_id)
+    write_run_links(ctx, run_dir, tracking_uri, exp.experiment_id)
     return ctx, cfg
+
+
+# ------------------------------------------------------------------ cross-links and crash hygiene
+def write_run_links(ctx: RunContext, run_dir: Path, tracking_uri: str, experiment_id: str) -> dict[str, Any]:
+    """reports/<run_id>/run.json: the ids that tie the Prefect flow run, the MLflow run and this folder.
+
+    The MLflow parent run carries `prefect_flow_run_id` and `reports_dir` tags; the Prefect flow run
+    gets a `run-links` artifact with the MLflow run and this folder.
+    """
+    links = {
+        "run_id": ctx.run_id,
+        "reports_dir": str(run_dir),
+        "prefect_flow_run_id": _prefect_flow_run_id(),
+        "prefect_api_url": os.environ.get("PREFECT_API_URL"),
+        "mlflow_tracking_uri": tracking_uri,
+        "mlflow_experiment_id": experiment_id,
+        "mlflow_run_id": ctx.mlflow_run_id,
+        "code_version": ctx.code_version,
+        "pid": os.getpid(),
+    }
+    tmp = run_dir / ".run.json.tmp"
+    tmp.write_text(json.dumps(links, indent=2))
+    tmp.replace(run_dir / "run.json")
+    if links["prefect_flow_run_id"]:
+        try:
+            from prefect.artifacts import create_markdown_artifact
+
+            create_markdown_artifact(
+                key="run-links", description=f"Stagewise run {ctx.run_id}",
+                markdown=(f"# Stagewise run `{ctx.run_id}`\n\n| | |\n|---|---|\n"
+                          f"| reports | `{run_dir}` |\n| MLflow tracking | `{tracking_uri}` |\n"
+                          f"| MLflow experiment / run | `{experiment_id}` / `{ctx.mlflow_run_id}` |\n"
+                          f"| code | `{ctx.code_version}` |\n"))
+        except Exception as e:  # noqa: BLE001 - a missing link must not fail the run
+            log.debug("run-links artifact not written: %s", e)
+    return links
+
+
+def clean_crash_leftovers(ws: Workspace) -> list[Path]:
+    """Remove temp folders of killed writers (`models/.<stage>.tmp-<pid>`, `.old-<pid>`, `<stage>.tmp`).
+
+    Only called under the workspace lock, and only for pids that are gone: a live writer is never touched.
+    Checkpoints (`models/<stage>.checkpoints/`) stay: they are how an interrupted stage resumes.
+    """
+    removed: list[Path] = []
+    models = ws.root / "models"
+    if not models.is_dir():
+        return removed
+    for p in models.iterdir():
+        name = p.name
+        pid = None
+        if name.startswith(".") and (".tmp-" in name or ".old-" in name):
+            tail = name.rsplit("-", 1)[-1]
+            pid = int(tail) if tail.isdigit() else None
+        elif not name.endswith(".tmp"):
+            continue
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        log.warning("removed %d half-written folder(s) left by a killed run: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_dead_runs(ws: Workspace, keep: str) -> list[str]:
+    """MLflow runs of this workspace still RUNNING are from killed processes (we hold the lock): KILLED.
+
+    Filtered on the `reports_dir` tag, so other workspaces sharing a tracking server are not touched.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(_experiment())
+    if exp is None:
+        return []
+    prefix = str(ws.reports).replace("'", "")
+    dead = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=500)
+            if r.info.run_id != keep and r.data.tags.get("reports_dir", "").startswith(prefix + os.sep)]
+    ids = []
+    for parent in dead:
+        pipeline_run = parent.data.tags.get("pipeline_run", "")
+        children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+                                       " and attributes.status = 'RUNNING'")
+        for r in [*children, parent]:
+            client.set_tag(r.info.run_id, "killed_detected_by", "next run (workspace lock was free)")
+            client.set_terminated(r.info.run_id, "KILLED")
+            ids.append(r.info.run_id)
+        log.warning("MLflow run %s (pipeline run %s) was left RUNNING by a killed process: marked KILLED",
+                    parent.info.run_id, pipeline_run)
+    return ids
+
+
+def _experiment() -> str:
+    from stagewise.registry import EXPERIMENT
+
+    return EXPERIMENT
+
+
+def data_task_runner(ops):
+    """The data phase's Prefect task runner: threads (default) or Dask (`ops.data_runner: dask`).
+
+    Dask: `ops.dask_address` names a running scheduler; without one a LocalCluster of
+    `ops.dask_workers` processes lives as long as the data phase.
+    """
+    if ops.data_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if ops.dask_address:
+            return DaskTaskRunner(address=ops.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": ops.dask_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=1)
 
 
 def _prefect_flow_run_id() -> str | None:
