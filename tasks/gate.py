@@ -109,7 +109,7 @@ def _compare(rule: str, task_name: str, metric: str, hib: bool, against: str, ca
         return None
     rel = relative(metric, hib)
     row: dict[str, Any] = {
-        "rule": rule, "metric": f"{task_name}/{metric}", "against": against, "higher_is_better": hib,
+        "rule": rule, "metric": f"{task_name}.{metric}", "against": against, "higher_is_better": hib,
         "unit": "%" if rel else "points", "enforced": enforced,
     }
     if task_name not in cand or metric not in cand[task_name]:
@@ -136,13 +136,15 @@ def _describe(r: dict) -> str:
         return f"{r['metric']} was not evaluated on the candidate (it is needed to compare with the {r['against']})"
     u = r["unit"]
     d = f"{r['delta']:+.2f}{' points' if u == 'points' else '%'}"
-    ci = "" if r["ci_low"] is None else f" (CI {r['ci_low']:+.2f}..{r['ci_high']:+.2f})"
+    ci = "" if r["ci_low"] is None else f" (delta CI {r['ci_low']:+.2f}..{r['ci_high']:+.2f})"
     vals = f"{r['baseline']:.4g} → {r['candidate']:.4g}"
     if r["rule"] == "target_improves":
         return f"target {r['metric']} did not improve over the {r['against']}: {vals}, {d}{ci}"
     if r["rule"] == "general_no_drop":
+        d = f"{-r['delta']:.2f} points"
         return (f"forgetting: {r['metric']} dropped {d}{ci} vs the {r['against']} ({vals}); "
                 f"limit -{r['threshold']:g} points")
+    d = f"{r['delta']:.1f}%"
     return (f"forgetting: {r['metric']} rose {d}{ci} vs the {r['against']} ({vals}); "
             f"limit +{r['threshold']:g}%")
 
@@ -159,7 +161,7 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
         row = _compare("target_improves", t, m, hib, "parent", candidate, parent, 0.0, "improve", iters, conf,
                        enforced=cfg.require_target_improvement)
         if row is None:
-            notes.append(f"target {t}/{m} not evaluated on the parent: improvement not checked")
+            notes.append(f"target {t}.{m} not evaluated on the parent: improvement not checked")
         else:
             rules.append(row)
     elif stage in STAGE_TARGETS:
@@ -178,7 +180,7 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
                 row = _compare("general_no_drop", t, m, hib, against, candidate, base, cfg.general_max_drop_points,
                                "max_drop", iters, conf, enforced=True)
             if row is None:
-                notes.append(f"{t}/{m} not evaluated on the {against}: not compared")
+                notes.append(f"{t}.{m} not evaluated on the {against}: not compared")
             else:
                 rules.append(row)
     if champion is None:
@@ -190,7 +192,7 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
     for against, base in (("parent", parent), ("champion", champion)):
         for t in sorted(set(candidate) & set(base or {})):
             for m in sorted(k for k in candidate[t].get("samples", {}) if k in base[t]):
-                if (f"{t}/{m}", against) in enforced_keys:
+                if (f"{t}.{m}", against) in enforced_keys:
                     continue
                 hib = m not in _LOWER_IS_BETTER
                 row = _compare("compare", t, m, hib, against, candidate, base, 0.0, "improve", iters, conf,
@@ -203,7 +205,14 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
     reasons = [_describe(r) for r in failed]
     if passed:
         n = sum(r["enforced"] for r in rules)
-        reasons.append(f"all {n} enforced rule(s) passed" if n else "no rule applied")
+        line = f"all {n} enforced rule(s) passed" if n else "no rule applied"
+        target = next((r for r in rules if r["rule"] == "target_improves" and r["passed"]), None)
+        if target is not None:
+            line += (f": target {target['metric']} improved {target['baseline']:.4g} → {target['candidate']:.4g} "
+                     f"({target['delta']:+.2f}{' points' if target['unit'] == 'points' else '%'})")
+        if any(r["rule"] != "target_improves" for r in rules):
+            line += "; no general metric fell beyond its limit"
+        reasons.append(line)
     for r in rules:
         if r["flips_within_ci"]:
             reasons.append(f"not significant: the verdict on {r['metric']} vs the {r['against']} could flip within "
@@ -215,7 +224,8 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
 
 
 @task(name="gate", retries=0)
-def gate_task(stage: str, candidate: dict, parent: dict | None, champion: dict | None, cfg: GateConfig,
-              bootstrap_iters: int = 1000) -> dict:
-    """Forgetting guard: candidate vs parent and champion, with bootstrap CIs."""
-    return gate(stage, candidate, parent, champion, cfg, bootstrap_iters).to_dict()
+def gate_task(ctx, cfg, lineage) -> dict:
+    """Forgetting guard on the final candidate, then the registry aliases (stagewise/promotion.py)."""
+    from stagewise.promotion import gate_and_promote  # the flow's wiring: gate() + challenger/champion
+
+    return gate_and_promote(ctx, cfg, lineage)

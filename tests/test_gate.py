@@ -45,13 +45,13 @@ def test_planted_forgetting_fails_and_names_the_general_metric():
 
     assert not res.passed
     target = next(r for r in res.rules if r["rule"] == "target_improves")
-    assert target["passed"] and target["metric"] == "sw_instruct/exact_match"
-    drop = next(r for r in res.rules if r["metric"] == "sw_general_mc/acc")
+    assert target["passed"] and target["metric"] == "sw_instruct.exact_match"
+    drop = next(r for r in res.rules if r["metric"] == "sw_general_mc.acc")
     assert drop["rule"] == "general_no_drop" and not drop["passed"]
     assert drop["delta"] == pytest.approx(-40.0)
     assert drop["ci_high"] < -3.0 and drop["flips_within_ci"] is False   # a real drop, not noise
-    assert "sw_general_mc/acc" in res.reasons[0] and "dropped" in res.reasons[0]   # the culprit, first
-    ppl = next(r for r in res.rules if r["metric"] == "sw_general_text/word_perplexity")
+    assert "sw_general_mc.acc" in res.reasons[0] and "dropped" in res.reasons[0]   # the culprit, first
+    ppl = next(r for r in res.rules if r["metric"] == "sw_general_text.word_perplexity")
     assert ppl["passed"] and ppl["delta"] == pytest.approx(0.0)
 
 
@@ -63,13 +63,13 @@ def test_perplexity_rise_beyond_limit_fails_small_rise_passes():
 
     bad = gate("sft", worse, parent, None, cfg, bootstrap_iters=300)
     assert not bad.passed
-    row = next(r for r in bad.rules if r["metric"] == "sw_general_text/word_perplexity")
+    row = next(r for r in bad.rules if r["metric"] == "sw_general_text.word_perplexity")
     assert row["rule"] == "general_ppl_rise" and row["unit"] == "%" and row["delta"] > 10
-    assert any("sw_general_text/word_perplexity" in r and "rose" in r for r in bad.reasons)
+    assert any("sw_general_text.word_perplexity" in r and "rose" in r for r in bad.reasons)
 
     ok = gate("sft", slight, parent, None, cfg, bootstrap_iters=300)
     assert ok.passed, ok.reasons
-    row = next(r for r in ok.rules if r["metric"] == "sw_general_text/word_perplexity")
+    row = next(r for r in ok.rules if r["metric"] == "sw_general_text.word_perplexity")
     expected = 100 * (math.exp(-sum(BASE_LL) * 1.005 / (50 * 60)) / math.exp(-sum(BASE_LL) / (50 * 60)) - 1)
     assert row["delta"] == pytest.approx(expected)
 
@@ -81,7 +81,7 @@ def test_champion_comparison_catches_what_the_parent_comparison_misses():
     res = gate("sft", candidate, parent, champion, GateConfig(), bootstrap_iters=300)
     assert not res.passed
     failed = [r for r in res.rules if not r["passed"]]
-    assert [(r["metric"], r["against"]) for r in failed] == [("sw_general_mc/acc", "champion")]
+    assert [(r["metric"], r["against"]) for r in failed] == [("sw_general_mc.acc", "champion")]
     assert any("vs the champion" in r for r in res.reasons)
 
 
@@ -100,7 +100,7 @@ def test_target_must_improve_and_noise_is_flagged():
     target = next(r for r in res.rules if r["rule"] == "target_improves")
     assert target["passed"] and target["flips_within_ci"] is True
     assert target["ci_low"] <= 0 < target["ci_high"]
-    assert any("could flip" in r and "sw_instruct/exact_match" in r for r in res.reasons)
+    assert any("could flip" in r and "sw_instruct.exact_match" in r for r in res.reasons)
 
     big = model_results(ones(50), ones(48), BASE_LL)
     target = next(r for r in gate("sft", big, parent, None, GateConfig(), 500).rules if r["rule"] == "target_improves")
@@ -112,7 +112,7 @@ def test_target_rule_can_be_reported_without_enforcing():
     res = gate("sft", model_results(ones(15), ones(48), BASE_LL), parent, None,
                GateConfig(require_target_improvement=False), bootstrap_iters=200)
     assert res.passed
-    assert any(r.startswith("not enforced") and "sw_instruct/exact_match" in r for r in res.reasons)
+    assert any(r.startswith("not enforced") and "sw_instruct.exact_match" in r for r in res.reasons)
 
 
 def test_missing_general_metric_on_candidate_fails():
@@ -121,7 +121,7 @@ def test_missing_general_metric_on_candidate_fails():
     del candidate["sw_general_mc"]
     res = gate("sft", candidate, parent, None, GateConfig(), bootstrap_iters=100)
     assert not res.passed
-    assert any("sw_general_mc/acc was not evaluated on the candidate" in r for r in res.reasons)
+    assert any("sw_general_mc.acc was not evaluated on the candidate" in r for r in res.reasons)
 
 
 def test_first_model_has_nothing_to_improve_on_and_result_serializes():

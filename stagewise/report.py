@@ -1,0 +1,384 @@
+"""The gate report: reports/<run_id>/gate.md and a self-contained gate.html from the run summary.
+
+Written for a reader with ten seconds: the first lines say what was promoted (or not) and why;
+then each gate rule with its numbers and confidence interval, the lineage of target metrics, the
+data-curation funnel, leaked benchmark items found in the training data, and the compression
+trade-off when there is one. Plots are matplotlib PNGs embedded as base64, so gate.html is a
+single file that opens anywhere (MLflow artifact viewer, a mail attachment, a CI artifact).
+Input schema: docs/summary.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+PASS_COLOR, FAIL_COLOR, NEUTRAL = "#1a7f37", "#cf222e", "#57606a"
+
+
+# ---------------------------------------------------------------- text helpers
+def _num(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, float)):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _signed(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "–"
+    return f"{v:+.2f}{' pts' if unit == 'points' else unit}"
+
+
+def _ver(d: dict | None) -> str:
+    if not d or d.get("version") in (None, ""):
+        return "none"
+    return f"{d.get('name', 'model')} v{d['version']}"
+
+
+def headline(summary: dict) -> tuple[bool, str, str]:
+    """(passed, verdict line, why line): what a reader must get in ten seconds."""
+    gate = summary.get("gate") or {}
+    passed = bool(gate.get("passed"))
+    champ, chall = summary.get("champion"), summary.get("challenger")
+    if passed:
+        verdict = f"PROMOTED: {_ver(chall or champ)} is the champion"
+    else:
+        verdict = f"NOT PROMOTED: {_ver(chall)} stays challenger; champion remains {_ver(champ)}"
+    reasons = gate.get("reasons") or []
+    why = reasons[0] if reasons else ("gate passed" if passed else "gate failed")
+    return passed, verdict, why
+
+
+def _rule_rows(gate: dict) -> list[list[str]]:
+    rows = []
+    for r in gate.get("rules") or []:
+        unit = r.get("unit", "")
+        ci = "–" if r.get("ci_low") is None else f"[{_signed(r['ci_low'], unit)}, {_signed(r['ci_high'], unit)}]"
+        thr = r.get("threshold")
+        limit = {"target_improves": "must improve", "general_no_drop": f"drop ≤ {_num(thr)} pts",
+                 "general_ppl_rise": f"rise ≤ {_num(thr)}%"}.get(r.get("rule"), _num(thr))
+        verdict = ("PASS" if r.get("passed") else "FAIL") + ("" if r.get("enforced", True) else " (not enforced)")
+        flips = {True: "yes – noise", False: "no", None: "–"}[r.get("flips_within_ci")]
+        rows.append([verdict, r.get("rule", ""), r.get("metric", ""), r.get("against", ""), _num(r.get("baseline")),
+                     _num(r.get("candidate")), _signed(r.get("delta"), unit), ci, limit, flips])
+    return rows
+
+
+RULE_HEADERS = ["verdict", "rule", "metric", "vs", "baseline", "candidate", "delta", "95% CI", "limit",
+                "could flip"]
+
+
+def _stage_rows(summary: dict) -> list[list[str]]:
+    rows = []
+    for s in summary.get("stages") or []:
+        arrow = "↑" if s.get("higher_is_better", True) else "↓"
+        rows.append([s.get("name", ""), f"v{s.get('model_version')}" if s.get("model_version") else "–",
+                     f"v{s.get('parent_version')}" if s.get("parent_version") else "–",
+                     f"{s.get('target_metric', '')} {arrow}", _num(s.get("baseline_value")), _num(s.get("value")),
+                     {True: "yes", False: "NO", None: "–"}[s.get("improved")],
+                     "cached" if s.get("cached") else (f"{s['seconds']:.0f}s" if s.get("seconds") is not None else "–")])
+    return rows
+
+
+STAGE_HEADERS = ["stage", "version", "parent", "target", "parent value", "value", "improved", "time"]
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+    esc = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(headers: list[str], rows: list[list[str]], verdict_col: int | None = None) -> str:
+    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr></thead><tbody>"]
+    for r in rows:
+        cls = ""
+        if verdict_col is not None:
+            cls = ' class="fail"' if str(r[verdict_col]).startswith(("FAIL", "NO")) else ' class="pass"'
+        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _compression(summary: dict) -> tuple[list[dict], Any]:
+    comp = summary.get("compression") or {}
+    return list(comp.get("candidates") or []), comp.get("chosen")
+
+
+def _pick(d: dict, *keys: str):
+    for k in keys:
+        if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool):
+            return k, float(d[k])
+    return None, None
+
+
+SIZE_KEYS = ("size_mb", "memory_mb", "size_bytes", "bytes", "params")
+QUALITY_KEYS = ("value", "metric_value", "quality", "score", "accuracy", "target")
+
+
+def _cand_name(c: dict) -> str:
+    return str(c.get("name") or c.get("method") or c.get("version") or "?")
+
+
+# ---------------------------------------------------------------- plots
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plot_rules(gate: dict) -> str | None:
+    """Forest plot: each rule's delta with its CI and its limit — the verdict at a glance."""
+    rules = [r for r in gate.get("rules") or [] if r.get("delta") is not None]
+    if not rules:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(rules) + 1.2))
+    for i, r in enumerate(rules):
+        y = len(rules) - 1 - i
+        color = PASS_COLOR if r.get("passed") else FAIL_COLOR
+        if r.get("ci_low") is not None:
+            ax.plot([r["ci_low"], r["ci_high"]], [y, y], color=color, lw=2, alpha=0.6)
+        ax.plot([r["delta"]], [y], "o", color=color, ms=8)
+        thr = r.get("threshold") or 0.0
+        limit = {"general_no_drop": -thr, "general_ppl_rise": thr}.get(r.get("rule"), 0.0)
+        ax.plot([limit, limit], [y - 0.35, y + 0.35], color="black", lw=1.5, ls="--")
+    ax.set_yticks(range(len(rules)))
+    ax.set_yticklabels([f"{r['metric']} vs {r['against']} ({'pts' if r.get('unit') == 'points' else '%'})"
+                        for r in reversed(rules)])
+    ax.axvline(0, color=NEUTRAL, lw=0.8)
+    ax.set_xlabel("delta (points for accuracy, % for perplexity); dashed: limit; bar: bootstrap CI")
+    ax.set_title("Gate rules")
+    return _png(fig)
+
+
+def plot_lineage(summary: dict) -> str | None:
+    """Each stage's target metric, parent vs child, and the general metrics along the lineage."""
+    stages = [s for s in summary.get("stages") or [] if s.get("value") is not None]
+    if not stages:
+        return None
+    import matplotlib.pyplot as plt
+
+    general_names = sorted({k for s in stages for k in (s.get("general") or {})})
+    n = len(stages) + len(general_names)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    flat = [a for row in axes for a in row]
+    for ax, s in zip(flat, stages):
+        base, val = s.get("baseline_value"), s.get("value")
+        color = PASS_COLOR if s.get("improved") else FAIL_COLOR
+        xs, ys, cs = [], [], []
+        if base is not None:
+            xs.append("parent"), ys.append(base), cs.append(NEUTRAL)
+        xs.append(s["name"]), ys.append(val), cs.append(color)
+        ax.bar(xs, ys, color=cs)
+        for x, y in zip(xs, ys):
+            ax.annotate(_num(y, 3), (x, y), ha="center", va="bottom", fontsize=8)
+        if s.get("higher_is_better") is False and all(y and y > 0 for y in ys) and max(ys) / min(ys) > 20:
+            ax.set_yscale("log")
+        arrow = "↑" if s.get("higher_is_better", True) else "↓"
+        ax.set_title(f"{s['name']}: {s.get('target_metric', '')} {arrow}", fontsize=9)
+    for ax, g in zip(flat[len(stages):], general_names):
+        names = [s["name"] for s in stages if g in (s.get("general") or {})]
+        vals = [s["general"][g].get("value") for s in stages if g in (s.get("general") or {})]
+        first = next((s["general"][g].get("baseline") for s in stages if g in (s.get("general") or {})), None)
+        if first is not None:
+            names, vals = ["start"] + names, [first] + vals
+        ax.plot(names, vals, "o-", color="#0969da")
+        ax.set_title(f"general: {g}", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    for ax in flat[n:]:
+        ax.axis("off")
+    fig.suptitle("Target metric per stage along the lineage", fontsize=11)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_funnel(summary: dict) -> str | None:
+    """Records kept after each curation step, per record kind."""
+    funnel = (summary.get("curation") or {}).get("funnel") or []
+    if not funnel:
+        return None
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(f.get("kind", "?") for f in funnel))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.3 * len(kinds), 3.0), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rows = [f for f in funnel if f.get("kind", "?") == kind]
+        labels = ["input"] + [str(f.get("step")) for f in rows]
+        vals = [rows[0].get("input", 0)] + [f.get("kept", 0) for f in rows]
+        ax.barh(labels[::-1], vals[::-1], color=["#0969da"] * len(rows) + [NEUTRAL])
+        for y, v in enumerate(vals[::-1]):
+            ax.annotate(str(v), (v, y), va="center", fontsize=8)
+        ax.set_title(kind, fontsize=10)
+        ax.set_xlim(0, max(vals) * 1.2 if max(vals) else 1)
+    fig.suptitle("Data-curation funnel (records kept after each step)", fontsize=11)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_pareto(summary: dict) -> str | None:
+    """Compression candidates: size vs quality, the Pareto front and the chosen one."""
+    cands, chosen = _compression(summary)
+    pts = []
+    for c in cands:
+        if not isinstance(c, dict):
+            continue
+        sk, size = _pick(c, *SIZE_KEYS)
+        qk, q = _pick(c, *QUALITY_KEYS)
+        if size is not None and q is not None:
+            pts.append((size, q, _cand_name(c), sk, qk, c))
+    if not pts:
+        return None
+    import matplotlib.pyplot as plt
+
+    hib = next((c.get("higher_is_better") for *_, c in pts if "higher_is_better" in c), True)
+    better = (lambda a, b: a >= b) if hib else (lambda a, b: a <= b)
+    front = [p for p in pts if not any(o is not p and o[0] <= p[0] and better(o[1], p[1]) and
+                                       (o[0] < p[0] or o[1] != p[1]) for o in pts)]
+    chosen_name = _cand_name(chosen) if isinstance(chosen, dict) else (str(chosen) if chosen is not None else None)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for size, q, name, *_ in pts:
+        is_chosen = name == chosen_name
+        ax.scatter([size], [q], s=90 if is_chosen else 40, color=PASS_COLOR if is_chosen else "#0969da",
+                   marker="*" if is_chosen else "o", zorder=3)
+        ax.annotate(name + (" (chosen)" if is_chosen else ""), (size, q), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
+    fs = sorted(front)
+    ax.plot([p[0] for p in fs], [p[1] for p in fs], "--", color=NEUTRAL, label="Pareto front")
+    ax.set_xlabel(pts[0][3])
+    ax.set_ylabel(f"{pts[0][4]} ({'higher' if hib else 'lower'} is better)")
+    ax.set_title("Compression: size vs quality")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------- writers
+def render_markdown(summary: dict) -> str:
+    passed, verdict, why = headline(summary)
+    gate = summary.get("gate") or {}
+    out = [f"# Gate report — run {summary.get('run_id', '?')}", "",
+           f"**{verdict}**", "", f"Why: {why}", ""]
+    meta = [f"profile `{summary.get('profile', '?')}`"]
+    for key in ("started", "finished"):
+        if summary.get(key):
+            meta.append(f"{key} {summary[key]}")
+    out += [" · ".join(meta), ""]
+    out += ["## Gate rules", "", _md_table(RULE_HEADERS, _rule_rows(gate)) if gate.get("rules") else "_no rules applied_", ""]
+    if gate.get("reasons"):
+        out += ["Reasons and notes:", ""] + [f"- {r}" for r in gate["reasons"]] + [""]
+    out += ["## Stages (target metric along the lineage)", "", _md_table(STAGE_HEADERS, _stage_rows(summary)), ""]
+    general = [(s.get("name"), g, v) for s in summary.get("stages") or [] for g, v in (s.get("general") or {}).items()]
+    if general:
+        out += ["General metrics (forgetting guard):", "",
+                _md_table(["stage", "metric", "parent", "value"],
+                          [[n, g, _num(v.get("baseline")), _num(v.get("value"))] for n, g, v in general]), ""]
+    cur = summary.get("curation") or {}
+    if cur.get("funnel"):
+        out += ["## Data curation funnel", "",
+                _md_table(["step", "kind", "input", "kept"],
+                          [[f.get("step"), f.get("kind"), f.get("input"), f.get("kept")] for f in cur["funnel"]]), ""]
+    if cur.get("removed"):
+        out += ["Removed by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(cur["removed"].items())), ""]
+    leaked = cur.get("contaminated") or []
+    out += ["## Contamination found in training data", ""]
+    if leaked:
+        out += [f"{len(leaked)} training record(s) contained benchmark items and were removed before training:", "",
+                _md_table(["training record", "kind", "benchmark item"],
+                          [[c.get("id"), c.get("kind"), c.get("benchmark_item")] for c in leaked]), ""]
+    else:
+        out += ["None found.", ""]
+    cands, chosen = _compression(summary)
+    if cands:
+        keys = sorted({k for c in cands if isinstance(c, dict) for k in c})
+        out += ["## Compression candidates", "", _md_table(keys, [[_num(c.get(k)) for k in keys] for c in cands]), "",
+                f"Chosen: {_cand_name(chosen) if isinstance(chosen, dict) else chosen}", ""]
+    out += ["Plots: see gate.html next to this file.", ""]
+    return "\n".join(out)
+
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;color:#1f2328}
+.verdict{padding:18px 22px;border-radius:8px;color:#fff;margin-bottom:8px}
+.verdict h1{margin:0;font-size:26px}.verdict p{margin:6px 0 0;font-size:15px}
+.pass-bg{background:#1a7f37}.fail-bg{background:#cf222e}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
+th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left}th{background:#f6f8fa}
+tr.fail td:first-child{color:#cf222e;font-weight:bold}tr.pass td:first-child{color:#1a7f37;font-weight:bold}
+img{max-width:100%;border:1px solid #eee;margin:6px 0}.meta{color:#57606a;font-size:13px}
+h2{border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:28px}
+"""
+
+
+def render_html(summary: dict) -> str:
+    passed, verdict, why = headline(summary)
+    gate = summary.get("gate") or {}
+    e = html.escape
+    img = lambda b64, alt: f'<img alt="{e(alt)}" src="data:image/png;base64,{b64}">' if b64 else ""  # noqa: E731
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>Gate report {e(str(summary.get('run_id', '')))}: {'PASSED' if passed else 'FAILED'}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<div id='verdict' class='verdict {'pass-bg' if passed else 'fail-bg'}'><h1>{e(verdict)}</h1>"
+        f"<p>Why: {e(why)}</p></div>",
+        f"<p class='meta'>run {e(str(summary.get('run_id', '?')))} · profile {e(str(summary.get('profile', '?')))}"
+        + "".join(f" · {k} {e(str(summary[k]))}" for k in ("started", "finished") if summary.get(k)) + "</p>",
+        "<h2>Gate rules</h2>",
+        _html_table(RULE_HEADERS, _rule_rows(gate), verdict_col=0) if gate.get("rules") else "<p>No rules applied.</p>",
+        img(plot_rules(gate), "gate rules: deltas with confidence intervals and limits"),
+    ]
+    if gate.get("reasons"):
+        parts.append("<ul>" + "".join(f"<li>{e(r)}</li>" for r in gate["reasons"]) + "</ul>")
+    parts += ["<h2>Stages: target metric along the lineage</h2>",
+              _html_table(STAGE_HEADERS, _stage_rows(summary), verdict_col=None),
+              img(plot_lineage(summary), "target metric per stage")]
+    cur = summary.get("curation") or {}
+    if cur.get("funnel") or cur.get("removed"):
+        parts.append("<h2>Data curation funnel</h2>")
+        parts.append(img(plot_funnel(summary), "data-curation funnel"))
+        if cur.get("removed"):
+            parts.append("<p>Removed by reason: " + e(", ".join(f"{k} {v}" for k, v in sorted(cur["removed"].items())))
+                         + "</p>")
+    leaked = cur.get("contaminated") or []
+    parts.append("<h2 id='contamination'>Contamination found in training data</h2>")
+    if leaked:
+        parts.append(f"<p>{len(leaked)} training record(s) contained benchmark items and were removed before "
+                     "training:</p>")
+        parts.append(_html_table(["training record", "kind", "benchmark item"],
+                                 [[c.get("id"), c.get("kind"), c.get("benchmark_item")] for c in leaked]))
+    else:
+        parts.append("<p>None found.</p>")
+    cands, chosen = _compression(summary)
+    if cands:
+        keys = sorted({k for c in cands if isinstance(c, dict) for k in c})
+        parts += ["<h2>Compression</h2>", img(plot_pareto(summary), "compression Pareto plot"),
+                  _html_table(keys, [[_num(c.get(k)) for k in keys] for c in cands]),
+                  f"<p>Chosen: {e(_cand_name(chosen) if isinstance(chosen, dict) else str(chosen))}</p>"]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_gate_report(out_dir: Path, summary: dict) -> tuple[Path, Path]:
+    """Write out_dir/gate.md and a self-contained out_dir/gate.html (plots embedded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, page = out_dir / "gate.md", out_dir / "gate.html"
+    md.write_text(render_markdown(summary), encoding="utf-8")
+    page.write_text(render_html(summary), encoding="utf-8")
+    return md, page

@@ -1,0 +1,101 @@
+"""The gate report: verdict first, every rule with its numbers, plots embedded, leaks listed."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+
+from stagewise.config import GateConfig
+from stagewise.report import headline, write_gate_report
+from tasks.gate import gate
+from test_gate import BASE_LL, model_results, ones
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_summary(passed_gate: bool) -> dict:
+    parent = model_results(ones(10), ones(48), BASE_LL)
+    cand = model_results(ones(45), ones(48 if passed_gate else 24), BASE_LL)
+    g = gate("sft", cand, parent, None, GateConfig(), bootstrap_iters=200).to_dict()
+    return {
+        "run_id": "20261123-180000-abc123", "profile": "smoke", "started": "2026-11-23T18:00:00+00:00",
+        "stages": [
+            {"name": "pretrain", "model_version": "1", "parent_version": None,
+             "target_metric": "sw_general_text.word_perplexity", "value": 35.2, "baseline_value": 1830.0,
+             "higher_is_better": False, "improved": True, "cached": False, "seconds": 61.0,
+             "general": {"sw_general_mc.acc": {"value": 0.8, "baseline": 0.25, "higher_is_better": True}}},
+            {"name": "sft", "model_version": "2", "parent_version": "1", "target_metric": "sw_instruct.exact_match",
+             "value": 0.75, "baseline_value": 0.1667, "higher_is_better": True, "improved": True, "cached": True,
+             "seconds": 1.0,
+             "general": {"sw_general_mc.acc": {"value": 0.8 if passed_gate else 0.4, "baseline": 0.8,
+                                               "higher_is_better": True}}},
+        ],
+        "gate": g,
+        "champion": {"name": "stagewise", "version": "2" if passed_gate else "1"},
+        "challenger": {"name": "stagewise", "version": "2"},
+        "curation": {
+            "funnel": [{"step": "quality", "kind": "corpus", "input": 1300, "kept": 1260},
+                       {"step": "dedup", "kind": "corpus", "input": 1260, "kept": 1200},
+                       {"step": "decontaminate", "kind": "corpus", "input": 1200, "kept": 1190},
+                       {"step": "quality", "kind": "chat", "input": 640, "kept": 628}],
+            "removed": {"gopher_short_doc": 7, "exact_dup": 30, "contaminated": 10},
+            "contaminated": [{"id": "c-00042", "kind": "corpus", "benchmark_item": "general_text:gt-0003"},
+                             {"id": "chat-00007", "kind": "chat", "benchmark_item": "instruct:ins-0001"}],
+        },
+        "compression": {"candidates": [{"method": "none", "size_mb": 13.9, "value": 0.75},
+                                       {"method": "int8", "size_mb": 4.3, "value": 0.74},
+                                       {"method": "nf4", "size_mb": 2.7, "value": 0.70},
+                                       {"method": "prune50", "size_mb": 7.0, "value": 0.60}],
+                        "chosen": {"method": "int8", "size_mb": 4.3, "value": 0.74}},
+    }
+
+
+def images(page: str) -> list[bytes]:
+    return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+def test_failed_gate_report_says_not_promoted_first_and_names_the_culprit(tmp_path):
+    md, page = write_gate_report(tmp_path / "r", make_summary(passed_gate=False))
+    text = md.read_text()
+    first = [line for line in text.splitlines() if line.strip()][1]
+    assert first.startswith("**NOT PROMOTED") and "champion remains stagewise v1" in first
+    assert "sw_general_mc.acc" in text.split("## Gate rules")[0]        # the why, before any table
+    row = next(line for line in text.splitlines() if line.startswith("| FAIL"))
+    assert "general_no_drop" in row and "-40.00 pts" in row            # the rule with its numbers
+    html_text = page.read_text()
+    assert "fail-bg" in html_text and "NOT PROMOTED" in html_text.split("<h2>")[0]
+
+
+def test_passed_gate_report_embeds_every_plot_and_lists_leaks(tmp_path):
+    summary = make_summary(passed_gate=True)
+    md, page = write_gate_report(tmp_path, summary)
+    assert md.name == "gate.md" and page.name == "gate.html"
+    passed, verdict, _ = headline(summary)
+    assert passed and verdict == "PROMOTED: stagewise v2 is the champion"
+    html_text = page.read_text()
+    assert "src=\"http" not in html_text and "<script" not in html_text   # self-contained, nothing fetched
+    pngs = images(html_text)
+    assert len(pngs) == 4  # rules, lineage, funnel, Pareto
+    assert all(p.startswith(PNG_MAGIC) and len(p) > 5000 for p in pngs)
+    section = html_text.split("Contamination found in training data")[1]
+    assert "c-00042" in section and "general_text:gt-0003" in section and "instruct:ins-0001" in section
+    assert "c-00042" in md.read_text().split("## Contamination found in training data")[1]
+    assert "Chosen: int8" in md.read_text()
+
+
+def test_optional_sections_are_left_out_cleanly(tmp_path):
+    summary = make_summary(passed_gate=True)
+    del summary["compression"]
+    summary["curation"]["contaminated"] = []
+    _, page = write_gate_report(tmp_path, summary)
+    html_text = page.read_text()
+    assert len(images(html_text)) == 3 and "Compression" not in html_text
+    assert "None found." in html_text.split("Contamination found in training data")[1]
+
+
+@pytest.mark.parametrize("summary", [{}, {"run_id": "x", "gate": {"passed": False}}])
+def test_minimal_summaries_still_render_a_verdict(tmp_path, summary):
+    md, page = write_gate_report(tmp_path, summary)
+    assert "NOT PROMOTED" in md.read_text() and "NOT PROMOTED" in page.read_text()
