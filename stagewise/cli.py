@@ -119,6 +119,12 @@ def _mount_optional() -> None:
         register_commands(app)
     except ImportError:
         pass
+    try:
+        from stagewise.cli_ops import register_commands as register_ops
+
+        register_ops(app)
+    except ImportError:
+        pass
 
 
 _mount_optional()
