@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,30 +150,38 @@ def document(world: World, rng: random.Random, n_sentences: int) -> str:
 
 
 def junk_document(kind: str, rng: random.Random) -> str:
+    # Each kind trips exactly one family of quality rules (tasks/quality.py), and passes the rules
+    # that run before it, so the curation test can check the *reason* as well as the removal:
+    # short/symbols/no_alpha/no_stopwords -> Gopher quality, repetition -> Gopher repetition,
+    # boilerplate -> C4.
     if kind == "short":
         return f"Click here to buy {rng.choice(NOUNS)}s now."
-    if kind == "symbols":
-        return " ".join(rng.choice(["#", "###", "...", "#tag", "…", "##"]) + f" {rng.choice(NOUNS)}" for _ in range(40))
-    if kind == "no_alpha":
-        return " ".join(f"{rng.randrange(16**4):04x}-{rng.randrange(999)}" for _ in range(60))
+    if kind == "symbols":  # >= 50 real words, so the hash/ellipsis ratio (not the length) trips
+        return " ".join(rng.choice(["#", "###", "...", "#tag", "…", "##"]) + f" {rng.choice(NOUNS)}" for _ in range(70))
+    if kind == "no_alpha":  # digits only: no word has a letter (hex ids would, most of the time)
+        return " ".join(f"{rng.randrange(10**4, 10**6)}-{rng.randrange(100, 999)}" for _ in range(60))
     if kind == "no_stopwords":
         return " ".join(rng.choice(ADJS + NOUNS + COLORS + HOMES) for _ in range(70)) + "."
-    if kind == "repetition":
-        line = narrative_sentence(rng)
+    if kind == "repetition":  # the added clause carries >= 2 stop words, so Gopher quality passes it
+        line = f"{narrative_sentence(rng)} The {rng.choice(NOUNS)} of the {rng.choice(NOUNS)} was {rng.choice(ADJS)} and {rng.choice(ADJS)}."
         return "\n".join([line] * 30)
-    # boilerplate: what C4's line/document rules exist for
-    return ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt. "
-            "This website uses cookies. Please enable JavaScript in your browser to continue. "
-            "Accept the cookie policy and terms of use. " * 4).strip() + " {" + rng.choice(NOUNS) + "}"
+    # boilerplate: a web page around real text, what C4's line/document rules exist for
+    return "\n".join([
+        "Home | About | Contact | Shop",
+        " ".join(narrative_sentence(rng) for _ in range(6)),
+        "This website uses cookies. Accept the cookie policy and terms of use to continue.",
+        "Please enable JavaScript in your browser to see this page.",
+        "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt.",
+    ])
 
 
 def near_duplicate(text: str, rng: random.Random) -> str:
     """Substitute one word per ~60: word 5-gram Jaccard with the original lands near 0.8-0.9."""
     words = text.split(" ")
     n_subs = max(1, len(words) // 60)
-    for pos in rng.sample(range(2, len(words) - 2), n_subs):
-        if words[pos].isalpha():
-            words[pos] = rng.choice([w for w in ADJS if w != words[pos]])
+    # only plain words: substituting at "river." or "7" would be skipped and leave an exact copy
+    for pos in rng.sample([i for i in range(2, len(words) - 2) if words[i].isalpha()], n_subs):
+        words[pos] = rng.choice([w for w in ADJS if w != words[pos]])
     return " ".join(words)
 
 
@@ -217,7 +226,7 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> dict:
     seen_q = set()
     while len(chats) < cfg.n_chat:
         q, ans, _, _ = arithmetic(rng, SEEN_TEMPLATES)
-        if q not in seen_q and q not in bench["_arith_questions"]:
+        if q not in seen_q and q not in bench["_arith_questions"] and not _near_benchmark(q, bench):
             seen_q.add(q)
             chats.append(chat(q, solution(ans)))
     items = [{"messages": c, "_tag": None} for c in chats]
@@ -249,7 +258,7 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> dict:
     ver, seen = [], set(bench["_arith_questions"])
     while len(ver) < cfg.n_verifiable:
         q, ans, _, _ = arithmetic(rng, SEEN_TEMPLATES)
-        if q not in seen:
+        if q not in seen and not _near_benchmark(q, bench):
             seen.add(q)
             ver.append({"prompt": q, "answer": str(ans)})
     items = [dict(v, _tag=None) for v in ver]
@@ -276,6 +285,29 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> dict:
     return {kind: len(rows) for kind, rows in records.items()} | {
         f"benchmark_{k}": len(v) for k, v in bench.items() if not k.startswith("_")
     }
+
+
+def _arith_slots(question: str) -> tuple[str, tuple[str, ...]]:
+    """(template skeleton, slot values) of an arithmetic question: name, the two numbers, object."""
+    words = re.findall(r"\w+", question)
+    name = next((w for w in words if w in NAMES), "")  # one unseen template has no name
+    obj = next(w for w in words if w in OBJECTS)
+    skeleton = " ".join("#" if w.isdigit() else "N" if w == name else "O" if w == obj
+                        else "P" if w in ("He", "She") else w for w in words)
+    return skeleton, (name, *[w for w in words if w.isdigit()], obj)
+
+
+def _near_benchmark(question: str, bench: dict) -> bool:
+    """True if a benchmark question has the same template and differs in fewer than 2 slots.
+
+    Such a sibling shares >= 50% of its word 8-grams with the benchmark item, which is what
+    decontamination flags as a leak; a clean training record must not be one.
+    """
+    skeleton, slots = _arith_slots(question)
+    for other in bench["_arith_slots"].get(skeleton, ()):
+        if sum(a != b for a, b in zip(slots, other)) < 2:
+            return True
+    return False
 
 
 def _rejected(good: str, world: World, rng: random.Random) -> str:
@@ -365,7 +397,16 @@ def _benchmarks(world: World, cfg: GenerateConfig, rng: random.Random) -> dict[s
         "general_text": general_text, "general_mc": general_mc, "instruct": instruct,
         "preference": preference, "arithmetic": arith, "arithmetic_unseen": unseen,
         "_arith_questions": {r["question"] for r in arith + unseen},
+        "_arith_slots": _slot_index(arith + unseen),
     }
+
+
+def _slot_index(items: list[dict]) -> dict[str, list[tuple[str, ...]]]:
+    index: dict[str, list[tuple[str, ...]]] = {}
+    for r in items:
+        skeleton, slots = _arith_slots(r["question"])
+        index.setdefault(skeleton, []).append(slots)
+    return index
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -1,0 +1,336 @@
+"""Shared record I/O for the data steps: schemas, atomic JSONL, text normalization, n-gram hashes, stats.
+
+Record kinds (docs/data.md): corpus {id, text}, chat {id, messages}, preference {id, prompt, chosen,
+rejected}, verifiable {id, prompt, answer}. Every step reads `<kind>.jsonl` from its input folder and
+writes `<kind>.jsonl`, `removed/<reason>.jsonl` and `stats.json` to its output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import unicodedata
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from stagewise.workspace import KINDS
+
+# The fields each kind needs (id is optional on input, always a string on output).
+FIELDS: dict[str, tuple[str, ...]] = {
+    "corpus": ("text",),
+    "chat": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "verifiable": ("prompt", "answer"),
+}
+EXAMPLE = {
+    "corpus": '{"id": "doc-1", "text": "..."}',
+    "chat": '{"id": "c-1", "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
+    "preference": '{"id": "p-1", "prompt": "...", "chosen": "...", "rejected": "..."}',
+    "verifiable": '{"id": "v-1", "prompt": "...", "answer": "42"}',
+}
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+# ---------------------------------------------------------------- errors
+class BadInput(ValueError):
+    """Input the pipeline cannot read, phrased for the person who has to fix it: file, line, fix."""
+
+    def __init__(self, file: str | Path, line: int | None, problem: str, fix: str, code: str = "bad_input"):
+        self.file, self.line, self.problem, self.fix, self.code = str(file), line, problem, fix, code
+        where = f"{file}:{line}" if line is not None else str(file)
+        super().__init__(f"{where}: {problem}\n  fix: {fix}")
+
+
+class BadRow(Exception):
+    """One unreadable row; ingest turns it into BadInput (fail) or a quarantine entry."""
+
+    def __init__(self, code: str, problem: str, fix: str):
+        super().__init__(problem)
+        self.code, self.problem, self.fix = code, problem, fix
+
+
+def check_record(kind: str, obj: Any, default_id: str) -> dict:
+    """Validate one input object against its kind's schema; returns the normalized record.
+
+    Raises BadRow with a reason code: bad_json (not an object), missing_field, wrong_type.
+    """
+    if not isinstance(obj, dict):
+        raise BadRow("bad_json", f"expected a JSON object, got {type(obj).__name__}",
+                     f"write one object per line, e.g. {EXAMPLE[kind]}")
+    rec: dict[str, Any] = {}
+    rid = obj.get("id", None)
+    if rid is None:
+        rid = default_id
+    elif isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+        raise BadRow("wrong_type", f"field 'id' must be a non-empty string or integer, got {rid!r}",
+                     "use string ids, or drop the field to number records by line")
+    rec["id"] = str(rid)
+    for field in FIELDS[kind]:
+        if field not in obj or obj[field] is None:
+            raise BadRow("missing_field", f"missing field '{field}' for a {kind} record",
+                         f"every {kind} record needs {', '.join(FIELDS[kind])} (id optional), e.g. {EXAMPLE[kind]}; "
+                         "map other column names with data.sources.<name>.columns, or pass the right --kind")
+        value = obj[field]
+        if field == "messages":
+            _check_messages(value)
+        elif field == "answer" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # numbers are natural answers; downstream reads strings
+        elif not isinstance(value, str):
+            raise BadRow("wrong_type", f"field '{field}' must be a string, got {type(value).__name__} {_short(value)}",
+                         f"store '{field}' as a JSON string")
+        rec[field] = value
+    for k, v in obj.items():  # keep the user's extra fields (source, url, ...) untouched
+        if k not in rec:
+            rec[k] = v
+    return rec
+
+
+def _check_messages(value: Any) -> None:
+    fix = 'messages is a list of {"role": "user"|"assistant"|"system"|"tool", "content": "<string>"}'
+    if not isinstance(value, list):
+        raise BadRow("wrong_type", f"field 'messages' must be a list, got {type(value).__name__}", fix)
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadRow("wrong_type" if not isinstance(m, dict) else "missing_field",
+                         f"messages[{i}] must be an object with 'role' and 'content', got {_short(m)}", fix)
+        if m["role"] not in ROLES:
+            raise BadRow("wrong_type", f"messages[{i}].role is {m['role']!r}, not one of {sorted(ROLES)}", fix)
+        if not isinstance(m["content"], str):
+            raise BadRow("wrong_type", f"messages[{i}].content must be a string, got {type(m['content']).__name__}", fix)
+
+
+def _short(v: Any, n: int = 60) -> str:
+    s = json.dumps(v, ensure_ascii=False, default=str)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def detect_kind(obj: Any) -> str | None:
+    """The record kind an input object looks like (for the standalone CLI without --kind)."""
+    if not isinstance(obj, dict):
+        return None
+    if "messages" in obj:
+        return "chat"
+    if "chosen" in obj or "rejected" in obj:
+        return "preference"
+    if "answer" in obj:
+        return "verifiable"
+    if "text" in obj:
+        return "corpus"
+    return None
+
+
+# ---------------------------------------------------------------- text views and normalization
+WORD_RE = re.compile(r"\w+")
+
+
+def normalize(text: str) -> str:
+    """NFKC, lowercase, punctuation and whitespace collapsed: what exact dedup hashes."""
+    return " ".join(words(text))
+
+
+def words(text: str) -> list[str]:
+    """Normalized words: what MinHash shingles and decontamination n-grams are made of."""
+    return WORD_RE.findall(unicodedata.normalize("NFKC", text).lower())
+
+
+def dedup_text(kind: str, rec: dict) -> str:
+    """The text a record is deduplicated on: chat on the full conversation, pairs on the prompt."""
+    if kind == "corpus":
+        return rec["text"]
+    if kind == "chat":
+        return "\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"])
+    return rec["prompt"]
+
+
+def prompt_texts(kind: str, rec: dict) -> list[str]:
+    """The short texts decontamination checks for a non-corpus record (each user turn, or the prompt)."""
+    if kind == "chat":
+        return [m["content"] for m in rec["messages"] if m["role"] == "user"]
+    return [rec["prompt"]]
+
+
+# ---------------------------------------------------------------- n-gram hashes (numpy)
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+# odd multipliers, one per position in an n-gram: the hash of (a, b) differs from (b, a)
+_POS = np.random.default_rng(0x5EED).integers(1, 2**63, size=64, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer, vectorized: spreads every input bit over the 64-bit output."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class WordHasher:
+    """Word -> stable 64-bit hash (xxh3, cached): independent of process, corpus and order."""
+
+    def __init__(self) -> None:
+        import xxhash
+
+        self._h = xxhash.xxh3_64_intdigest
+        self._cache: dict[str, int] = {}
+
+    def __call__(self, ws: list[str]) -> list[int]:
+        cache, h = self._cache, self._h
+        out = []
+        for w in ws:
+            v = cache.get(w)
+            if v is None:
+                v = cache[w] = h(w.encode())
+                if len(cache) > 2_000_000:  # bound memory on huge vocabularies
+                    cache.clear()
+            out.append(v)
+        return out
+
+
+def ngram_hashes(wh: np.ndarray, starts: np.ndarray, lengths: np.ndarray, n: int,
+                 short: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of every word n-gram of many documents at once.
+
+    wh: concatenated word hashes (uint64); starts/lengths: each document's slice. A document shorter
+    than n words gives one gram of all its words when `short` (MinHash convention), none otherwise.
+    Returns (gram hashes, number of grams per document).
+    """
+    lengths = lengths.astype(np.int64)
+    counts = np.maximum(lengths - n + 1, 0)
+    if short:
+        counts = np.where((lengths > 0) & (lengths < n), 1, counts)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.uint64), counts
+    doc = np.repeat(np.arange(len(lengths)), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    pos = starts.astype(np.int64)[doc] + (np.arange(total) - first)      # gram start in wh
+    end = (starts.astype(np.int64) + lengths)[doc]
+    padded = np.concatenate([wh.astype(np.uint64), np.zeros(n, np.uint64)])
+    h = np.zeros(total, np.uint64)
+    for k in range(n):
+        idx = pos + k
+        h += np.where(idx < end, padded[idx], np.uint64(0)) * _POS[k]
+    return mix64(h ^ np.uint64(n)), counts
+
+
+def hash_docs(texts: Iterable[str], hasher: WordHasher | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(concatenated word hashes, starts, lengths) for texts."""
+    hasher = hasher or WordHasher()
+    flat: list[int] = []
+    lengths = []
+    for t in texts:
+        ws = hasher(words(t))
+        flat.extend(ws)
+        lengths.append(len(ws))
+    lengths_a = np.asarray(lengths, np.int64)
+    starts = np.cumsum(lengths_a) - lengths_a
+    return np.asarray(flat, np.uint64), starts, lengths_a
+
+
+# ---------------------------------------------------------------- JSONL and stats
+def read_jsonl(path: Path) -> Iterator[dict]:
+    """Our own intermediate files (already validated by ingest)."""
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    """Atomic: written to a temp file, renamed into place. Returns the row count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_stats(folder: Path) -> dict:
+    return json.loads((Path(folder) / "stats.json").read_text())
+
+
+def input_kinds(in_dir: Path) -> list[str]:
+    return [k for k in KINDS if (Path(in_dir) / f"{k}.jsonl").exists()]
+
+
+class StepOutput:
+    """Collects one step's kept and removed records per kind, writes them, and builds stats.json.
+
+    out_dir/<kind>.jsonl (kept), out_dir/removed/<reason>.jsonl (each row: kind, id, reason, the
+    record, and details such as duplicate_of or matched), out_dir/stats.json.
+    """
+
+    def __init__(self, step: str, out_dir: Path):
+        self.step, self.out_dir = step, Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # stale outputs of an earlier run must not survive (a reason that no longer fires, a kind gone)
+        for k in KINDS:
+            (self.out_dir / f"{k}.jsonl").unlink(missing_ok=True)
+        for sub in ("removed", "quarantine"):
+            d = self.out_dir / sub
+            if d.is_dir():
+                for f in d.glob("*.jsonl"):
+                    f.unlink()
+        self.input: Counter = Counter()
+        self.kept: dict[str, list[dict]] = {}
+        self.removed: dict[str, list[dict]] = defaultdict(list)
+        self.removed_by_kind: dict[str, Counter] = defaultdict(Counter)
+
+    def remove(self, kind: str, rec: dict | None, reason: str, rid: str | None = None, **details: Any) -> None:
+        row = {"kind": kind, "id": rid if rid is not None else rec["id"], "reason": reason, **details}
+        if rec is not None:
+            row["record"] = rec
+        self.removed[reason].append(row)
+        self.removed_by_kind[kind][reason] += 1
+
+    def keep(self, kind: str, rows: list[dict]) -> None:
+        self.kept[kind] = rows
+
+    def finish(self, **extra: Any) -> dict:
+        for kind, rows in self.kept.items():
+            write_jsonl(self.out_dir / f"{kind}.jsonl", rows)
+        for reason, rows in self.removed.items():
+            write_jsonl(self.out_dir / "removed" / f"{reason}.jsonl", rows)
+        stats = {
+            "step": self.step,
+            "input": dict(self.input),
+            "kept": {k: len(v) for k, v in self.kept.items()},
+            "removed": {r: len(v) for r, v in sorted(self.removed.items())},
+            "removed_by_kind": {k: dict(sorted(c.items())) for k, c in self.removed_by_kind.items()},
+            **extra,
+        }
+        write_json(self.out_dir / "stats.json", stats)
+        return stats
+
+
+def removed_ids(out_dir: Path) -> dict[str, list[str]]:
+    """reason -> ids, read back from out_dir/removed/ (what the CLI's REPORT.json lists)."""
+    out: dict[str, list[str]] = {}
+    for f in sorted((Path(out_dir) / "removed").glob("*.jsonl")):
+        out[f.stem] = [r["id"] for r in read_jsonl(f)]
+    return out
+
+
+def progress(it: Iterable, desc: str, total: int | None = None, unit: str = "rec"):
+    """A progress bar on long steps; silent when stderr is not a terminal (CI, tests, logs)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, unit=unit, disable=not sys.stderr.isatty(), leave=False)

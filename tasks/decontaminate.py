@@ -1,0 +1,239 @@
+"""decontaminate — remove training records that overlap the evaluation sets the gate uses.
+
+Documents (corpus): any word 13-gram (normalized text) shared with a benchmark item flags the
+document (GPT-3 / lm-eval style). With `mode: excise`, the matched spans are cut out instead,
+Janitor-style (a window around each match; left-over pieces shorter than `excise_min_chars`
+dropped; more than `excise_max_matches` matches drops the document).
+Prompts (chat user turns, preference and verifiable prompts): flagged when >= 50% of the prompt's
+distinct word 8-grams occur in one benchmark prompt (coverage is per item: templated prompts share
+stock phrases with many items, and a leak is a copy of one item), or when a whole benchmark prompt
+shorter than 8 words occurs in it. Every flagged record names the benchmark item it matched
+(`<benchmark>:<item id>`); when several match equally, the item with the record's own field names
+(a preference record -> a preference benchmark) comes first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from prefect import task
+
+from stagewise.config import DecontaminateConfig
+from stagewise.records import (
+    WORD_RE, BadInput, StepOutput, WordHasher, hash_docs, input_kinds, ngram_hashes, progress, prompt_texts,
+    read_jsonl, words)
+
+
+class GramIndex:
+    """Hashed word n-grams -> every benchmark item holding them (sorted arrays; vectorized lookups)."""
+
+    def __init__(self, hashes: np.ndarray, owners: np.ndarray):
+        order = np.lexsort((owners, hashes))
+        h, o = hashes[order], owners[order]
+        keep = np.r_[True, (h[1:] != h[:-1]) | (o[1:] != o[:-1])] if len(h) else np.zeros(0, bool)
+        self.hashes, self.owners = h[keep], o[keep]
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def matches(self, grams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(gram position, benchmark item) for every gram found, one row per item holding it."""
+        lo = np.searchsorted(self.hashes, grams, "left")
+        cnt = np.searchsorted(self.hashes, grams, "right") - lo
+        gi = np.repeat(np.arange(len(grams)), cnt)
+        idx = np.repeat(lo, cnt) + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+        return gi, self.owners[idx]
+
+
+def decontaminate(cfg: DecontaminateConfig, in_dir: Path, benchmarks_dir: Path | list[Path], out_dir: Path) -> dict:
+    """Drop (or excise) records overlapping benchmarks; stats["contaminated"][kind][id] = "bench:item"."""
+    files = _benchmark_files(benchmarks_dir)
+    hasher = WordHasher()
+    items: list[tuple[str, set[str]]] = []        # (<benchmark>:<item id>, its field names)
+    texts = list(_benchmark_texts(files, cfg, items))   # (item number, text, is a prompt field)
+    names = [ref for ref, _ in items]
+    item_keys = [keys for _, keys in items]
+    doc_index = _index([(o, t) for o, t, _ in texts], cfg.ngram, hasher, min_words=cfg.ngram)
+    prompt_items = [(o, t) for o, t, is_prompt in texts if is_prompt]
+    prompt_index = _index(prompt_items, cfg.short_ngram, hasher, min_words=cfg.short_ngram)
+    # benchmark prompts shorter than short_ngram words: matched whole, per length
+    short_index = {}
+    for n in range(cfg.short_min_words, cfg.short_ngram):
+        short = [(i, t) for i, t in prompt_items if len(words(t)) == n]
+        if short:
+            short_index[n] = _index(short, n, hasher, min_words=n)
+
+    out = StepOutput("decontaminate", out_dir)
+    contaminated: dict[str, dict[str, str]] = {}
+    excised: dict[str, dict[str, list[str]]] = {}
+    for kind in input_kinds(in_dir):
+        rows = list(read_jsonl(Path(in_dir) / f"{kind}.jsonl"))
+        out.input[kind] = len(rows)
+        hits = contaminated.setdefault(kind, {})
+        kept = []
+        if kind == "corpus":
+            for rec, matched in zip(rows, _document_hits(rows, doc_index, cfg.ngram, hasher)):
+                if not matched:
+                    kept.append(rec)
+                    continue
+                refs = [names[m] for m in matched]
+                if cfg.mode == "excise":
+                    text = _excise(rec["text"], doc_index, cfg, hasher)
+                    if text is not None:
+                        excised.setdefault(kind, {})[rec["id"]] = refs
+                        kept.append({**rec, "text": text})
+                        continue
+                hits[rec["id"]] = refs[0]
+                out.remove(kind, rec, "contaminated", matched=refs[0], matched_all=refs, rule=f"{cfg.ngram}-gram")
+        else:
+            for rec in progress(rows, f"decontaminate {kind}"):
+                found = _prompt_hit(prompt_texts(kind, rec), prompt_index, short_index, cfg, hasher)
+                if found is None:
+                    kept.append(rec)
+                    continue
+                best, rule, coverage = found
+                # equal matches: the item with this record's field names first, then benchmark order
+                owner = max(best, key=lambda o: (len(item_keys[o] & rec.keys()), -o))
+                hits[rec["id"]] = names[owner]
+                out.remove(kind, rec, "contaminated", matched=names[owner], rule=rule, coverage=round(coverage, 3))
+        out.keep(kind, kept)
+    return out.finish(contaminated=contaminated, excised=excised, mode=cfg.mode,
+                      benchmarks={f.stem: sum(1 for _ in read_jsonl(f)) for f in files},
+                      benchmark_grams={"document": len(doc_index), "prompt": len(prompt_index)})
+
+
+# ---------------------------------------------------------------- benchmarks
+def _benchmark_files(benchmarks: Path | list[Path]) -> list[Path]:
+    if isinstance(benchmarks, (list, tuple)):
+        files = [Path(p) for p in benchmarks]
+    else:
+        files = sorted(Path(benchmarks).glob("*.jsonl")) if Path(benchmarks).is_dir() else [Path(benchmarks)]
+    for f in files:
+        if not f.is_file():
+            raise BadInput(f, None, "benchmark file not found", "pass the JSONL eval sets the gate uses (data/01_raw/benchmarks/*.jsonl)")
+    if not files:
+        raise BadInput(benchmarks, None, "no benchmark *.jsonl files here",
+                       "decontamination needs the eval sets; run `generate` or pass --benchmark FILE")
+    return files
+
+
+def _benchmark_texts(files: list[Path], cfg: DecontaminateConfig,
+                     items: list[tuple[str, set[str]]]) -> Iterator[tuple[int, str, bool]]:
+    """(item number, text, is a prompt field) for every text field of every item; appends to items."""
+    for f in files:
+        for line, item in enumerate(_read_benchmark(f)):
+            owner = len(items)
+            items.append((f"{f.stem}:{item.get('id', line)}", set(item) - {"id"}))
+            for key, value in item.items():
+                if key == "id":
+                    continue
+                for text in _strings(value):
+                    yield owner, text, key in cfg.prompt_fields
+            # multiple choice: the context followed by the gold continuation is what a leak looks like
+            if isinstance(item.get("context"), str) and isinstance(item.get("choices"), list) and isinstance(item.get("gold"), int):
+                if 0 <= item["gold"] < len(item["choices"]):
+                    yield owner, f"{item['context']} {item['choices'][item['gold']]}", False
+
+
+def _read_benchmark(f: Path) -> Iterator[dict]:
+    with f.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BadInput(f, i + 1, f"not valid JSON ({e.msg})", "one JSON object per line") from None
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+
+
+def _index(texts: list[tuple[int, str]], n: int, hasher: WordHasher, min_words: int) -> GramIndex:
+    texts = [(o, t) for o, t in texts if len(words(t)) >= min_words]
+    if not texts:
+        return GramIndex(np.zeros(0, np.uint64), np.zeros(0, np.int64))
+    wh, starts, lengths = hash_docs((t for _, t in texts), hasher)
+    grams, counts = ngram_hashes(wh, starts, lengths, n, short=False)
+    return GramIndex(grams, np.repeat(np.asarray([o for o, _ in texts], np.int64), counts))
+
+
+# ---------------------------------------------------------------- matching
+def _document_hits(rows: list[dict], index: GramIndex, n: int, hasher: WordHasher) -> Iterator[list[int]]:
+    """Per document: the distinct benchmark items it shares an n-gram with (first match first)."""
+    for b0 in progress(range(0, len(rows), 2048), "decontaminate corpus", unit="batch"):
+        batch = rows[b0:b0 + 2048]
+        wh, starts, lengths = hash_docs((r["text"] for r in batch), hasher)
+        grams, counts = ngram_hashes(wh, starts, lengths, n, short=False)
+        gi, owner = index.matches(grams)
+        doc = np.repeat(np.arange(len(batch)), counts)[gi]
+        found: dict[int, list[int]] = {}
+        for d, o in zip(doc.tolist(), owner.tolist()):
+            found.setdefault(d, []).append(o)
+        for d in range(len(batch)):
+            yield list(dict.fromkeys(found.get(d, [])))
+
+
+def _prompt_hit(texts: list[str], index: GramIndex, short_index: dict[int, GramIndex], cfg: DecontaminateConfig,
+                hasher: WordHasher) -> tuple[list[int], str, float] | None:
+    """(best-matching benchmark items, rule, coverage) for the first prompt text that is contaminated."""
+    for text in texts:
+        wh, starts, lengths = hash_docs([text], hasher)
+        n_words = int(lengths[0])
+        if n_words >= cfg.short_ngram and len(index):
+            grams, _ = ngram_hashes(wh, starts, lengths, cfg.short_ngram, short=False)
+            grams = np.unique(grams)
+            _, owner = index.matches(grams)
+            if len(owner):
+                vals, cnt = np.unique(owner, return_counts=True)
+                coverage = cnt.max() / len(grams)
+                if coverage >= cfg.short_coverage:
+                    return vals[cnt == cnt.max()].tolist(), f"{cfg.short_ngram}-gram coverage", float(coverage)
+        for n, idx in short_index.items():  # a short benchmark prompt contained whole
+            if n <= n_words:
+                grams, _ = ngram_hashes(wh, starts, lengths, n, short=False)
+                _, owner = idx.matches(grams)
+                if len(owner):
+                    return sorted(set(owner.tolist())), "contains benchmark prompt", 1.0
+    return None
+
+
+def _excise(text: str, index: GramIndex, cfg: DecontaminateConfig, hasher: WordHasher) -> str | None:
+    """Cut matched n-gram spans (plus a window) out of a document; None if too dirty or nothing left."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKC", text)
+    spans = [(m.start(), m.end()) for m in WORD_RE.finditer(text)]
+    wh = np.asarray(hasher([text[s:e].lower() for s, e in spans]), np.uint64)
+    if len(wh) < cfg.ngram:
+        return None
+    grams, _ = ngram_hashes(wh, np.zeros(1, np.int64), np.asarray([len(wh)]), cfg.ngram, short=False)
+    starts = np.unique(index.matches(grams)[0])
+    if len(starts) == 0 or len(starts) > cfg.excise_max_matches:
+        return None
+    cuts = sorted((max(0, spans[s][0] - cfg.excise_window_chars),
+                   min(len(text), spans[s + cfg.ngram - 1][1] + cfg.excise_window_chars)) for s in starts.tolist())
+    pieces, pos = [], 0
+    for a, b in cuts:
+        if a > pos:
+            pieces.append(text[pos:a])
+        pos = max(pos, b)
+    pieces.append(text[pos:])
+    pieces = [p.strip() for p in pieces if len(p.strip()) >= cfg.excise_min_chars]
+    return "\n\n".join(pieces) if pieces else None
+
+
+@task(name="decontaminate", retries=1)
+def decontaminate_task(cfg: DecontaminateConfig, in_dir: Path, benchmarks_dir: Path, out_dir: Path) -> dict:
+    """Remove (or excise) training records that overlap the gate's eval sets."""
+    return decontaminate(cfg, in_dir, benchmarks_dir, out_dir)
