@@ -138,7 +138,7 @@ class DecontaminateConfig(Section):
     mode: Literal["drop", "excise"] = "drop"  # excise: cut matched spans out of documents (Janitor)
     excise_window_chars: int = 200   # cut this much around each match
     excise_min_chars: int = 200      # drop left-over pieces shorter than this
-    excise_max_matches: int = 10     # more matches than this: drop the document
+    excise_max_matches: int = 10     # more matched regions than this: drop the document
 
 
 class ValidateConfig(Section):

@@ -3,7 +3,7 @@
 Documents (corpus): any word 13-gram (normalized text) shared with a benchmark item flags the
 document (GPT-3 / lm-eval style). With `mode: excise`, the matched spans are cut out instead,
 Janitor-style (a window around each match; left-over pieces shorter than `excise_min_chars`
-dropped; more than `excise_max_matches` matches drops the document).
+dropped; more than `excise_max_matches` separate matched regions drop the document).
 Prompts (chat user turns, preference and verifiable prompts): flagged when >= 50% of the prompt's
 distinct word 8-grams occur in one benchmark prompt (coverage is per item: templated prompts share
 stock phrases with many items, and a leak is a copy of one item), or when a whole benchmark prompt
@@ -218,11 +218,17 @@ def _excise(text: str, index: GramIndex, cfg: DecontaminateConfig, hasher: WordH
     if len(wh) < cfg.ngram:
         return None
     grams, _ = ngram_hashes(wh, np.zeros(1, np.int64), np.asarray([len(wh)]), cfg.ngram, short=False)
-    starts = np.unique(index.matches(grams)[0])
-    if len(starts) == 0 or len(starts) > cfg.excise_max_matches:
+    starts = np.unique(index.matches(grams)[0]).tolist()
+    regions: list[list[int]] = []          # overlapping matched n-grams merge into one region (word span)
+    for s in starts:
+        if regions and s <= regions[-1][1]:
+            regions[-1][1] = s + cfg.ngram - 1
+        else:
+            regions.append([s, s + cfg.ngram - 1])
+    if not regions or len(regions) > cfg.excise_max_matches:
         return None
-    cuts = sorted((max(0, spans[s][0] - cfg.excise_window_chars),
-                   min(len(text), spans[s + cfg.ngram - 1][1] + cfg.excise_window_chars)) for s in starts.tolist())
+    cuts = [(max(0, spans[a][0] - cfg.excise_window_chars), min(len(text), spans[b][1] + cfg.excise_window_chars))
+            for a, b in regions]
     pieces, pos = [], 0
     for a, b in cuts:
         if a > pos:
