@@ -87,9 +87,11 @@ def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: li
 
     stage_tasks = {"pretrain": pretrain.pretrain_task, "sft": sft.sft_task,
                    "preference": preference.preference_task, "reasoning": reasoning.reasoning_task}
+    last = max((TRAIN_STAGES.index(s) for s in selected if s in TRAIN_STAGES), default=-1)
+    if last < 0:
+        return {"lineage": [], "rows": []}
     parent: Lineage = base_task(cfg, ctx, data["hashes"].get("tokenizer"))
     lineage, rows = [parent], []
-    last = max((TRAIN_STAGES.index(s) for s in selected if s in TRAIN_STAGES), default=-1)
     for stage in TRAIN_STAGES[: last + 1]:
         if stage == "pretrain" and cfg.model.base:
             continue  # a given base model replaces pretraining

@@ -11,7 +11,8 @@ from pathlib import Path
 from prefect import task
 
 from stagewise.config import Config
-from stagewise.hashing import dir_hash, hash_obj
+from stagewise.config import hash_obj
+from stagewise.hashing import dir_hash
 from stagewise.stage import Lineage, RunContext
 
 
