@@ -1,0 +1,121 @@
+"""The compress step: candidates written, measured, evaluated, one chosen by the policy, report written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from compress_fixtures import compress_env  # noqa: F401  (session fixture)
+from stagewise.config import Config
+from tasks.compress import check, compress, compress_task, select
+
+
+def _cand(method, mem, metrics):
+    return {"method": method, "memory_bytes": mem, "bytes": mem, "params": mem, "metrics": metrics}
+
+
+def _score(cfg, parent, cands):
+    for c in cands:
+        c["check"] = check(cfg, parent["metrics"], c["metrics"])
+    return select(cfg, parent, cands)
+
+
+def test_policy_picks_the_smallest_within_limits_and_guard():
+    cfg = Config()
+    parent = _cand("parent", 100, {"sw_instruct/exact_match": 0.80, "sw_general_mc/acc": 0.60,
+                                   "sw_general_text/word_perplexity": 20.0})
+    cands = [
+        _cand("nf4", 25, {"sw_instruct/exact_match": 0.77, "sw_general_mc/acc": 0.60,          # -3 points: too far
+                          "sw_general_text/word_perplexity": 20.5}),
+        _cand("prune_structured", 60, {"sw_instruct/exact_match": 0.79, "sw_general_mc/acc": 0.59,
+                                       "sw_general_text/word_perplexity": 21.0}),
+        _cand("distill", 40, {"sw_instruct/exact_match": 0.81, "sw_general_mc/acc": 0.60,       # forgets: ppl +15%
+                              "sw_general_text/word_perplexity": 23.0}),
+        _cand("int8", 50, {"sw_instruct/exact_match": 0.80, "sw_general_mc/acc": 0.60,
+                           "sw_general_text/word_perplexity": 20.1}),
+    ]
+    chosen, reason = _score(cfg, parent, cands)
+    assert chosen == "int8"
+    assert cands[0]["check"]["failed"] == ["sw_instruct/exact_match: drop points 3.00 > 2.0"]
+    assert any("word_perplexity" in f for f in cands[2]["check"]["failed"])
+    assert "2.00x smaller" in reason
+
+
+def test_policy_keeps_the_parent_when_nothing_passes_and_says_why():
+    cfg = Config()
+    parent = _cand("parent", 100, {"task_nll": 2.0, "general_nll": 3.0})
+    cands = [_cand("distill", 30, {"task_nll": 2.5, "general_nll": 3.0})]
+    chosen, reason = _score(cfg, parent, cands)
+    assert chosen is None and "keep the parent" in reason and "task_nll" in reason
+
+
+def test_policy_uses_the_configured_task_metric_and_ignores_stderr():
+    cfg = Config.model_validate({"compress": {"select": {"task_metric": "arith/exact_match", "max_task_drop_points": 5}}})
+    parent = _cand("parent", 100, {"instruct/exact_match": 0.8, "arith/exact_match": 0.5, "arith/exact_match_stderr": 0.1})
+    c = _cand("nf4", 30, {"instruct/exact_match": 0.1, "arith/exact_match": 0.46})
+    chosen, _ = _score(cfg, parent, [c])
+    assert chosen == "nf4" and c["check"]["task_metric"] == "arith/exact_match"
+
+
+def test_compress_end_to_end(compress_env, tmp_path):  # noqa: F811
+    from stagewise.modeling import load_model, load_tokenizer, save_model
+
+    ws, parent_dir, base_cfg = compress_env
+    # a second checkpoint from the same base, so `merge` has something to merge with
+    tok = load_tokenizer(parent_dir)
+    sibling = load_model(parent_dir)
+    import torch
+
+    with torch.no_grad():
+        for p in sibling.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    other = save_model(sibling, tok, tmp_path / "sibling")
+
+    cfg = base_cfg.model_copy(deep=True)
+    cfg.compress.methods = ["nf4", "dynamic_int8", "prune_structured", "merge"]
+    cfg.compress.merge.method = "linear"  # no base checkpoint in this workspace
+    calls = []
+
+    def evaluate_fn(model_dir: Path) -> dict:  # what the flow passes: a folder in, metrics out
+        calls.append(Path(model_dir).name)
+        from stagewise.compression.measure import load_candidate
+        from stagewise.modeling import mean_nll
+
+        texts = [json.loads(line)["text"] for line in (ws.benchmarks / "general_text.jsonl").read_text().splitlines()[:8]]
+        return {"general_nll": mean_nll(load_candidate(model_dir), tok, texts), "task_acc": 0.5}
+
+    out_root = tmp_path / "compress"
+    res = compress(cfg, parent_dir, ws, out_root, evaluate_fn=evaluate_fn, merge_with=[other])
+    by = {c["method"]: c for c in res["candidates"]}
+    assert list(by) == ["nf4", "dynamic_int8", "prune_structured", "merge"]
+    for c in res["candidates"]:
+        assert {"method", "model_dir", "params", "bytes", "memory_bytes", "tokens_per_s", "metrics", "parent"} <= set(c)
+        assert c["tokens_per_s"] > 0 and c["parent"] == str(parent_dir)
+    # folder-only evaluator: the in-memory recipe candidate is reported, not evaluated, never chosen
+    assert "dynamic_int8" not in calls and by["dynamic_int8"]["metrics"] == {}
+    assert sorted(calls) == sorted(["parent", "nf4", "prune_structured", "merge"])
+    assert by["nf4"]["memory_bytes"] < res["parent_measure"]["memory_bytes"] / 2
+    assert by["prune_structured"]["params"] < 0.7 * res["parent_measure"]["params"]
+    assert res["chosen"] in {"nf4", "prune_structured", "merge", None}
+    if res["chosen"]:
+        assert by[res["chosen"]]["check"]["passed"]
+    assert Path(res["plot"]).stat().st_size > 1000 and res["plot"] == str(out_root / "pareto.png")
+    assert json.loads((out_root / "compress.json").read_text())["chosen"] == res["chosen"]
+    assert "| nf4" in res["table"]
+    assert not (out_root / ".work").exists()
+
+
+def test_merge_without_checkpoints_is_skipped_with_a_reason(compress_env, tmp_path):  # noqa: F811
+    ws, parent_dir, base_cfg = compress_env
+    cfg = base_cfg.model_copy(deep=True)
+    cfg.compress.methods = ["merge"]
+    res = compress_task.fn(cfg, parent_dir, ws, tmp_path / "c")
+    assert res["candidates"][0]["error"].startswith("skipped: nothing to merge with")
+    assert res["chosen"] is None
+
+
+def test_unknown_method_is_a_config_error():
+    with pytest.raises(Exception, match="methods"):
+        Config.model_validate({"compress": {"methods": ["nf3"]}})
