@@ -16,18 +16,24 @@ from tasks.generate import generate
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Assistant turns are wrapped in {% generation %} markers (what TRL's assistant_only_loss reads) and
-# end with the EOS token, which lm-eval adds to every generate_until stop list.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}\n"
-    "{% elif m['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}\n"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+try:  # the project's chat format (stagewise/modeling.py), so evals see what training produces
+    from stagewise.modeling import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+except ImportError:  # pragma: no cover - until modeling.py lands
+    PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|end|>"
+    SPECIAL_TOKENS = [PAD, BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>"]
+    CHAT_TEMPLATE = (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+        "{%- else -%}"
+        "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+    )
 
 
-def make_workspace(root: Path, n_eval: int = 30) -> Workspace:
+def eval_workspace(root: Path, n_eval: int = 30) -> Workspace:
     """A workspace with generated benchmarks and a copy of the repo's evals/ YAMLs."""
     ws = Workspace.at(root)
     generate(GenerateConfig(n_eval=n_eval, n_docs=40, n_junk=6, n_exact_dup=2, n_near_dup=2, n_leaks=2,
@@ -53,12 +59,11 @@ def make_tokenizer(texts: list[str], vocab_size: int = 400):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", additional_special_tokens=special[1:])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=BOS, pad_token=PAD,
+                                   additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)])
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
