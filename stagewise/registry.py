@@ -9,6 +9,7 @@ Load the champion anywhere with:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,9 @@ def log_model_version(model_dir: Path, registered_name: str, stage: str, lineage
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    with mlflow.start_run(run_id=run_id):
+    active = mlflow.active_run()
+    same = active is not None and active.info.run_id == run_id
+    with contextlib.nullcontext() if same else mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tok},
             name=stage,
