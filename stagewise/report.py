@@ -108,9 +108,8 @@ def _html_table(headers: list[str], rows: list[list[str]], verdict_col: int | No
     return "".join(out)
 
 
-def _compression(summary: dict) -> tuple[list[dict], Any]:
-    comp = summary.get("compression") or {}
-    return list(comp.get("candidates") or []), comp.get("chosen")
+SIZE_KEYS = ("memory_bytes", "bytes", "size_mb", "memory_mb", "size_bytes", "params")
+QUALITY_KEYS = ("value", "metric_value", "quality", "score", "accuracy")
 
 
 def _pick(d: dict, *keys: str):
@@ -120,12 +119,56 @@ def _pick(d: dict, *keys: str):
     return None, None
 
 
-SIZE_KEYS = ("size_mb", "memory_mb", "size_bytes", "bytes", "params")
-QUALITY_KEYS = ("value", "metric_value", "quality", "score", "accuracy", "target")
+def _cand_name(c: Any) -> str:
+    if isinstance(c, dict):
+        return str(c.get("method") or c.get("name") or c.get("version") or "?")
+    return "none" if c is None else str(c)
 
 
-def _cand_name(c: dict) -> str:
-    return str(c.get("name") or c.get("method") or c.get("version") or "?")
+def compression_points(summary: dict) -> list[dict]:
+    """Normalise tasks/compress.py's result (or a plain {method, size_mb, value} list) to plot/table rows."""
+    comp = summary.get("compression") or {}
+    chosen = _cand_name(comp.get("chosen")) if comp.get("chosen") is not None else None
+    rows = []
+    parent = comp.get("parent_measure")
+    for c, is_parent in [(parent, True)] * isinstance(parent, dict) + [(c, False) for c in comp.get("candidates") or []]:
+        if not isinstance(c, dict):
+            continue
+        metrics = c.get("metrics") if isinstance(c.get("metrics"), dict) else {}
+        qk = (c.get("check") or {}).get("task_metric") or comp.get("task_metric")
+        q = metrics.get(qk) if qk else None
+        if q is None:
+            qk, q = _pick(c, *QUALITY_KEYS)
+        if q is None and metrics:
+            qk, q = next(((k, v) for k, v in metrics.items() if isinstance(v, (int, float))), (None, None))
+        sk, size = _pick(c, *SIZE_KEYS)
+        name = "parent" if is_parent else _cand_name(c)
+        check = c.get("check") or {}
+        rows.append({"name": name, "size": size, "size_key": sk, "quality": q, "quality_key": qk,
+                     "is_parent": is_parent, "chosen": name == chosen and not is_parent,
+                     "tokens_per_s": c.get("tokens_per_s"), "error": c.get("error"),
+                     "passes": None if is_parent or c.get("error") else check.get("passed"),
+                     "higher_is_better": c.get("higher_is_better", not (qk or "").endswith(("perplexity", "bits_per_byte")))})
+    return rows
+
+
+def _compression_table(summary: dict) -> tuple[list[str], list[list[str]], str]:
+    rows = compression_points(summary)
+    comp = summary.get("compression") or {}
+    size_key = next((r["size_key"] for r in rows if r["size_key"]), "size")
+    q_key = next((r["quality_key"] for r in rows if r["quality_key"]), "quality")
+    scale = 1e6 if size_key in ("bytes", "memory_bytes", "size_bytes") else 1.0
+    label = {"memory_bytes": "MB in memory", "bytes": "MB on disk", "size_bytes": "MB"}.get(size_key, size_key)
+    out = []
+    for r in rows:
+        out.append([r["name"] + (" (chosen)" if r["chosen"] else ""),
+                     _num(None if r["size"] is None else r["size"] / scale), _num(r["quality"]),
+                     _num(r["tokens_per_s"]),
+                     r["error"] or {True: "yes", False: "no", None: "–"}[r["passes"]]])
+    chosen = comp.get("chosen")
+    why = comp.get("reason") or ""
+    line = f"Chosen: {_cand_name(chosen)}" + (f" — {why}" if why else "")
+    return ["candidate", label, q_key, "tokens/s", "within limits"], out, line
 
 
 # ---------------------------------------------------------------- plots
@@ -231,38 +274,36 @@ def plot_funnel(summary: dict) -> str | None:
 
 
 def plot_pareto(summary: dict) -> str | None:
-    """Compression candidates: size vs quality, the Pareto front and the chosen one."""
-    cands, chosen = _compression(summary)
-    pts = []
-    for c in cands:
-        if not isinstance(c, dict):
-            continue
-        sk, size = _pick(c, *SIZE_KEYS)
-        qk, q = _pick(c, *QUALITY_KEYS)
-        if size is not None and q is not None:
-            pts.append((size, q, _cand_name(c), sk, qk, c))
+    """Compression candidates: size vs quality, the Pareto front and the chosen one.
+
+    tasks/compress.py draws a richer plot (latency as marker size): embedded as is when it exists.
+    """
+    existing = (summary.get("compression") or {}).get("plot")
+    if existing and Path(existing).is_file():
+        return base64.b64encode(Path(existing).read_bytes()).decode()
+    pts = [r for r in compression_points(summary) if r["size"] is not None and r["quality"] is not None]
     if not pts:
         return None
     import matplotlib.pyplot as plt
 
-    hib = next((c.get("higher_is_better") for *_, c in pts if "higher_is_better" in c), True)
+    hib = pts[0]["higher_is_better"]
     better = (lambda a, b: a >= b) if hib else (lambda a, b: a <= b)
-    front = [p for p in pts if not any(o is not p and o[0] <= p[0] and better(o[1], p[1]) and
-                                       (o[0] < p[0] or o[1] != p[1]) for o in pts)]
-    chosen_name = _cand_name(chosen) if isinstance(chosen, dict) else (str(chosen) if chosen is not None else None)
+    front = sorted((p["size"], p["quality"]) for p in pts
+                   if not any(o is not p and o["size"] <= p["size"] and better(o["quality"], p["quality"])
+                              and (o["size"], o["quality"]) != (p["size"], p["quality"]) for o in pts))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for size, q, name, *_ in pts:
-        is_chosen = name == chosen_name
-        ax.scatter([size], [q], s=90 if is_chosen else 40, color=PASS_COLOR if is_chosen else "#0969da",
-                   marker="*" if is_chosen else "o", zorder=3)
-        ax.annotate(name + (" (chosen)" if is_chosen else ""), (size, q), textcoords="offset points",
-                    xytext=(5, 5), fontsize=8)
-    fs = sorted(front)
-    ax.plot([p[0] for p in fs], [p[1] for p in fs], "--", color=NEUTRAL, label="Pareto front")
-    ax.set_xlabel(pts[0][3])
-    ax.set_ylabel(f"{pts[0][4]} ({'higher' if hib else 'lower'} is better)")
+    for p in pts:
+        color = "black" if p["is_parent"] else (PASS_COLOR if p["chosen"] else "#0969da")
+        ax.scatter([p["size"]], [p["quality"]], s=110 if p["chosen"] else 40, color=color,
+                   marker="*" if p["chosen"] else "o", zorder=3)
+        ax.annotate(p["name"] + (" (chosen)" if p["chosen"] else ""), (p["size"], p["quality"]),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if len(front) > 1:
+        ax.plot(*zip(*front), "--", color=NEUTRAL, label="Pareto front")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(pts[0]["size_key"])
+    ax.set_ylabel(f"{pts[0]['quality_key']} ({'higher' if hib else 'lower'} is better)")
     ax.set_title("Compression: size vs quality")
-    ax.legend(fontsize=8)
     return _png(fig)
 
 
@@ -301,11 +342,9 @@ def render_markdown(summary: dict) -> str:
                           [[c.get("id"), c.get("kind"), c.get("benchmark_item")] for c in leaked]), ""]
     else:
         out += ["None found.", ""]
-    cands, chosen = _compression(summary)
-    if cands:
-        keys = sorted({k for c in cands if isinstance(c, dict) for k in c})
-        out += ["## Compression candidates", "", _md_table(keys, [[_num(c.get(k)) for k in keys] for c in cands]), "",
-                f"Chosen: {_cand_name(chosen) if isinstance(chosen, dict) else chosen}", ""]
+    if compression_points(summary):
+        headers, rows, line = _compression_table(summary)
+        out += ["## Compression candidates", "", _md_table(headers, rows), "", line, ""]
     out += ["Plots: see gate.html next to this file.", ""]
     return "\n".join(out)
 
@@ -361,12 +400,10 @@ def render_html(summary: dict) -> str:
                                  [[c.get("id"), c.get("kind"), c.get("benchmark_item")] for c in leaked]))
     else:
         parts.append("<p>None found.</p>")
-    cands, chosen = _compression(summary)
-    if cands:
-        keys = sorted({k for c in cands if isinstance(c, dict) for k in c})
+    if compression_points(summary):
+        headers, rows, line = _compression_table(summary)
         parts += ["<h2>Compression</h2>", img(plot_pareto(summary), "compression Pareto plot"),
-                  _html_table(keys, [[_num(c.get(k)) for k in keys] for c in cands]),
-                  f"<p>Chosen: {e(_cand_name(chosen) if isinstance(chosen, dict) else str(chosen))}</p>"]
+                  _html_table(headers, rows), f"<p>{e(line)}</p>"]
     parts.append("</body></html>")
     return "\n".join(parts)
 

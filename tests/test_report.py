@@ -99,3 +99,36 @@ def test_optional_sections_are_left_out_cleanly(tmp_path):
 def test_minimal_summaries_still_render_a_verdict(tmp_path, summary):
     md, page = write_gate_report(tmp_path, summary)
     assert "NOT PROMOTED" in md.read_text() and "NOT PROMOTED" in page.read_text()
+
+
+def test_compress_step_result_is_reported_with_its_own_pareto_plot(tmp_path):
+    """The shape tasks/compress.py returns: parent_measure, candidates with metrics/check, chosen by name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    plot = tmp_path / "pareto.png"
+    fig.savefig(plot)
+    plt.close(fig)
+    def row(method, mem, ppl, ok=True):
+        return {"method": method, "params": 100_000, "bytes": mem * 2, "memory_bytes": mem, "tokens_per_s": 50.0,
+                "metrics": {"sw_general_text.word_perplexity": ppl},
+                "check": {"passed": ok, "failed": [], "task_metric": "sw_general_text.word_perplexity"}}
+    summary = make_summary(passed_gate=True)
+    summary["compression"] = {
+        "parent_measure": row("parent", 14_000_000, 30.0),
+        "candidates": [row("quantize_int8", 4_300_000, 30.4), row("prune_50", 7_000_000, 45.0, ok=False),
+                       {"method": "merge_ties", "model_dir": None, "error": "skipped: no second model"}],
+        "chosen": "quantize_int8", "reason": "quantize_int8: smallest passing candidate", "plot": str(plot)}
+    md, page = write_gate_report(tmp_path / "r", summary)
+    text = md.read_text()
+    section = text.split("## Compression candidates")[1]
+    assert "| quantize_int8 (chosen) | 4.3 | 30.4 |" in section and "| prune_50 | 7 | 45 | 50 | no |" in section
+    assert "skipped: no second model" in section and "Chosen: quantize_int8 — quantize_int8: smallest" in section
+    assert images(page.read_text())[-1] == plot.read_bytes()       # the compress step's own plot, embedded
+    plot.unlink()                                                  # gone: we draw one from the numbers
+    _, page = write_gate_report(tmp_path / "r2", summary)
+    assert images(page.read_text())[-1].startswith(PNG_MAGIC) and len(images(page.read_text())) == 4
