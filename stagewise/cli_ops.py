@@ -69,8 +69,15 @@ def register_commands(app: typer.Typer) -> None:
             typer.echo("warning: PREFECT_API_URL is not set: schedules live only as long as this process's "
                        "temporary server. Start `prefect server start` and export "
                        "PREFECT_API_URL=http://127.0.0.1:4200/api for a persistent one.", err=True)
-        from flows.pipeline import pipeline
+        import flows
+        from prefect import flow
 
+        # Served from source, so each run loads `flows/pipeline.py` by entrypoint in a fresh process.
+        # (A flow object served directly is cloudpickled with this project's modules *by value*: the
+        # subflows then lose the globals that resolve their annotations, and every run fails.)
+        # The source is the workspace: runs start in it, like `stagewise run` (DVC resolves from the cwd).
+        flow_file = Path(flows.__file__).resolve().parent / "pipeline.py"
+        pipeline = flow.from_source(source=str(root), entrypoint=f"{os.path.relpath(flow_file, root)}:pipeline")
         pipeline.serve(
             name=name,
             schedules=[Cron(cron, timezone=timezone)],

@@ -251,5 +251,8 @@ def env_defaults(root: Path) -> None:
         "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
         "PREFECT_HOME": str(root / ".prefect"),
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        # The temporary API server takes > 20 s (Prefect's default) to start on a busy 2-core machine.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }.items():
         os.environ.setdefault(k, v)
