@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 # Warnings that say nothing actionable to a pipeline user (checked against the pinned versions).
@@ -26,6 +27,10 @@ def configure(verbose: bool = False) -> None:
     if verbose:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    if not sys.stderr.isatty():  # progress bars only for a person watching; logs get step lines instead
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for pattern in _NOISE:
@@ -33,3 +38,6 @@ def configure(verbose: bool = False) -> None:
     for name in ("mlflow", "alembic", "dvc", "great_expectations", "lm_eval", "httpx", "transformers",
                  "datasets", "accelerate", "bitsandbytes", "prefect"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # lm-eval warns per task about defaults we rely on; mlflow about hub model cards it cannot reach offline.
+    for name in ("lm_eval", "mlflow.transformers", "mlflow.models"):
+        logging.getLogger(name).setLevel(logging.ERROR)
