@@ -46,6 +46,19 @@ def dvc_commit_task(root: Path, step: str, stats: dict) -> str | None:
     return dvcops.commit(root, step, stats, metrics_path(Workspace.at(root), step))
 
 
+@task(name="gate-report", retries=1)
+def gate_report_task(ctx: RunContext, summary: dict[str, Any]) -> list[str]:
+    """Write reports/<run_id>/gate.md + gate.html and publish the Markdown as a Prefect artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from stagewise.report import write_gate_report
+
+    md, html = write_gate_report(ctx.ws.reports / ctx.run_id, summary)
+    create_markdown_artifact(markdown=md.read_text(), key="gate-report",
+                             description=f"Stagewise gate report, run {ctx.run_id}")
+    return [str(md), str(html)]
+
+
 @task(name="finish-run", retries=1)
 def finish_run_task(ctx: RunContext, summary: dict[str, Any]) -> str:
     """Write reports/<run_id>/summary.json and close the MLflow parent run."""
@@ -119,10 +132,9 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
     """Raw text to a promoted model: data → train → compress → gate → registry."""
     import time
 
-    from stagewise.summary import build_summary, publish_summary_task
-
     from stagewise.lock import run_lock
     from stagewise.run import data_task_runner, new_run_id
+    from stagewise.summary import build_summary, publish_summary_task
 
     t0 = time.time()
     root = Path(workspace).resolve()
@@ -142,6 +154,7 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
             fail_run(ctx)
             raise
         summary = build_summary(ctx, profile, data, trained, verdict, seconds=time.time() - t0)
+        gate_report_task(ctx, summary)
         finish_run_task(ctx, summary)
     publish_summary_task(summary)
     return summary
