@@ -1,0 +1,267 @@
+"""`stagewise registry | promote | rollback | gate`: the model registry from the command line.
+
+Mounted by stagewise/cli.py (`register_commands(app)`); every heavy import happens inside a command.
+
+    stagewise registry                                   # versions, stages, aliases, gate verdicts
+    stagewise gate --candidate models:/stagewise/5       # exit 0 pass, 1 fail, 2 error
+    stagewise gate --candidate ./my-model --baseline models:/stagewise@champion
+    stagewise promote --version 5                        # refuses unless version 5 passed its gate
+    stagewise promote --version 4 --force --reason "hotfix approved by on-call"
+    stagewise rollback                                   # champion ← previous-champion
+
+Model URIs: `models:/<name>/<version>`, `models:/<name>@<alias>`, or a local HF model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+class CliError(Exception):
+    """A problem the user can fix: printed without a traceback, exit code 2."""
+
+
+def _setup(config: Path, profile: Optional[str], set_: Optional[list[str]]):
+    from stagewise import registry
+    from stagewise.config import ConfigError, load_config
+    from stagewise.run import env_defaults
+
+    root = config.resolve().parent
+    env_defaults(root)
+    try:
+        cfg = load_config(config, profile, set_ or [])
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    registry.setup_tracking(root)
+    return root, cfg
+
+
+def resolve(uri: str, dest_root: Path) -> tuple[Path, dict]:
+    """A model URI or folder → (local HF folder, info {name, version, stage, parent_version})."""
+    from stagewise import registry
+
+    m = _URI.match(uri)
+    if m is None:
+        folder = Path(uri)
+        if not (folder / "config.json").exists():
+            raise CliError(f"{uri}: neither a model URI (models:/<name>/<version>, models:/<name>@<alias>) "
+                           "nor a model folder with config.json")
+        return folder.resolve(), {"uri": uri}
+    name, version = m["name"], m["version"]
+    if version is None:
+        version = registry.alias_version(name, m["alias"])
+        if version is None:
+            raise CliError(f"{uri}: registered model {name!r} has no alias {m['alias']!r} "
+                           "(see `stagewise registry`)")
+    try:
+        tags = registry.version_tags(name, version)
+    except Exception:
+        raise CliError(f"{uri}: no version {version} of registered model {name!r} (see `stagewise registry`)") from None
+    folder = dest_root / f"{name}-v{version}"
+    if not (folder / "config.json").exists():
+        registry.download_model(name, version, folder)
+    parent = tags.get("parent_version")
+    return folder, {"uri": uri, "name": name, "version": str(version), "stage": tags.get("stage"),
+                    "parent_version": None if parent in (None, "", "none") else parent}
+
+
+def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Optional[str]) -> tuple[dict, dict]:
+    """Evaluate candidate, its parent and the baseline (default: the champion) and apply the gate."""
+    from stagewise import registry
+    from stagewise.workspace import Workspace
+    from tasks.evaluate import ALL_TASKS, GENERAL_METRICS, STAGE_TARGETS, evaluate
+    from tasks.gate import gate
+
+    ws = Workspace.at(root)
+    cache = ws.root / "models" / "_registry"
+    cand_dir, cand = resolve(candidate, cache)
+    stage = stage or cand.get("stage")
+    tasks = ([STAGE_TARGETS[stage][0]] if stage in STAGE_TARGETS else [t for t in ALL_TASKS]) + \
+        [t for t, _, _ in GENERAL_METRICS]
+    tasks = list(dict.fromkeys(tasks))
+
+    name = cand.get("name") or cfg.run.registered_model
+    if baseline is None and registry.alias_version(name, registry.CHAMPION) is not None:
+        baseline = f"models:/{name}@{registry.CHAMPION}"
+    base_dir, base = resolve(baseline, cache) if baseline else (None, {})
+    parent_dir = None
+    if cand.get("parent_version"):
+        parent_dir, _ = resolve(f"models:/{cand['name']}/{cand['parent_version']}", cache)
+    if parent_dir is None and base_dir is None:
+        raise CliError(f"{candidate}: nothing to compare with — it has no registered parent and there is no "
+                       "champion; pass --baseline <model uri>")
+
+    scores = {"candidate": evaluate(cand_dir, tasks, ws, cfg.evaluate)}
+    if parent_dir is not None:
+        scores["parent"] = evaluate(parent_dir, tasks, ws, cfg.evaluate)
+    if base_dir is not None and base_dir != cand_dir and base_dir != parent_dir:
+        scores["baseline"] = evaluate(base_dir, tasks, ws, cfg.evaluate)
+    # No registered parent: the baseline plays the parent (its target must be beaten too).
+    parent = scores.get("parent", scores.get("baseline"))
+    champion = scores.get("baseline") if "parent" in scores else None
+    result = gate(stage or "", scores["candidate"], parent, champion, cfg.gate,
+                  bootstrap_iters=cfg.evaluate.bootstrap_iters)
+    if cand.get("version"):
+        registry.client().set_model_version_tag(cand["name"], cand["version"], "gate",
+                                                "passed" if result.passed else "failed")
+    info = {"candidate": cand, "stage": stage, "baseline": base or None,
+            "parent": cand.get("parent_version"), "tasks": tasks}
+    return result.to_dict(), info
+
+
+def _config() -> Path:
+    return typer.Option(Path("params.yaml"), help="The params file (its folder is the workspace).")
+
+
+def _profile() -> Optional[str]:
+    return typer.Option(None, help="Profile from params.yaml `profiles:`.")
+
+
+def _set() -> Optional[list[str]]:
+    return typer.Option(None, "--set", help="Override, e.g. --set gate.general_max_drop_points=5 (repeatable).")
+
+
+def _name() -> Optional[str]:
+    return typer.Option(None, help="Registered model (default: run.registered_model).")
+
+
+def _rule_line(r: dict) -> str:
+    if r["delta"] is None:
+        return f"  FAIL {r['rule']:<17} {r['metric']}: not evaluated on the candidate"
+    ci = "" if r["ci_low"] is None else f", CI [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+    flip = " (could flip: noise)" if r["flips_within_ci"] else ""
+    return (f"  {'PASS' if r['passed'] else 'FAIL'} {r['rule']:<17} {r['metric']:<32} vs {r['against']:<8} "
+            f"{r['baseline']:.4g} → {r['candidate']:.4g} ({r['delta']:+.2f} {r['unit']}{ci}){flip}")
+
+
+def register_commands(app: typer.Typer) -> None:
+    @app.command("registry")
+    def registry_cmd(config: Path = _config(), profile: Optional[str] = _profile(),
+                     set_: Optional[list[str]] = _set(),
+                     name: Optional[str] = _name(),
+                     as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+        """List registered versions: stage, parent, aliases, gate verdict."""
+        try:
+            _, cfg = _setup(config, profile, set_)
+            from stagewise import registry
+
+            name = name or cfg.run.registered_model
+            c = registry.client()
+            versions = sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+            # search results carry no aliases in MLflow 3: read them from the registered model
+            by_version: dict[str, list[str]] = {}
+            if versions:
+                for alias, ver in (c.get_registered_model(name).aliases or {}).items():
+                    by_version.setdefault(str(ver), []).append(alias)
+        except CliError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        rows = []
+        for v in versions:
+            aliases = sorted(by_version.get(str(v.version), []))
+            rows.append({"version": str(v.version), "stage": v.tags.get("stage", ""),
+                         "parent": v.tags.get("parent_version", ""), "aliases": aliases,
+                         "gate": v.tags.get("gate", ""), "forced_reason": v.tags.get("forced_reason", ""),
+                         "pipeline_run": v.tags.get("pipeline_run", "")})
+        if as_json:
+            typer.echo(json.dumps({"name": name, "versions": rows}, indent=1))
+            return
+        if not rows:
+            typer.echo(f"no versions of {name!r} yet (run `stagewise run`)")
+            return
+        typer.echo(f"{'version':>7}  {'stage':<10} {'parent':>6}  {'gate':<7} aliases")
+        for r in rows:
+            extra = f"  (forced: {r['forced_reason']})" if r["forced_reason"] else ""
+            typer.echo(f"{r['version']:>7}  {r['stage']:<10} {r['parent']:>6}  {r['gate'] or '-':<7} "
+                       f"{', '.join(r['aliases'])}{extra}")
+
+    @app.command()
+    def promote(version: str = typer.Option(..., help="The registered version to make champion."),
+                force: bool = typer.Option(False, help="Promote even though its gate did not pass."),
+                reason: Optional[str] = typer.Option(None, help="Required with --force; recorded as a tag."),
+                config: Path = _config(), profile: Optional[str] = _profile(),
+                set_: Optional[list[str]] = _set(),
+                name: Optional[str] = _name()) -> None:
+        """Make a version champion; refuses one whose gate did not pass unless --force --reason "..."."""
+        try:
+            if force and not (reason or "").strip():
+                raise CliError('--force needs --reason "why" (it is recorded on the version)')
+            _, cfg = _setup(config, profile, set_)
+            from stagewise import registry
+
+            name = name or cfg.run.registered_model
+            try:
+                tags = registry.version_tags(name, version)
+            except Exception:
+                raise CliError(f"no version {version} of registered model {name!r} (see `stagewise registry`)") from None
+            verdict = tags.get("gate")
+            if verdict != "passed" and not force:
+                why = {"failed": "its gate failed", None: "it was never gated", "forced": "it was only force-promoted"}
+                typer.echo(f"refused: version {version} not promoted because {why.get(verdict, f'gate={verdict}')}. "
+                           f"Run `stagewise gate --candidate models:/{name}/{version}`, or override with "
+                           '--force --reason "..."', err=True)
+                raise typer.Exit(1)
+            registry.promote(name, version, gate_passed=verdict == "passed",
+                             force_reason=reason if force and verdict != "passed" else None)
+            prev = registry.alias_version(name, registry.PREVIOUS)
+        except CliError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        typer.echo(f"champion: {name} v{version}" + (f" (previous-champion: v{prev})" if prev else "")
+                   + (" — forced" if force and verdict != "passed" else ""))
+
+    @app.command()
+    def rollback(config: Path = _config(), profile: Optional[str] = _profile(),
+                 set_: Optional[list[str]] = _set(),
+                 name: Optional[str] = _name()) -> None:
+        """Champion back to the previous champion (the two swap, so a second rollback undoes it)."""
+        try:
+            _, cfg = _setup(config, profile, set_)
+            from stagewise import registry
+
+            name = name or cfg.run.registered_model
+            try:
+                now = registry.rollback(name)
+            except RuntimeError as e:
+                raise CliError(str(e)) from None
+        except CliError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        typer.echo(f"champion: {name} v{now}")
+
+    @app.command("gate")
+    def gate_cmd(candidate: str = typer.Option(..., help="models:/<name>/<version>, models:/<name>@<alias> or a folder."),
+                 baseline: Optional[str] = typer.Option(None, help="Compare with this model (default: the champion)."),
+                 stage: Optional[str] = typer.Option(None, help="Whose target must improve (default: the version's "
+                                                                 "`stage` tag)."),
+                 config: Path = _config(), profile: Optional[str] = _profile(),
+                 set_: Optional[list[str]] = _set(),
+                 as_json: bool = typer.Option(False, "--json", help="Print the full gate result as JSON.")) -> None:
+        """Forgetting guard on a model: exit 0 pass, 1 fail, 2 error."""
+        try:
+            root, cfg = _setup(config, profile, set_)
+            result, info = run_gate(root, cfg, candidate, baseline, stage)
+        except CliError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except typer.Exit:
+            raise
+        except Exception as e:  # an evaluation that cannot run is an error, not a verdict
+            typer.echo(f"error: {type(e).__name__}: {e}", err=True)
+            raise typer.Exit(2)
+        if as_json:
+            typer.echo(json.dumps({"gate": result, **info}, indent=1, default=str))
+        else:
+            typer.echo(f"gate: {'PASSED' if result['passed'] else 'FAILED'} — {candidate}")
+            for r in result["rules"]:
+                typer.echo(_rule_line(r))
+            for reason in result["reasons"]:
+                typer.echo(f"  - {reason}")
+        raise typer.Exit(0 if result["passed"] else 1)

@@ -1,0 +1,141 @@
+"""`stagewise registry | promote | rollback | gate` on a real temp MLflow store with tiny real models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from eval_fixtures import REPO, benchmark_chats, eval_workspace, make_model, make_tokenizer, memorize, save_model, texts_of
+from stagewise.config import EvaluateConfig
+
+runner = CliRunner()
+
+
+def general_texts(ws) -> list[str]:
+    rows = [json.loads(x) for x in (ws.benchmarks / "general_mc.jsonl").read_text().splitlines()]
+    text = [json.loads(x)["text"] for x in (ws.benchmarks / "general_text.jsonl").read_text().splitlines()]
+    return text + [r["context"] + " " + r["choices"][r["gold"]] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """v1 = random init (stage pretrain); v2 = trained on the instruct answers and general text (sft)."""
+    import mlflow
+    import torch
+
+    from stagewise import registry
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ws = eval_workspace(tmp_path_factory.mktemp("cli") / "ws", n_eval=12)
+    shutil.copy(REPO / "params.yaml", ws.root / "params.yaml")
+    tok = make_tokenizer(texts_of(ws))
+    rand_dir = save_model(make_model(tok, hidden=48), tok, ws.root / "src" / "random")
+    model = make_model(tok, hidden=48)
+    enc = tok(general_texts(ws), return_tensors="pt", padding=True)
+    chats = benchmark_chats(ws, "instruct")
+    memorize(model, tok, chats, steps=60, lr=5e-3)
+    # general text too, so the candidate does not pay for its target with forgetting
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    model.train()
+    for _ in range(40):
+        model(**enc, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    memorize(model, tok, chats, steps=20, lr=2e-3)
+    good_dir = save_model(model, tok, ws.root / "src" / "trained")
+
+    registry.setup_tracking(ws.root)
+    versions = {}
+    for stage, folder, parent in (("pretrain", rand_dir, "none"), ("sft", good_dir, "1")):
+        with mlflow.start_run(run_name=stage) as run:
+            pass
+        versions[stage] = registry.log_model_version(
+            folder, "cli", stage, {"parent_version": parent, "cache_key": f"cli-{stage}"}, run.info.run_id)
+    yield ws, rand_dir, good_dir, versions
+    torch.set_num_threads(threads)
+
+
+def cli(ws, *args):
+    from stagewise.cli import app
+
+    return runner.invoke(app, [*args, "--config", str(ws.root / "params.yaml"), "--set", "evaluate.bootstrap_iters=200"])
+
+
+def test_gate_passes_a_real_improvement_and_fails_the_reverse(store):
+    from stagewise import registry
+
+    ws, _, good_dir, v = store
+    res = cli(ws, "gate", "--candidate", f"models:/cli/{v['sft']}", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["stage"] == "sft" and out["parent"] == "1" and out["gate"]["passed"] is True
+    target = next(r for r in out["gate"]["rules"] if r["rule"] == "target_improves")
+    assert target["candidate"] > target["baseline"] and target["ci_low"] > 0
+    assert registry.version_tags("cli", v["sft"])["gate"] == "passed"
+
+    # The random model against the trained one: its target and its general metrics are worse.
+    res = cli(ws, "gate", "--candidate", "models:/cli/1", "--baseline", str(good_dir), "--stage", "sft")
+    assert res.exit_code == 1, res.output
+    assert res.stdout.startswith("gate: FAILED")
+    assert "FAIL target_improves" in res.output and "did not improve" in res.output
+    assert registry.version_tags("cli", "1")["gate"] == "failed"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--candidate", "models:/cli/99"], "no version 99"),
+    (["--candidate", "models:/cli@nope"], "no alias 'nope'"),
+    (["--candidate", "/no/such/folder"], "neither a model URI"),
+])
+def test_gate_errors_exit_2_with_the_fix(store, args, message):
+    ws, *_ = store
+    res = cli(ws, "gate", *args)
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_promote_refuses_failed_gate_unless_forced_with_reason_and_rollback(store):
+    """Runs after the gate tests (file order): it sets the gate tags itself and then moves aliases."""
+    import mlflow
+    import torch
+
+    from stagewise import registry
+    from tasks.evaluate import evaluate
+
+    ws, _, good_dir, v = store
+    sft, pre = v["sft"], v["pretrain"]
+    registry.client().set_model_version_tag("cli", pre, "gate", "failed")
+    registry.client().set_model_version_tag("cli", sft, "gate", "passed")
+
+    res = cli(ws, "promote", "--name", "cli", "--version", pre)
+    assert res.exit_code == 1 and "refused" in res.output and "its gate failed" in res.output
+    assert registry.alias_version("cli", "champion") is None
+    res = cli(ws, "promote", "--name", "cli", "--version", pre, "--force")
+    assert res.exit_code == 2 and "--reason" in res.output
+
+    assert cli(ws, "promote", "--name", "cli", "--version", sft).exit_code == 0
+    res = cli(ws, "promote", "--name", "cli", "--version", pre, "--force", "--reason", "drill: rollback test")
+    assert res.exit_code == 0 and "forced" in res.output
+    assert registry.alias_version("cli", "champion") == pre
+    assert registry.alias_version("cli", "previous-champion") == sft
+    assert registry.version_tags("cli", pre)["forced_reason"] == "drill: rollback test"
+
+    res = cli(ws, "rollback", "--name", "cli")
+    assert res.exit_code == 0 and f"v{sft}" in res.output
+    listing = json.loads(cli(ws, "registry", "--name", "cli", "--json").stdout)
+    aliases = {r["version"]: r["aliases"] for r in listing["versions"]}
+    assert "champion" in aliases[sft] and "previous-champion" in aliases[pre]
+
+    # The champion, loaded the documented way, is the model that was gated: same weights, same scores.
+    comps = mlflow.transformers.load_model("models:/cli@champion", return_type="components")
+    folder = ws.root / "champion"
+    comps["model"].save_pretrained(folder, safe_serialization=True)
+    comps["tokenizer"].save_pretrained(folder)
+    cfg = EvaluateConfig(bootstrap_iters=50)
+    a = evaluate(folder, ["sw_instruct", "sw_general_text"], ws, cfg)
+    b = evaluate(good_dir, ["sw_instruct", "sw_general_text"], ws, cfg)
+    assert a["sw_instruct"]["exact_match"] == b["sw_instruct"]["exact_match"] > 0
+    assert a["sw_general_text"]["word_perplexity"] == pytest.approx(b["sw_general_text"]["word_perplexity"], rel=1e-5)
