@@ -285,6 +285,7 @@ class PruneSettings(Section):
     sparsity: float = 0.5              # prune_magnitude: fraction of each Linear's weights set to zero
     mlp_fraction: float = 0.5          # prune_structured: fraction of MLP neurons removed in every layer
     kv_group_fraction: float = 0.5     # prune_structured: fraction of GQA key/value groups (with their query heads) removed
+    layer_fraction: float = 0.0        # prune_structured: fraction of decoder layers removed (lowest block influence)
     calibration_texts: int = 32        # texts whose activations rank neurons and heads
     recovery_steps: int = 60           # causal-LM fine-tuning steps after pruning (0 = none); masks stay applied
     recovery_learning_rate: float = 1e-3

@@ -1,0 +1,412 @@
+"""The model side shared by the four training stages: build, load, save, resume, measure.
+
+Everything a stage needs that is not the stage's own recipe lives here, once:
+- a tiny Llama (dense) or Mixtral-style MoE decoder built from `ModelConfig` (transformers configs),
+- the project chat template, with `{% generation %}` markers so TRL can mask non-assistant tokens,
+- safetensors load/save with an atomic publish (write a temp folder, then rename),
+- checkpoint folder naming and resume (HF Trainer `resume_from_checkpoint`),
+- a progress callback (step, loss, tokens/s) and bf16-autocast detection for `train.bf16: auto`,
+- small, honest quick metrics (held-out NLL, greedy exact match, chosen-vs-rejected margin,
+  arithmetic accuracy) used by the stages' own before/after report and by the tests.
+The gate's numbers come from tasks/evaluate.py (lm-eval); these are the stage's self-check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from stagewise.config import ModelConfig, TrainConfig
+
+log = logging.getLogger("stagewise.train")
+
+# ---------------------------------------------------------------- tokens and chat template
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|end|>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS]
+
+# The assistant's end-of-turn token sits inside {% generation %}: the model is trained to stop.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{%- else -%}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
+
+
+def ensure_chat_template(tok) -> None:
+    """A base model from elsewhere may lack our template (or its markers): install ours."""
+    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
+    if not tok.chat_template or "{% generation %}" not in tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = PAD
+    if tok.eos_token is None:
+        tok.eos_token = EOS
+
+
+# ---------------------------------------------------------------- build / load / save
+def build_model(cfg: ModelConfig, tok, seed: int = 0):
+    """A randomly initialised decoder sized by `cfg`: dense Llama or sparse Mixtral-style MoE."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,   # at this size the embedding is a large share of all parameters
+    )
+    torch.manual_seed(seed)
+    if cfg.architecture == "moe":
+        config = MixtralConfig(
+            **common,
+            num_local_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.experts_per_token,
+            router_aux_loss_coef=0.01,
+            output_router_logits=True,   # adds the load-balancing loss during training
+        )
+        model = MixtralForCausalLM(config)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def param_counts(model) -> dict[str, int]:
+    """Total parameters, and those active per token (differs for MoE: only top-k experts run)."""
+    total = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    n_exp = getattr(cfg, "num_local_experts", None)
+    if not n_exp:
+        return {"params": total, "params_active": total}
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    active = total - expert + expert * cfg.num_experts_per_tok // n_exp
+    return {"params": total, "params_active": active}
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    ensure_chat_template(tok)
+    return tok
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False, quantization_config=None):
+    """fp32 on CPU (transformers 5 would otherwise keep the checkpoint's dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+    if quantization_config is not None:
+        kw["quantization_config"] = quantization_config
+    return AutoModelForCausalLM.from_pretrained(str(path), **kw)
+
+
+def load_parent(cfg, parent_dir: Path, quantization_config=None):
+    """The previous stage's model + tokenizer (or `model.base`), with our chat template guaranteed."""
+    trust = cfg.model.trust_remote_code
+    tok = load_tokenizer(parent_dir, trust)
+    model = load_model(parent_dir, trust, quantization_config)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))   # a foreign base got our special tokens
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model, tok
+
+
+def publish_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Write into a temp sibling, then rename into place: a crash never leaves a half-written out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def save_model(model, tok, out_dir: Path, extra: Callable[[Path], None] | None = None,
+               info: dict | None = None) -> Path:
+    """A complete HF folder: safetensors weights, config, generation config, tokenizer + chat template."""
+
+    def write(d: Path) -> None:
+        model.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+        if info is not None:
+            (d / "stage_info.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
+        if extra is not None:
+            extra(d)
+
+    return publish_dir(out_dir, write)
+
+
+# ---------------------------------------------------------------- training plumbing
+def checkpoint_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{out_dir.name}.checkpoints"
+
+
+def last_checkpoint(ckpt_dir: Path) -> tuple[str | None, int | None]:
+    """The newest *complete* `checkpoint-N` folder from a killed run, and its step.
+
+    HF Trainer writes trainer_state.json last and not atomically, so a run killed mid-save leaves a
+    folder without a readable one: skip it and fall back to the previous checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None, None
+    cands = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for c in cands:
+        try:
+            json.loads((c / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(c), int(c.name.split("-")[-1])
+    return None, None
+
+
+def use_bf16(train: TrainConfig) -> bool:
+    """`train.bf16: auto` → bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX)."""
+    if train.bf16 != "auto":
+        return bool(train.bf16)
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pragma: no cover - older/odd builds: be safe
+        return False
+
+
+def common_args(cfg, out_dir: Path, report_to: str) -> dict:
+    """TrainingArguments shared by every stage (TRL configs default bf16=True: decide it here)."""
+    return dict(
+        output_dir=str(checkpoint_dir(out_dir)),
+        bf16=use_bf16(cfg.train),
+        seed=cfg.run.seed,
+        data_seed=cfg.run.seed,
+        report_to=[] if report_to in (None, "none") else [report_to],
+        logging_steps=cfg.train.logging_steps,
+        save_strategy="steps",
+        save_total_limit=1,
+        save_only_model=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,   # tiny models: recompute costs time and saves nothing that matters
+        disable_tqdm=True,
+        include_num_input_tokens_seen=True,
+    )
+
+
+def set_threads(cfg) -> None:
+    torch.set_num_threads(max(1, cfg.run.threads))
+
+
+def progress_callback(stage: str):
+    """Periodic log line: step, loss, tokens/s (from the Trainer's input-token counter)."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def __init__(self):
+            self.t0 = None
+            self.tok0 = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen or 0
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if self.t0 is None or not any(k in logs for k in ("loss", "eval_loss")):
+                return
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            tps = ((state.num_input_tokens_seen or 0) - self.tok0) / dt
+            shown = {k: round(v, 4) for k, v in logs.items() if isinstance(v, float) and "loss" in k or k in ("reward", "rewards/correctness/mean")}
+            msg = f"[{stage}] step {state.global_step}/{state.max_steps} {shown} tokens/s {tps:,.0f}"
+            log.info(msg)
+            print(msg, flush=True)
+
+    return Progress()
+
+
+def train_with_resume(trainer, ckpt_dir: Path) -> tuple[Any, int | None]:
+    """Resume from the last checkpoint of a killed run, if any. Returns (TrainOutput, resumed step)."""
+    last, step = last_checkpoint(ckpt_dir)
+    if last:
+        print(f"[resume] {last} (step {step})", flush=True)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)   # our progress line replaces the raw dict dump
+    out = trainer.train(resume_from_checkpoint=last)
+    return out, step
+
+
+def steps_run(trainer, resumed: int | None) -> int:
+    """Optimizer steps this invocation actually ran (less than the total after a resume)."""
+    return trainer.state.global_step - (resumed or 0)
+
+
+def final_metrics(trainer, out) -> dict:
+    """Last logged training loss (not the run average HF reports) + the run's summary numbers."""
+    hist = [h for h in trainer.state.log_history if "loss" in h]
+    m = {k: float(v) for k, v in out.metrics.items() if isinstance(v, (int, float))}
+    if hist:
+        m["final_loss"] = float(hist[-1]["loss"])
+        m["first_loss"] = float(hist[0]["loss"])
+    return m
+
+
+def read_jsonl(path: Path, required: Iterable[str] = ()) -> list[dict]:
+    """Rows of a JSONL file; a malformed row is an error naming the file, the line and the fix."""
+    rows = []
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing — run the data steps first (stagewise run), or check the path")
+    with path.open() as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove the line") from None
+            miss = [k for k in required if k not in row]
+            if miss:
+                raise ValueError(f"{path}:{i}: missing field(s) {miss}; every row needs {list(required)}")
+            rows.append(row)
+    return rows
+
+
+def benchmarks_dir(curated_dir: Path) -> Path | None:
+    """Held-out benchmarks next to the data layers (data/01_raw/benchmarks), or inside a raw folder."""
+    curated_dir = Path(curated_dir)
+    for cand in (curated_dir / "benchmarks", curated_dir.parent / "01_raw" / "benchmarks"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+# ---------------------------------------------------------------- quick metrics (stage self-checks)
+@torch.no_grad()
+def mean_nll(model, tok, texts: list[str], max_len: int = 256, batch_size: int = 16) -> float:
+    """Token-weighted mean negative log-likelihood of `texts` (exp() is perplexity)."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        enc = tok([t + EOS for t in texts[i:i + batch_size]], return_tensors="pt", padding=True,
+                  truncation=True, max_length=max_len)
+        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, enc.input_ids[:, 1:, None])[..., 0]
+        mask = enc.attention_mask[:, 1:].bool()
+        total -= lp[mask].sum().item()
+        n += int(mask.sum())
+    return total / max(n, 1)
+
+
+def prompt_ids(tok, question: str) -> list[int]:
+    return tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=True)["input_ids"]
+
+
+@torch.no_grad()
+def greedy_answers(model, tok, questions: list[str], max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
+    """Greedy replies to single-turn questions through the chat template (left-padded batches)."""
+    model.eval()
+    outs = []
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for i in range(0, len(questions), batch_size):
+            ids = [prompt_ids(tok, q) for q in questions[i:i + batch_size]]
+            enc = tok.pad({"input_ids": ids}, return_tensors="pt")
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            outs += tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    return [o.strip() for o in outs]
+
+
+def normalize(s: str) -> str:
+    return " ".join(s.lower().strip().split())
+
+
+def exact_match(model, tok, items: list[dict]) -> float:
+    """items: {question, answer}. Fraction of greedy replies equal to the reference (normalized)."""
+    got = greedy_answers(model, tok, [it["question"] for it in items])
+    return sum(normalize(g) == normalize(it["answer"]) for g, it in zip(got, items)) / max(len(items), 1)
+
+
+@torch.no_grad()
+def completion_logprob(model, tok, prompt: str, completion: str) -> float:
+    """Sum log p(completion + end-of-turn | chat prompt)."""
+    model.eval()
+    p = prompt_ids(tok, prompt)
+    full = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+                                   tokenize=True, return_dict=True)["input_ids"]
+    ids = torch.tensor([full])
+    lp = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
+    tgt = ids[0, 1:]
+    return lp[len(p) - 1:].gather(-1, tgt[len(p) - 1:, None]).sum().item()
+
+
+def preference_accuracy(model, tok, items: list[dict]) -> dict:
+    """items: {prompt, chosen, rejected}. Share where log p(chosen) > log p(rejected), and mean margin."""
+    margins = [completion_logprob(model, tok, it["prompt"], it["chosen"])
+               - completion_logprob(model, tok, it["prompt"], it["rejected"]) for it in items]
+    return {"accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),
+            "margin": sum(margins) / max(len(margins), 1)}
+
+
+_ANSWER_RE = re.compile(r"answer is\s*(-?\d+)", re.I)
+_INT_RE = re.compile(r"-?\d+")
+
+
+def parse_answer(text: str) -> str | None:
+    """'The answer is N' wins; otherwise the last integer in the text."""
+    m = _ANSWER_RE.search(text)
+    if m:
+        return m.group(1)
+    ints = _INT_RE.findall(text)
+    return ints[-1] if ints else None
+
+
+def arithmetic_accuracy(model, tok, items: list[dict]) -> float:
+    """items: {question, answer}. Greedy pass@1."""
+    got = greedy_answers(model, tok, [it["question"] for it in items], max_new_tokens=12)
+    return sum(parse_answer(g) == str(it["answer"]) for g, it in zip(got, items)) / max(len(items), 1)
+
+
+def perplexity(nll: float) -> float:
+    return math.exp(min(nll, 50.0))

@@ -1,0 +1,163 @@
+"""sft — supervised fine-tuning on curated chat data (TRL SFTTrainer, assistant-only loss).
+
+Recipe: load the parent (pretrain output, or `model.base`) → conversational dataset → SFTTrainer with
+the project chat template (its `{% generation %}` markers make only assistant tokens count) →
+optional LoRA / QLoRA (bitsandbytes NF4 base) → LoRA merged into a full fp32 model for the next stage,
+the adapter kept under out_dir/adapter/ → atomic save. Target: held-out instruct exact match and
+format compliance, parent → child.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from prefect import task
+
+from stagewise.stage import Lineage, RunContext, run_stage
+
+from stagewise.config import Config
+from stagewise.modeling import (
+    arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, final_metrics, greedy_answers,
+    load_model, load_parent, normalize, param_counts, progress_callback, read_jsonl, save_model,
+    set_threads, steps_run, train_with_resume,
+)
+
+# "The fox is red." / "The fox lives in the forest." / "The fox eats fish." / "The answer is 7."
+FORMAT_RE = re.compile(r"^the [a-z ]+ (is|lives in the|eats) [a-z]+\.$|^the answer is -?\d+\.$")
+
+
+def load_chats(curated_dir: Path) -> tuple[list[dict], dict]:
+    """Conversations with at least one non-empty assistant turn; the rest are counted, not hidden."""
+    path = Path(curated_dir) / "chat.jsonl"
+    rows, skipped = [], {"no_assistant_turn": 0}
+    for r in read_jsonl(path, ["messages"]):
+        msgs = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
+        if any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+            rows.append({"messages": msgs})
+        else:
+            skipped["no_assistant_turn"] += 1  # assistant-only loss would have nothing to learn
+    if not rows:
+        raise ValueError(f"{path}: no conversation has an assistant turn; nothing to fine-tune on")
+    return rows, skipped
+
+
+def instruct_eval(model, tok, curated_dir: Path, limit: int | None) -> dict:
+    """Greedy exact match + format compliance on held-out instructions; arithmetic pass@1 too."""
+    b = benchmarks_dir(curated_dir)
+    if b is None:
+        return {}
+    out = {}
+    if (b / "instruct.jsonl").exists():
+        items = read_jsonl(b / "instruct.jsonl", ["question", "answer"])[:limit]
+        got = greedy_answers(model, tok, [it["question"] for it in items])
+        out["instruct_exact_match"] = sum(normalize(g) == normalize(it["answer"]) for g, it in zip(got, items)) / len(items)
+        out["instruct_format"] = sum(bool(FORMAT_RE.match(normalize(g))) for g in got) / len(items)
+    if (b / "arithmetic.jsonl").exists():
+        items = read_jsonl(b / "arithmetic.jsonl", ["question", "answer"])[:limit]
+        out["arithmetic_pass1"] = arithmetic_accuracy(model, tok, items)
+    return out
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    lc = cfg.sft.lora
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                      task_type="CAUSAL_LM")
+
+
+def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
+    """Fine-tune the parent on chat data; save a full (merged) model to out_dir."""
+    from trl import SFTConfig, SFTTrainer
+
+    set_threads(cfg)
+    s = cfg.sft
+    out_dir = Path(out_dir)
+    quant = None
+    if s.peft == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_compute_dtype=torch.float32)
+    model, tok = load_parent(cfg, parent_dir)
+    before = instruct_eval(model, tok, curated_dir, s.eval_limit)
+    if quant is not None:
+        model, _ = load_parent(cfg, parent_dir, quant)
+    rows, skipped = load_chats(curated_dir)
+
+    from datasets import Dataset
+
+    args = SFTConfig(
+        **common_args(cfg, out_dir, report_to),
+        num_train_epochs=s.epochs,
+        max_steps=s.max_steps,
+        per_device_train_batch_size=s.batch_size,
+        learning_rate=s.learning_rate if s.peft == "none" else s.lora_learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=s.warmup_ratio,
+        max_length=s.max_length,
+        assistant_only_loss=True,
+        packing=False,
+        save_steps=s.save_steps,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=lora_config(cfg) if s.peft != "none" else None,
+        callbacks=[progress_callback("sft")],
+    )
+    t0 = time.perf_counter()
+    out, resumed = train_with_resume(trainer, checkpoint_dir(out_dir))
+    wall = time.perf_counter() - t0
+    metrics = final_metrics(trainer, out)
+
+    adapter_tmp = None
+    if s.peft != "none":
+        # Merge into an fp32 copy of the parent (merging into NF4 weights would bake in the quantization).
+        from peft import PeftModel
+
+        adapter_tmp = checkpoint_dir(out_dir) / "adapter-final"
+        trainer.model.save_pretrained(adapter_tmp)
+        base, _ = load_parent(cfg, parent_dir)
+        model = PeftModel.from_pretrained(base, adapter_tmp).merge_and_unload()
+    else:
+        model = trainer.model
+    model = model.float()
+    model.config.use_cache = True
+    after = instruct_eval(model, tok, curated_dir, s.eval_limit)
+
+    result = {
+        "model_dir": str(out_dir),
+        "train_metrics": metrics,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": resumed,
+        "steps_run": steps_run(trainer, resumed),
+        **param_counts(model),
+        "peft": s.peft,
+        "n_train": len(rows),
+        "skipped": skipped,
+        "before": before,
+        "after": after,
+        "wall_s": wall,
+    }
+
+    def keep_adapter(d: Path) -> None:
+        if adapter_tmp is not None:
+            shutil.copytree(adapter_tmp, d / "adapter")
+
+    save_model(model, tok, out_dir, extra=keep_adapter, info={"stage": "sft", **result})
+    shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
+    return result
+
+
+@task(name="sft")
+def sft_task(ctx: RunContext, cfg: Config, parent: Lineage, data_hash: str | None,
+              cache_only: bool = False) -> tuple[Lineage, dict]:
+    """Fine-tune the parent on curated chat (assistant-only loss); evaluate vs parent; register."""
+    return run_stage(ctx, "sft", sft, cfg, parent, data_hash, cache_only=cache_only)
