@@ -353,6 +353,10 @@ class GateConfig(Section):
     general_max_drop_points: float = 3.0      # accuracy-like metrics, in points (0-100 scale)
     perplexity_max_rise_pct: float = 10.0     # perplexity-like metrics, relative
     confidence: float = 0.95                  # bootstrap CI level for every delta
+    # estimate: rules judge the point delta (the CI is reported, with whether the verdict could flip).
+    # ci: act only on evidence — forgetting fails only if the whole CI is beyond its limit, and the
+    # target passes only if the whole CI is an improvement (docs/evaluation.md).
+    decide_on: Literal["estimate", "ci"] = "estimate"
 
 
 class OpsConfig(Section):

@@ -103,7 +103,8 @@ def bootstrap_delta_ci(metric: str, rel: bool, cand_res: dict, base_res: dict, i
 
 # ---------------------------------------------------------------- rules
 def _compare(rule: str, task_name: str, metric: str, hib: bool, against: str, cand: dict, base: dict,
-             threshold: float, kind: str, iters: int, confidence: float, enforced: bool) -> dict | None:
+             threshold: float, kind: str, iters: int, confidence: float, enforced: bool,
+             decide_on: str = "estimate") -> dict | None:
     """One rule row. kind: 'improve' (delta must beat 0), 'max_drop' (delta >= -thr), 'max_rise' (delta <= thr)."""
     if task_name not in base or metric not in base[task_name]:
         return None
@@ -127,8 +128,13 @@ def _compare(rule: str, task_name: str, metric: str, hib: bool, against: str, ca
         ok = lambda d: d <= threshold  # noqa: E731
     passed = ok(delta)
     flips = None if lo is None else (ok(lo) != passed or ok(hi) != passed)
+    if decide_on == "ci" and lo is not None:
+        # Only act on evidence: the target must improve across the whole CI; a general metric fails
+        # only when the whole CI is past its limit.
+        passed = (ok(lo) and ok(hi)) if kind == "improve" else (ok(lo) or ok(hi))
     return row | {"candidate": c, "baseline": b, "delta": delta, "threshold": threshold, "ci_low": lo,
-                  "ci_high": hi, "paired": paired, "passed": passed, "flips_within_ci": flips}
+                  "ci_high": hi, "paired": paired, "passed": passed, "flips_within_ci": flips,
+                  "decided_on": decide_on if lo is not None else "estimate"}
 
 
 def _describe(r: dict) -> str:
@@ -139,6 +145,9 @@ def _describe(r: dict) -> str:
     ci = "" if r["ci_low"] is None else f" (delta CI {r['ci_low']:+.2f}..{r['ci_high']:+.2f})"
     vals = f"{r['baseline']:.4g} → {r['candidate']:.4g}"
     if r["rule"] == "target_improves":
+        if r.get("decided_on") == "ci" and (r["delta"] > 0) == r["higher_is_better"] and r["delta"] != 0:
+            return (f"target {r['metric']} improvement over the {r['against']} is within noise: {vals}, {d}{ci} "
+                    "(gate.decide_on=ci needs the whole CI to improve)")
         return f"target {r['metric']} did not improve over the {r['against']}: {vals}, {d}{ci}"
     if r["rule"] == "general_no_drop":
         d = f"{-r['delta']:.2f} points"
@@ -159,7 +168,7 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
     if stage in STAGE_TARGETS and parent is not None:
         t, m, hib = STAGE_TARGETS[stage]
         row = _compare("target_improves", t, m, hib, "parent", candidate, parent, 0.0, "improve", iters, conf,
-                       enforced=cfg.require_target_improvement)
+                       enforced=cfg.require_target_improvement, decide_on=cfg.decide_on)
         if row is None:
             notes.append(f"target {t}.{m} not evaluated on the parent: improvement not checked")
         else:
@@ -175,10 +184,10 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
         for t, m, hib in GENERAL_METRICS:
             if relative(m, hib):
                 row = _compare("general_ppl_rise", t, m, hib, against, candidate, base, cfg.perplexity_max_rise_pct,
-                               "max_rise", iters, conf, enforced=True)
+                               "max_rise", iters, conf, enforced=True, decide_on=cfg.decide_on)
             else:
                 row = _compare("general_no_drop", t, m, hib, against, candidate, base, cfg.general_max_drop_points,
-                               "max_drop", iters, conf, enforced=True)
+                               "max_drop", iters, conf, enforced=True, decide_on=cfg.decide_on)
             if row is None:
                 notes.append(f"{t}.{m} not evaluated on the {against}: not compared")
             else:

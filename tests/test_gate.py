@@ -144,3 +144,25 @@ def test_paired_ci_of_identical_models_is_zero_and_contains_the_delta():
     b_unpaired = dict(b, doc_ids=[i + 1000 for i in b["doc_ids"]])
     ulo, uhi, upaired = bootstrap_delta_ci("acc", False, b_unpaired, a, 1000, 0.95)
     assert not upaired and (uhi - ulo) > (hi - lo)
+
+
+def test_decide_on_ci_acts_only_on_evidence():
+    parent = model_results(ones(20), ones(48), BASE_LL)
+    rng = random.Random(1)
+    plus_one = ones(21)
+    rng.shuffle(plus_one)
+    cand = model_results(plus_one, ones(46), BASE_LL)   # target +1 item, general mc -2 items (-3.33 points)
+    est = gate("sft", cand, parent, None, GateConfig(), bootstrap_iters=500)
+    ci = gate("sft", cand, parent, None, GateConfig(decide_on="ci"), bootstrap_iters=500)
+
+    def rule(res, name):
+        return next(r for r in res.rules if r["rule"] == name)
+    # point estimate: the target improved, and 3.33 points is past the 3-point limit
+    assert rule(est, "target_improves")["passed"] and not rule(est, "general_no_drop")["passed"]
+    # evidence: neither the gain nor the drop is outside the noise
+    assert not rule(ci, "target_improves")["passed"] and rule(ci, "general_no_drop")["passed"]
+    assert not ci.passed and "within noise" in ci.reasons[0]
+    # a drop that is far outside the noise still fails under ci
+    forgot = model_results(ones(50), ones(20), BASE_LL)
+    res = gate("sft", forgot, parent, None, GateConfig(decide_on="ci"), bootstrap_iters=500)
+    assert not res.passed and "sw_general_mc.acc" in res.reasons[0] and rule(res, "target_improves")["passed"]
