@@ -146,3 +146,32 @@ def test_cli_module_imports_no_heavy_library():
                           "print(sorted(m for m in ('great_expectations', 'datatrove', 'datasets', 'pandas') if m in sys.modules))"],
                          check=True, capture_output=True, text=True).stdout.strip()
     assert out == "[]"
+
+
+def test_cli_decontaminates_with_benchmarks_and_refuses_without(tmp_path):
+    bench = write(tmp_path / "bench.jsonl", [{"id": "b1", "question": "What color is the small red fox in the story?"}])
+    src = write(tmp_path / "v.jsonl", [{"prompt": "What color is the small red fox in the story?", "answer": "1"},
+                                       {"prompt": "How many legs does a spider have?", "answer": "8"}])
+    code, out = curate("-i", src, "-o", tmp_path / "o.jsonl", "-r", tmp_path / "r.json", "--steps", "decontaminate")
+    assert code == 2 and "--benchmark" in out
+    code, out = curate("-i", src, "-o", tmp_path / "o.jsonl", "-r", tmp_path / "r.json", "-b", bench)
+    assert code == 0, out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["contaminated"] == {"0": "bench:b1"} and report["removed"] == {"contaminated": ["0"]}
+
+
+def test_hub_source_offline_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = DataConfig(sources={"hub": SourceConfig(path="nobody/no-such-dataset", format="hf_hub", kind="corpus")})
+    with pytest.raises(BadInput, match="save_to_disk"):
+        ingest(cfg, IngestConfig(), tmp_path, tmp_path / "out")
+
+
+def test_prefect_tasks_are_named_after_their_steps():
+    from tasks import decontaminate, dedup, ingest as ingest_mod, quality, validate
+
+    for mod, step in ((ingest_mod, "ingest"), (quality, "quality"), (dedup, "dedup"),
+                      (decontaminate, "decontaminate"), (validate, "validate")):
+        t = getattr(mod, f"{step}_task")
+        assert t.name == step and t.retries == 1
