@@ -42,11 +42,15 @@ def _ver(d: dict | None) -> str:
     return f"{d.get('name', 'model')} v{d['version']}"
 
 
-def headline(summary: dict) -> tuple[bool, str, str]:
+def headline(summary: dict) -> tuple[bool | None, str, str]:
     """(passed, verdict line, why line): what a reader must get in ten seconds."""
     gate = summary.get("gate") or {}
-    passed = bool(gate.get("passed"))
+    passed = gate.get("passed")
     champ, chall = summary.get("champion"), summary.get("challenger")
+    if passed is None and gate:
+        why = "; ".join(gate.get("reasons") or []) or "the gate did not run"
+        return None, f"NOT GATED: nothing promoted; champion remains {_ver(champ)}", why
+    passed = bool(passed)
     if passed:
         verdict = f"PROMOTED: {_ver(chall or champ)} is the champion"
     else:
@@ -353,7 +357,7 @@ CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;color:#1f2328}
 .verdict{padding:18px 22px;border-radius:8px;color:#fff;margin-bottom:8px}
 .verdict h1{margin:0;font-size:26px}.verdict p{margin:6px 0 0;font-size:15px}
-.pass-bg{background:#1a7f37}.fail-bg{background:#cf222e}
+.pass-bg{background:#1a7f37}.fail-bg{background:#cf222e}.none-bg{background:#57606a}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
 th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left}th{background:#f6f8fa}
 tr.fail td:first-child{color:#cf222e;font-weight:bold}tr.pass td:first-child{color:#1a7f37;font-weight:bold}
@@ -369,9 +373,10 @@ def render_html(summary: dict) -> str:
     img = lambda b64, alt: f'<img alt="{e(alt)}" src="data:image/png;base64,{b64}">' if b64 else ""  # noqa: E731
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>Gate report {e(str(summary.get('run_id', '')))}: {'PASSED' if passed else 'FAILED'}</title>",
+        f"<title>Gate report {e(str(summary.get('run_id', '')))}: "
+        f"{ {True: 'PASSED', False: 'FAILED', None: 'NOT GATED'}[passed] }</title>",
         f"<style>{CSS}</style></head><body>",
-        f"<div id='verdict' class='verdict {'pass-bg' if passed else 'fail-bg'}'><h1>{e(verdict)}</h1>"
+        f"<div id='verdict' class='verdict { {True: 'pass-bg', False: 'fail-bg', None: 'none-bg'}[passed]}'><h1>{e(verdict)}</h1>"
         f"<p>Why: {e(why)}</p></div>",
         f"<p class='meta'>run {e(str(summary.get('run_id', '?')))} · profile {e(str(summary.get('profile', '?')))}"
         + "".join(f" · {k} {e(str(summary[k]))}" for k in ("started", "finished") if summary.get(k)) + "</p>",

@@ -202,7 +202,8 @@ def evaluate(model_dir: Path, tasks: list[str], ws: Workspace, cfg: EvaluateConf
                 random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
             )
         for t in names:
-            res = _task_result(t, out["results"][t], out["samples"][t], cfg.bootstrap_iters)
+            # a harness *group* (e.g. mmlu) has an aggregate but no per-item samples of its own
+            res = _task_result(t, out["results"][t], out["samples"].get(t, []), cfg.bootstrap_iters)
             res["chat_template"] = chat
             f = cache_dir / f"{t}-{keys[t]}.json"
             f.parent.mkdir(parents=True, exist_ok=True)

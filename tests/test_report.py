@@ -132,3 +132,11 @@ def test_compress_step_result_is_reported_with_its_own_pareto_plot(tmp_path):
     plot.unlink()                                                  # gone: we draw one from the numbers
     _, page = write_gate_report(tmp_path / "r2", summary)
     assert images(page.read_text())[-1].startswith(PNG_MAGIC) and len(images(page.read_text())) == 4
+
+
+def test_gate_not_run_says_so_instead_of_failed(tmp_path):
+    summary = make_summary(passed_gate=True)
+    summary["gate"] = {"passed": None, "reasons": ["gate not run"]}
+    md, page = write_gate_report(tmp_path, summary)
+    assert "**NOT GATED: nothing promoted; champion remains stagewise v2**" in md.read_text()
+    assert "none-bg" in page.read_text() and "PROMOTED:" not in page.read_text().replace("NOT GATED", "")
