@@ -30,6 +30,10 @@ def validate(cfg: ValidateConfig, in_dir: Path, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     docs_dir = out_dir / "data_docs"
+    if docs_dir.is_dir():  # our own folder: an earlier run's pages must not linger in this one's site
+        import shutil
+
+        shutil.rmtree(docs_dir)
     ctx = gx.get_context(mode="ephemeral")
     try:  # GX's per-metric progress bars flood logs
         ctx.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False)
