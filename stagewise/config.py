@@ -110,7 +110,8 @@ class QualityConfig(Section):
     fineweb_max_dup_line_char_ratio: float | None = 0.01
     fineweb_max_newline_ratio: float | None = 0.3      # newlines per word (list-like pages)
     # chat / instruction data
-    chat_truncated_endings: str | None = ".!?…\"'”’)]}>`*:;"  # last reply must end with one of these
+    # the last reply must end with one of these (a digit too: "The answer is 42"); else chat_truncated
+    chat_truncated_endings: str | None = ".!?…\"'”’)]}>`*:;0123456789"
     chat_max_chars: int | None = 100_000
     # preference / verifiable
     pair_max_chars: int | None = 100_000     # preference prompt+chosen+rejected, verifiable prompt+answer
