@@ -75,6 +75,9 @@ def curate(
     if kind is None:
         fail(f"{input}: cannot tell the record kind from the first record; pass --kind corpus|chat|preference|verifiable")
 
+    if output.is_dir():  # a folder: the curated file goes inside it
+        output = output / f"{kind}.jsonl"
+
     from tasks.decontaminate import decontaminate
     from tasks.dedup import dedup
     from tasks.ingest import ingest
