@@ -59,6 +59,26 @@ def gate_report_task(ctx: RunContext, summary: dict[str, Any]) -> list[str]:
     return [str(md), str(html)]
 
 
+@task(name="track-data-step", retries=1)
+def track_data_step_task(ctx: RunContext, step: str, stats: dict, out_dir: Path | None) -> None:
+    """Counts per reason as MLflow metrics of a nested run `<step>`; Data Docs as its artifacts."""
+    from stagewise.run import log_data_step
+
+    log_data_step(ctx, step, stats, out_dir)
+
+
+@task(name="curation-funnel")
+def curation_artifact_task(stats: dict[str, dict]) -> None:
+    """Publish the curation funnel (input → kept per step and kind) as a Prefect table artifact."""
+    from prefect.artifacts import create_table_artifact
+
+    from stagewise.summary import curation_funnel, removed_counts
+
+    create_table_artifact(table=curation_funnel(stats), key="curation-funnel",
+                          description="Records in and kept per curation step; removed by reason: "
+                          + ", ".join(f"{k}={v}" for k, v in sorted(removed_counts(stats).items())))
+
+
 @task(name="finish-run", retries=1)
 def finish_run_task(ctx: RunContext, summary: dict[str, Any]) -> str:
     """Write reports/<run_id>/summary.json and close the MLflow parent run."""
@@ -88,7 +108,9 @@ def data_phase(cfg: Config, ctx: RunContext, selected: list[str]) -> dict[str, A
         else:  # submitted: runs on the phase's task runner (threads, or Dask workers with ops.data_runner)
             out["stats"][step] = step_task.submit(**kwargs).result()
             dvc_commit_task(ctx.root, step, out["stats"][step])
+            track_data_step_task(ctx, step, out["stats"][step], kwargs.get("out_dir"))
         out["hashes"][step] = dvc_out_hash(ctx.root, step)
+    curation_artifact_task(out["stats"])
     return out
 
 

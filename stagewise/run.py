@@ -256,3 +256,30 @@ def env_defaults(root: Path) -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }.items():
         os.environ.setdefault(k, v)
+
+
+def log_data_step(ctx: RunContext, step: str, stats: dict, out_dir: Path | None) -> None:
+    """A nested MLflow run per data step: its params section, counts per kind/reason, Data Docs."""
+    import mlflow
+
+    from stagewise.registry import EXPERIMENT
+
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    run = client.create_run(exp.experiment_id, run_name=step, tags={
+        "mlflow.parentRunId": ctx.mlflow_run_id or "", "stage": step, "pipeline_run": ctx.run_id})
+    metrics = {}
+    for key in ("input", "kept", "removed", "quarantined", "edited"):
+        val = stats.get(key)
+        if isinstance(val, dict):
+            metrics.update({f"{key}.{k}": float(v) for k, v in val.items() if isinstance(v, (int, float))})
+        elif isinstance(val, (int, float)) and not isinstance(val, bool):
+            metrics[key] = float(val)
+    for k, v in metrics.items():
+        client.log_metric(run.info.run_id, k, v)
+    docs = stats.get("data_docs")
+    if docs and Path(docs).exists():
+        client.log_artifacts(run.info.run_id, str(Path(docs).parent), artifact_path="data_docs")
+    if out_dir is not None and (Path(out_dir) / "stats.json").exists():
+        client.log_artifact(run.info.run_id, str(Path(out_dir) / "stats.json"))
+    client.set_terminated(run.info.run_id, "FINISHED")

@@ -48,7 +48,10 @@ def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dic
         "curation": {
             "funnel": curation_funnel(stats),
             "removed": removed_counts(stats),
-            "contaminated": decon.get("contaminated_items", []),
+            "contaminated": [
+                {"id": rid, "kind": kind, "benchmark_item": item}
+                for kind, items in (decon.get("contaminated") or {}).items() for rid, item in items.items()
+            ],
         },
         "stages": rows,
         "gate": (verdict or {}).get("gate", {"passed": None, "reasons": ["gate not run"]}),
