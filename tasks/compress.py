@@ -235,14 +235,15 @@ def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
                 model = prune.two_four_prune(model)
             else:
                 model = prune.structured_prune(model, blocks(p.calibration_texts, p.seq_len), p.mlp_fraction,
-                                               p.kv_group_fraction)
+                                               p.kv_group_fraction, p.layer_fraction)
             rec = blocks(p.recovery_steps * p.batch_size, p.seq_len) if p.recovery_steps > 0 else None
             model, info = prune.recover(model, rec, p.recovery_steps, p.recovery_learning_rate, p.batch_size,
                                         seed, bf16, work(method))
             model = prune.make_permanent(model)
             info["sparsity"] = round(sparsity(model), 4)
             if method == "prune_structured":
-                info |= {"intermediate_size": model.config.intermediate_size,
+                info |= {"num_layers": model.config.num_hidden_layers,
+                         "intermediate_size": model.config.intermediate_size,
                          "num_attention_heads": model.config.num_attention_heads,
                          "num_key_value_heads": model.config.num_key_value_heads}
             save_model(model, tok, out, info={"method": method, "parent": str(parent_dir), **info})

@@ -91,6 +91,17 @@ def test_structured_prune_is_a_smaller_dense_model_that_generates(setup, tmp_pat
     assert mean_nll(small, tok, held) < mean_nll(rand, tok, held)
 
 
+def test_structured_prune_drops_the_least_influential_layer(setup):
+    parent_dir, _, blocks, _ = setup
+    p = _load(parent_dir)
+    influence = prune.calibrate(p, blocks[:8])["influence"]
+    small = prune.structured_prune(_load(parent_dir), blocks[:8], 0.0, 0.0, layer_fraction=0.5)
+    assert small.config.num_hidden_layers == 1
+    kept = int(influence.argmax())
+    # the surviving layer is the parent's most influential one, weights unchanged
+    assert torch.equal(small.model.layers[0].mlp.up_proj.weight, p.model.layers[kept].mlp.up_proj.weight)
+
+
 def test_bad_fraction_names_the_key(setup):
     parent_dir, _, blocks, _ = setup
     with pytest.raises(ValueError, match="compress.prune.mlp_fraction"):

@@ -184,19 +184,28 @@ def shrink_llama(model, *, layers: list[int] | None = None, hidden: torch.Tensor
     return small.eval()
 
 
-def structured_prune(model, blocks: torch.Tensor, mlp_fraction: float, kv_group_fraction: float):
-    """Remove the least important MLP neurons and key/value groups in every layer. Returns the smaller model."""
-    for name, f in (("mlp_fraction", mlp_fraction), ("kv_group_fraction", kv_group_fraction)):
+def structured_prune(model, blocks: torch.Tensor, mlp_fraction: float, kv_group_fraction: float,
+                     layer_fraction: float = 0.0):
+    """Remove the least important layers (block influence), then MLP neurons and key/value groups in
+    every kept layer. Returns the smaller model.
+
+    Width pruning shrinks the matmuls; at small sizes decoding time is mostly per-layer overhead, so
+    only dropping layers makes batch-1 generation markedly faster (bench/compress.py shows both).
+    """
+    for name, f in (("mlp_fraction", mlp_fraction), ("kv_group_fraction", kv_group_fraction),
+                    ("layer_fraction", layer_fraction)):
         if not 0.0 <= f < 1.0:
             raise ValueError(f"compress.prune.{name}={f}: must be in [0, 1)")
     cfg = model.config
     stats = calibrate(model, blocks)
     group = cfg.num_attention_heads // cfg.num_key_value_heads
+    n_layers = max(1, round(cfg.num_hidden_layers * (1 - layer_fraction)))
     n_inter = max(1, round(cfg.intermediate_size * (1 - mlp_fraction)))
     n_kv = max(1, round(cfg.num_key_value_heads * (1 - kv_group_fraction)))
-    neurons = [top_k(s, n_inter) for s in stats["mlp"]]
-    kv = [top_k(h.view(-1, group).sum(-1), n_kv) for h in stats["heads"]]
-    return shrink_llama(model, neurons=neurons, kv_groups=kv)
+    layers = top_k(stats["influence"], n_layers).tolist()
+    neurons = [top_k(stats["mlp"][i], n_inter) for i in layers]
+    kv = [top_k(stats["heads"][i].view(-1, group).sum(-1), n_kv) for i in layers]
+    return shrink_llama(model, layers=layers, neurons=neurons, kv_groups=kv)
 
 
 # ---------------------------------------------------------------- recovery
