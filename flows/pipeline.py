@@ -15,7 +15,7 @@ from prefect import flow, task
 
 from stagewise.config import Config
 from stagewise.run import DATA_STEPS, TRAIN_STAGES
-from stagewise.stage import Lineage, RunContext
+from stagewise.stage import Lineage, RunContext, prefect_cache_key
 
 
 # ------------------------------------------------------------------ run bookkeeping tasks
@@ -130,8 +130,10 @@ def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: li
     for stage in TRAIN_STAGES[: last + 1]:
         if stage == "pretrain" and cfg.model.base:
             continue  # a given base model replaces pretraining
-        child, row = stage_tasks[stage](ctx, cfg, parent, data["hashes"].get("decontaminate"),
-                                        cache_only=stage not in selected)
+        # Prefect's cache keyed by the stage's content key, valid only while its model version exists.
+        stage_task = stage_tasks[stage].with_options(cache_key_fn=prefect_cache_key, persist_result=True)
+        child, row = stage_task(ctx, cfg, parent, data["hashes"].get("decontaminate"),
+                                cache_only=stage not in selected)
         lineage.append(child)
         rows.append(row)
         parent = child

@@ -72,6 +72,60 @@ def cache_key(stage: str, cfg: Config, parent: Lineage | None, data_hash: str | 
     })
 
 
+def stage_key(stage: str, cfg: Config, parent: Lineage | None, data_hash: str | None,
+              sections: tuple[str, ...] | None = None, code_modules: tuple[str, ...] | None = None) -> str:
+    """The content key `run_stage` caches `stage` under (run_stage's defaults for sections and code)."""
+    from stagewise.hashing import source_hash
+
+    sections = sections or (stage, "model", "train")
+    code_modules = code_modules or (f"tasks.{stage}", "stagewise.modeling")
+    return cache_key(stage, cfg, parent, data_hash, source_hash(*code_modules), sections)
+
+
+def claim_checkpoints(out_dir: Path, key: str) -> bool:
+    """Keep `models/<stage>.checkpoints/` for a resume only if a killed run of *these inputs* wrote it.
+
+    The stages resume from the newest checkpoint they find; one left by a run with other params,
+    data or parent would silently mix two trainings. Returns True when checkpoints were kept.
+    """
+    import shutil
+
+    from stagewise.modeling import checkpoint_dir
+
+    ckpt = checkpoint_dir(out_dir)
+    marker = ckpt / "cache_key"
+    kept = ckpt.is_dir() and marker.is_file() and marker.read_text().strip() == key
+    if ckpt.exists() and not kept:
+        log.warning("%s: discarding checkpoints of a run with other inputs (%s)", Path(out_dir).name, ckpt)
+        shutil.rmtree(ckpt)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key)
+    return kept
+
+
+def prefect_cache_key(task_ctx: Any, params: dict[str, Any]) -> str | None:
+    """Prefect `cache_key_fn` of a stage task `(ctx, cfg, parent, data_hash, cache_only)`.
+
+    The registry stays the source of truth: a key is returned only while a registered version built
+    from exactly these inputs exists *and* models/<stage>/ holds its weights, so Prefect can only
+    ever replay a result whose model is really there. The key carries the version: a re-registered
+    model is a new key. Forced stages get no key (they run, and their result is not cached).
+    Cold runs get no key either, so Prefect only memoizes cache *hits* (rows that say cached=True).
+    """
+    from stagewise import registry
+    from stagewise.hashing import dir_hash
+
+    ctx, stage = params["ctx"], task_ctx.task.name
+    if ctx.forced(stage):
+        return None
+    key = stage_key(stage, params["cfg"], params["parent"], params.get("data_hash"))
+    hit = registry.find_cached_version(ctx.registered_model, stage, key)
+    out_dir = ctx.ws.model_dir(stage)
+    if hit is None or not out_dir.is_dir() or dir_hash(out_dir, "*.safetensors") != hit["tags"].get("weights_hash"):
+        return None
+    return f"stagewise-{stage}-{key}-v{hit['version']}"
+
+
 def flat_params(prefix: str, obj: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if isinstance(obj, dict):
@@ -110,18 +164,17 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
     `code_modules`: whose source is the stage's code version (default: tasks.<stage>, stagewise.modeling).
     """
     sections = sections or (stage, "model", "train")
-    code_modules = code_modules or (f"tasks.{stage}", "stagewise.modeling")
     eval_tasks = stage_evals(stage)
     data_dir = ctx.ws.curated
     import mlflow
 
     from stagewise import registry
-    from stagewise.hashing import dir_hash, source_hash
+    from stagewise.hashing import dir_hash
     from tasks.evaluate import evaluate
 
     ws = ctx.ws
     out_dir = ws.model_dir(stage)
-    key = cache_key(stage, cfg, parent, data_hash, source_hash(*code_modules), sections)
+    key = stage_key(stage, cfg, parent, data_hash, sections, code_modules)
     t0 = time.time()
     row: dict[str, Any] = {"name": stage, "parent_version": parent.version, "cached": False}
 
@@ -147,6 +200,7 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
             for s in sections:
                 params.update(flat_params(s, cfg.section(s).model_dump(mode="json")))
             mlflow.log_params(params)
+            claim_checkpoints(out_dir, key)
             result = train(cfg, Path(parent.model_dir), data_dir, out_dir, report_to="mlflow")
             extras = {k: v for k, v in (result.get("train_metrics") or {}).items() if isinstance(v, (int, float))}
             mlflow.log_metrics({f"train.{k}": float(v) for k, v in extras.items()})
