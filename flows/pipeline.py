@@ -160,11 +160,11 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
     from stagewise.run import data_task_runner, new_run_id
     from stagewise.summary import build_summary, publish_summary_task
 
-    t0 = time.time()
     root = Path(workspace).resolve()
     run_id = new_run_id()
     # One run per workspace at a time (a second one waits, ops.lock_timeout): see stagewise/lock.py.
     with run_lock(root, root / config_path, profile, overrides or [], run_id):
+        t0 = time.time()   # the run's own time, not the wait for the lock
         ctx, cfg = start_run_task(root, root / config_path, profile, overrides or [], force, force_stages or [],
                                   run_id=run_id)
         selected = stages or cfg.run.stages

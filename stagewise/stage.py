@@ -13,6 +13,7 @@ that it is identical for every stage:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -100,7 +101,15 @@ def claim_checkpoints(out_dir: Path, key: str) -> bool:
         shutil.rmtree(ckpt)
     ckpt.mkdir(parents=True, exist_ok=True)
     marker.write_text(key)
-    return kept
+    # HF writes checkpoint-N in place, trainer_state.json last: without a readable one the kill came
+    # mid-save, and resuming from it would crash (or worse). The previous checkpoint is still there.
+    for d in ckpt.glob("checkpoint-*"):
+        try:
+            json.loads((d / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            log.warning("%s: discarding half-written %s", Path(out_dir).name, d.name)
+            shutil.rmtree(d, ignore_errors=True)
+    return kept and any(ckpt.glob("checkpoint-*"))
 
 
 def prefect_cache_key(task_ctx: Any, params: dict[str, Any]) -> str | None:

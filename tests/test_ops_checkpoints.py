@@ -35,3 +35,18 @@ def test_unmarked_checkpoints_are_discarded(tmp_path):
     fake_checkpoint(out, 10)                                 # left by a version without markers
     assert claim_checkpoints(out, "key-a") is False
     assert last_checkpoint(checkpoint_dir(out)) == (None, None)
+
+
+def test_a_checkpoint_cut_off_mid_save_is_dropped_and_the_previous_one_resumes(tmp_path):
+    out = tmp_path / "models" / "sft"
+    claim_checkpoints(out, "key-a")
+    fake_checkpoint(out, 20)
+    half = checkpoint_dir(out) / "checkpoint-25"              # killed while HF wrote it: no trainer state
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 10)
+    cut = checkpoint_dir(out) / "checkpoint-30"               # ... or with a truncated one
+    cut.mkdir()
+    (cut / "trainer_state.json").write_text('{"global_step": 3')
+    assert claim_checkpoints(out, "key-a") is True
+    assert last_checkpoint(checkpoint_dir(out))[1] == 20
+    assert not half.exists() and not cut.exists()

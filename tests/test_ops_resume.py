@@ -1,0 +1,171 @@
+"""Operations end to end on one smoke workspace (slow: several pipeline runs as subprocesses).
+
+1. Two runs started at once from cold: the second waits on the workspace lock (saying for whom),
+   then finds every step cached; one model version per stage, no crossed aliases.
+2. One changed SFT param, and the run is `kill -9`ed while SFT trains (after a checkpoint): nothing
+   registered, models/sft/ still the complete old model, the MLflow run left RUNNING.
+3. The same command again: data and pretrain cached, SFT resumes from the killed run's checkpoint,
+   exactly the downstream stages (sft, preference, reasoning) re-run; the dead MLflow run is KILLED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_workspace
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+BIN = Path(sys.executable).parent
+DATA = ["generate", "ingest", "quality", "dedup", "decontaminate", "validate", "tokenizer"]
+TRAIN = ["pretrain", "sft", "preference", "reasoning"]
+CHANGE = ["--set", "sft.learning_rate=0.002", "--set", "sft.save_steps=5"]
+
+
+def start(ws: Path, log: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PREFECT_HOME=str(ws / ".prefect"), PATH=f"{BIN}:{os.environ['PATH']}")
+    return subprocess.Popen([str(BIN / "stagewise"), "run", "--profile", "smoke", "--config", str(ws / "params.yaml"),
+                             *args], cwd=ws, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 3600) -> str:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    text = log.read_text()
+    assert proc.returncode == 0, text[-6000:]
+    return text
+
+
+def summaries(ws: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in (ws / "reports").glob("*/summary.json")
+            if p.parent.name != "latest"}
+
+
+def rows(summary: dict) -> dict[str, dict]:
+    return {r["name"]: r for r in summary["stages"]}
+
+
+def registry(ws: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def versions_of(client, stage: str) -> list:
+    return sorted((v for v in client.search_model_versions("name='stagewise'") if v.tags.get("stage") == stage),
+                  key=lambda v: int(v.version))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    return make_workspace(tmp_path_factory.mktemp("ops") / "ws")
+
+
+@pytest.fixture(scope="module")
+def concurrent(ws):
+    first = start(ws, ws.parent / "a.log")
+    holder = ws / ".stagewise" / "run.lock.json"
+    deadline = time.time() + 600
+    while not holder.exists():                 # the first run holds the workspace before the second starts
+        assert first.poll() is None and time.time() < deadline, (ws.parent / "a.log").read_text()[-4000:]
+        time.sleep(0.5)
+    t_b = time.time()
+    second = start(ws, ws.parent / "b.log")
+    log_a = finish(first, ws.parent / "a.log")
+    log_b = finish(second, ws.parent / "b.log")
+    wall_b = time.time() - t_b
+    (a_id, a), (b_id, b) = sorted(summaries(ws).items())
+    print(f"\ncold run: {a['seconds']} s; cached run (after waiting for the lock): {b['seconds']} s "
+          f"(wall incl. wait {wall_b:.0f} s)")
+    return {"a": a, "b": b, "log_a": log_a, "log_b": log_b}
+
+
+def test_concurrent_runs_serialize_and_the_second_reuses_everything(ws, concurrent):
+    a, b = concurrent["a"], concurrent["b"]
+    assert f"is in use by run {a['run_id']}" in concurrent["log_b"] and "waiting for it" in concurrent["log_b"]
+    assert set(rows(a)) >= set(TRAIN) and not any(r["cached"] for r in a["stages"])
+    assert rows(b).keys() == rows(a).keys() and all(r["cached"] for r in b["stages"])
+    assert sorted(b["data"]["cached"]) == sorted(DATA)
+    for stage in TRAIN:                         # same versions, none registered twice
+        assert rows(b)[stage]["model_version"] == rows(a)[stage]["model_version"]
+        assert len(versions_of(registry(ws), stage)) == 1
+    assert b["champion"]["version"] == a["champion"]["version"]
+    assert b["gate"]["passed"] == a["gate"]["passed"]
+
+
+@pytest.fixture(scope="module")
+def killed(ws, concurrent):
+    from stagewise.hashing import dir_hash
+
+    sft_dir, ckpts = ws / "models" / "sft", ws / "models" / "sft.checkpoints"
+    before = dir_hash(sft_dir, "*.safetensors")
+    proc = start(ws, ws.parent / "c.log", *CHANGE)
+    deadline = time.time() + 1800
+    while not list(ckpts.glob("checkpoint-*")):       # kill -9 as soon as SFT has a checkpoint
+        assert proc.poll() is None and time.time() < deadline, (ws.parent / "c.log").read_text()[-4000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)               # the pipeline and its temporary Prefect server
+    proc.wait(60)
+    steps = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*"))
+    c_id = json.loads((ws / ".stagewise" / "run.lock.json").read_text())["run"]
+    return {"steps": steps, "sft_before": before, "run_id": c_id}
+
+
+def test_kill_9_during_sft_leaves_no_half_written_model_and_registers_nothing(ws, killed):
+    from stagewise.hashing import dir_hash
+
+    assert killed["steps"] and killed["steps"][-1] >= 5
+    client = registry(ws)
+    assert len(versions_of(client, "sft")) == 1                   # nothing registered by the killed run
+    assert dir_hash(ws / "models" / "sft", "*.safetensors") == killed["sft_before"]   # old model, complete
+    parent = [r for r in client.search_runs([client.get_experiment_by_name("stagewise").experiment_id])
+              if r.data.tags.get("pipeline_run") == killed["run_id"] and r.data.tags.get("reports_dir")]
+    assert parent and parent[0].info.status == "RUNNING"          # nobody could close it
+
+
+@pytest.fixture(scope="module")
+def resumed(ws, killed):
+    log = finish(start(ws, ws.parent / "d.log", *CHANGE), ws.parent / "d.log")
+    latest = json.loads((ws / "reports" / "latest" / "summary.json").read_text())
+    print(f"\nresumed run: {latest['seconds']} s; sft resumed from step {rows(latest)['sft'].get('resumed_from_step')}"
+          f" (checkpoints at the kill: {killed['steps']})")
+    return latest, log
+
+
+def test_rerun_resumes_the_killed_stage_and_reruns_exactly_the_downstream_stages(ws, killed, resumed):
+    s, log = resumed
+    r = rows(s)
+    assert sorted(s["data"]["cached"]) == sorted(DATA)
+    assert {st: r[st]["cached"] for st in TRAIN} == {"pretrain": True, "sft": False, "preference": False,
+                                                     "reasoning": False}
+    assert r["sft"]["resumed_from_step"] in killed["steps"]        # from the killed run's checkpoint
+    assert "[resume]" in log
+    client = registry(ws)
+    sft = versions_of(client, "sft")
+    assert len(sft) == 2 and sft[-1].version == r["sft"]["model_version"]
+    assert sft[-1].tags["cache_key"] != sft[0].tags["cache_key"]
+    assert sft[-1].tags["parent_version"] == r["pretrain"]["model_version"]
+    assert not (ws / "models" / "sft.checkpoints").exists()        # cleaned after the complete save
+    assert not [p for p in (ws / "models").iterdir() if ".tmp" in p.name or ".old-" in p.name]
+    dead = [x for x in client.search_runs([client.get_experiment_by_name("stagewise").experiment_id])
+            if x.data.tags.get("pipeline_run") == killed["run_id"]]
+    assert dead and {x.info.status for x in dead} == {"KILLED"}
+    # No alias points at anything the killed run touched; challenger is this run's candidate.
+    for alias in ("champion", "challenger"):
+        try:
+            v = client.get_model_version_by_alias("stagewise", alias)
+        except Exception:  # noqa: BLE001 - alias not set (gate failed twice)
+            continue
+        assert v.tags.get("pipeline_run") != killed["run_id"]
