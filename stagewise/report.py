@@ -94,6 +94,14 @@ def _stage_rows(summary: dict) -> list[list[str]]:
 STAGE_HEADERS = ["stage", "version", "parent", "target", "parent value", "value", "improved", "time"]
 
 
+def _no_leak_list(cur: dict) -> str:
+    n = (cur.get("removed") or {}).get("contaminated", 0)
+    if n:
+        return (f"{n} training record(s) were removed as contaminated, but the run summary carries no per-item "
+                "list; see data/05_curated/removed/contaminated.jsonl.")
+    return "None found."
+
+
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
     esc = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -245,6 +253,9 @@ def plot_lineage(summary: dict) -> str | None:
         if first is not None:
             names, vals = ["start"] + names, [first] + vals
         ax.plot(names, vals, "o-", color="#0969da")
+        pos = [v for v in vals if isinstance(v, (int, float)) and v > 0]
+        if "perplexity" in g and pos and max(pos) / min(pos) > 20:
+            ax.set_yscale("log")  # random init → trained spans orders of magnitude
         ax.set_title(f"general: {g}", fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     for ax in flat[n:]:
@@ -345,7 +356,7 @@ def render_markdown(summary: dict) -> str:
                 _md_table(["training record", "kind", "benchmark item"],
                           [[c.get("id"), c.get("kind"), c.get("benchmark_item")] for c in leaked]), ""]
     else:
-        out += ["None found.", ""]
+        out += [_no_leak_list(cur), ""]
     if compression_points(summary):
         headers, rows, line = _compression_table(summary)
         out += ["## Compression candidates", "", _md_table(headers, rows), "", line, ""]
@@ -404,7 +415,7 @@ def render_html(summary: dict) -> str:
         parts.append(_html_table(["training record", "kind", "benchmark item"],
                                  [[c.get("id"), c.get("kind"), c.get("benchmark_item")] for c in leaked]))
     else:
-        parts.append("<p>None found.</p>")
+        parts.append(f"<p>{e(_no_leak_list(cur))}</p>")
     if compression_points(summary):
         headers, rows, line = _compression_table(summary)
         parts += ["<h2>Compression</h2>", img(plot_pareto(summary), "compression Pareto plot"),

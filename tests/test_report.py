@@ -89,6 +89,7 @@ def test_optional_sections_are_left_out_cleanly(tmp_path):
     summary = make_summary(passed_gate=True)
     del summary["compression"]
     summary["curation"]["contaminated"] = []
+    del summary["curation"]["removed"]["contaminated"]
     _, page = write_gate_report(tmp_path, summary)
     html_text = page.read_text()
     assert len(images(html_text)) == 3 and "Compression" not in html_text
@@ -140,3 +141,11 @@ def test_gate_not_run_says_so_instead_of_failed(tmp_path):
     md, page = write_gate_report(tmp_path, summary)
     assert "**NOT GATED: nothing promoted; champion remains stagewise v2**" in md.read_text()
     assert "none-bg" in page.read_text() and "PROMOTED:" not in page.read_text().replace("NOT GATED", "")
+
+
+def test_contamination_count_without_item_list_is_not_reported_as_none(tmp_path):
+    summary = make_summary(passed_gate=True)
+    summary["curation"]["contaminated"] = []          # counts known, items not passed along
+    md, _ = write_gate_report(tmp_path, summary)
+    section = md.read_text().split("## Contamination found in training data")[1]
+    assert "None found" not in section and "10 training record(s) were removed as contaminated" in section
