@@ -167,10 +167,12 @@ def evaluate(model_dir: Path, tasks: list[str], ws: Workspace, cfg: EvaluateConf
     version = getattr(lm_eval, "__version__", "?")
     cache_dir = ws.root / cfg.cache_dir / mhash
     keys: dict[str, str] = {}
+    # `!function` helpers (evals/*.py) shape the scores too: their source is part of every local key.
+    helpers = {p.name: _hash_file(p) for p in sorted(ws.evals.glob("*.py"))}
     for t in local:
         entry = tm_local.task_index[t]
         keys[t] = hash_obj({"task": task_hash(entry.cfg or {}, entry.yaml_path, ws.root), "limit": cfg.limit,
-                            "lm_eval": version})
+                            "lm_eval": version, "helpers": helpers})
     for t in extra:
         keys[t] = hash_obj({"task": t, "limit": cfg.limit, "lm_eval": version})
 

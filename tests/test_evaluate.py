@@ -66,6 +66,8 @@ def test_memorized_model_answers_right_and_random_model_does_not(scores):
     for task in ("sw_instruct", "sw_arithmetic"):
         assert rand[task]["exact_match"] == 0.0, task
         assert mem[task]["exact_match"] >= 0.75, task         # chat template + stop + filter + metric all work
+    assert mem["sw_instruct"]["token_f1"] >= mem["sw_instruct"]["exact_match"]     # F1 is partial credit
+    assert rand["sw_instruct"]["token_f1"] < 0.3 < mem["sw_instruct"]["token_f1"]
     # the held-out phrasings were never trained on: memorization must not carry over fully
     assert mem["sw_arithmetic_unseen"]["exact_match"] < mem["sw_arithmetic"]["exact_match"]
     # the gate sees the improvement, with a CI that excludes zero
@@ -134,3 +136,17 @@ def test_bad_inputs_fail_with_a_message_that_says_what_to_fix(world, tmp_path):
             evaluate(random_dir, ["sw_arithmetic_unseen"], ws, cfg)
     finally:
         moved.rename(path)
+
+
+def test_token_f1_gives_partial_credit():
+    import importlib.util
+
+    from eval_fixtures import REPO
+
+    spec = importlib.util.spec_from_file_location("sw_eval_utils", REPO / "evals" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    assert utils.token_f1(["The gecko is black."], ["The swan is black."]) == pytest.approx(0.75)
+    assert utils.token_f1(["The gecko is black."], ["the GECKO is black"]) == 1.0
+    assert utils.token_f1(["The gecko is black."], ["Hmm."]) == 0.0
+    assert utils.token_f1(["The gecko is black."], [""]) == 0.0
