@@ -106,7 +106,14 @@ def _memory_hash(model, tokenizer) -> str:
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
+        if isinstance(t, torch.Tensor) and not t.is_quantized:
+            h.update(t.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
+        elif isinstance(t, torch.Tensor):  # torch.ao quantized tensors: their integer payload and scales
+            h.update(t.int_repr().cpu().contiguous().numpy().tobytes() + repr(t.q_per_channel_scales()
+                     if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric) else t.q_scale()).encode())
+        else:  # packed params of dynamically quantized modules (no tensor view): hash their state
+            state = t.__getstate__() if hasattr(t, "__getstate__") else t
+            h.update(repr(state).encode())
     return h.hexdigest()
 
 
@@ -146,7 +153,8 @@ def evaluate(model_dir: Path, tasks: list[str], ws: Workspace, cfg: EvaluateConf
 
     Returns {task: {metric: value, f"{metric}_stderr": float|None, "n": int, "doc_ids": [...],
     "samples": {metric: [per-item score]}}}. Per-item scores are floats, or [loglikelihood, count]
-    pairs for perplexity-like metrics. `model`/`tokenizer` skip loading `model_dir` (in-process use).
+    pairs for perplexity-like metrics. `model` (and `tokenizer`, else read from `model_dir`) skips loading
+    the weights: in-process use, e.g. a dynamically quantized candidate that exists only in memory.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -162,7 +170,9 @@ def evaluate(model_dir: Path, tasks: list[str], ws: Workspace, cfg: EvaluateConf
             f"evaluate.extra_tasks (params.yaml). Local tasks: {sorted(tm_local.all_subtasks)}")
 
     if model is not None and tokenizer is None:
-        raise EvaluationError("evaluate(model=...) needs tokenizer= too")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     mhash = _memory_hash(model, tokenizer) if model is not None else model_hash(model_dir)
     version = getattr(lm_eval, "__version__", "?")
     cache_dir = ws.root / cfg.cache_dir / mhash
