@@ -227,6 +227,8 @@ def common_args(cfg, out_dir: Path, report_to: str) -> dict:
         gradient_checkpointing=False,   # tiny models: recompute costs time and saves nothing that matters
         disable_tqdm=True,
         include_num_input_tokens_seen=True,
+        # under `accelerate launch` on CPU, DDP goes over gloo
+        ddp_backend="gloo" if ("LOCAL_RANK" in os.environ and not torch.cuda.is_available()) else None,
     )
 
 
@@ -248,11 +250,13 @@ def progress_callback(stage: str):
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
-            if self.t0 is None or not any(k in logs for k in ("loss", "eval_loss")):
+            if self.t0 is None or not state.is_world_process_zero or not any(k in logs for k in ("loss", "eval_loss")):
                 return
             dt = max(time.perf_counter() - self.t0, 1e-9)
             tps = ((state.num_input_tokens_seen or 0) - self.tok0) / dt
-            shown = {k: round(v, 4) for k, v in logs.items() if isinstance(v, float) and "loss" in k or k in ("reward", "rewards/correctness/mean")}
+            shown = {k.replace("rewards/", "").replace("/mean", ""): round(v, 4) for k, v in logs.items()
+                     if isinstance(v, (int, float)) and ("loss" in k or k in ("reward", "frac_reward_zero_std")
+                                                         or (k.startswith("rewards/") and k.endswith("/mean")))}
             msg = f"[{stage}] step {state.global_step}/{state.max_steps} {shown} tokens/s {tps:,.0f}"
             log.info(msg)
             print(msg, flush=True)

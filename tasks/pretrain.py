@@ -18,6 +18,7 @@ from prefect import task
 from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.config import Config
+from stagewise.launch import launched, relaunch
 from stagewise.modeling import (
     benchmarks_dir, build_model, checkpoint_dir, common_args, final_metrics, load_tokenizer, mean_nll,
     param_counts, perplexity, progress_callback, read_jsonl, save_model, set_threads, steps_run, train_with_resume,
@@ -48,6 +49,9 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
+    if cfg.train.launcher == "accelerate" and not launched():
+        return relaunch("pretrain", cfg, tokenizer_dir=tokenizer_dir, curated_dir=curated_dir, out_dir=out_dir,
+                        report_to=report_to)
     set_threads(cfg)
     p = cfg.pretrain
     out_dir = Path(out_dir)
@@ -92,6 +96,8 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
     t0 = time.perf_counter()
     out, resumed = train_with_resume(trainer, checkpoint_dir(out_dir))
     wall = time.perf_counter() - t0
+    if not trainer.is_world_process_zero():
+        return {}
     metrics = final_metrics(trainer, out)
     metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     tokens = trainer.state.num_input_tokens_seen

@@ -20,6 +20,7 @@ from prefect import task
 from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.config import Config
+from stagewise.launch import launched, relaunch
 from stagewise.modeling import (
     arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, final_metrics, greedy_answers,
     load_model, load_parent, normalize, param_counts, progress_callback, read_jsonl, save_model,
@@ -48,7 +49,7 @@ def load_chats(curated_dir: Path) -> tuple[list[dict], dict]:
 def instruct_eval(model, tok, curated_dir: Path, limit: int | None) -> dict:
     """Greedy exact match + format compliance on held-out instructions; arithmetic pass@1 too."""
     b = benchmarks_dir(curated_dir)
-    if b is None:
+    if b is None or limit == 0:   # eval_limit: 0 switches the self-check off
         return {}
     out = {}
     if (b / "instruct.jsonl").exists():
@@ -74,6 +75,8 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
     """Fine-tune the parent on chat data; save a full (merged) model to out_dir."""
     from trl import SFTConfig, SFTTrainer
 
+    if cfg.train.launcher == "accelerate" and not launched():
+        return relaunch("sft", cfg, parent_dir=parent_dir, curated_dir=curated_dir, out_dir=out_dir, report_to=report_to)
     set_threads(cfg)
     s = cfg.sft
     out_dir = Path(out_dir)
@@ -115,6 +118,8 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
     t0 = time.perf_counter()
     out, resumed = train_with_resume(trainer, checkpoint_dir(out_dir))
     wall = time.perf_counter() - t0
+    if not trainer.is_world_process_zero():
+        return {}
     metrics = final_metrics(trainer, out)
 
     adapter_tmp = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -41,3 +42,14 @@ def test_qlora_end_to_end_merges_adapter(tmp_path):
     assert all(not k.startswith("base_model") and "lora" not in k for k in merged)   # a plain full model
     q = "model.layers.0.self_attn.q_proj.weight"
     assert merged[q].dtype == torch.float32 and not torch.equal(merged[q], base[q])
+
+
+@pytest.mark.slow
+def test_sft_under_accelerate_two_processes(tmp_path):
+    """train.launcher=accelerate: `accelerate launch` with 2 CPU ranks (gloo) — each step sees 2 batches."""
+    parent, _ = pretrained()
+    single = sft_model()[1]
+    res = sft(smoke_cfg("train.launcher=accelerate"), parent, curated(), tmp_path / "sft")
+    assert res["steps"] == single["steps"] // 2
+    assert res["after"]["instruct_format"] >= res["before"]["instruct_format"] + 0.3
+    assert (tmp_path / "sft" / "model.safetensors").exists()

@@ -1,0 +1,80 @@
+"""`train.launcher: accelerate` — run a training stage under `accelerate launch`.
+
+The stage function notices it is not yet inside a launched process and calls `relaunch(...)`:
+that writes the resolved config and the stage's arguments to a spec file, runs
+`accelerate launch --config_file <train.accelerate_config> -m stagewise.launch <spec>`, waits,
+and returns the result the main process wrote. Inside, every rank runs the same stage function
+(HF/TRL trainers pick up the distributed state: DDP over gloo on CPU); only the main process
+evaluates and publishes out_dir. An active MLflow run is handed over through MLFLOW_RUN_ID so
+the trainers' curves land in the caller's run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launched() -> bool:
+    """True inside a process started by `accelerate launch` (or torchrun)."""
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCHED" in os.environ
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def relaunch(stage: str, cfg, **kwargs) -> dict:
+    """Run tasks.<stage>.<stage>(cfg, **kwargs) under `accelerate launch`; return its result."""
+    conf = Path(cfg.train.accelerate_config)
+    if not conf.is_absolute():
+        conf = (Path.cwd() / conf) if (Path.cwd() / conf).exists() else ROOT / conf
+    if not conf.exists():
+        raise FileNotFoundError(f"train.accelerate_config: {conf} not found (see configs/accelerate/)")
+    with tempfile.TemporaryDirectory(prefix=f"stagewise-{stage}-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        result = Path(tmp) / "result.json"
+        spec.write_text(json.dumps({"stage": stage, "cfg": cfg.to_dict(), "result": str(result),
+                                    "kwargs": {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}}))
+        env = os.environ.copy()
+        env["ACCELERATE_LAUNCHED"] = "1"
+        env.setdefault("OMP_NUM_THREADS", "1")   # n processes share the cores
+        try:
+            import mlflow
+
+            run = mlflow.active_run()
+            if run is not None:
+                env["MLFLOW_RUN_ID"] = run.info.run_id
+                env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+        except ImportError:  # pragma: no cover
+            pass
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(conf),
+               "-m", "stagewise.launch", str(spec)]
+        proc = subprocess.run(cmd, env=env, cwd=str(ROOT))
+        if proc.returncode != 0:
+            raise RuntimeError(f"{stage}: `accelerate launch` failed with exit code {proc.returncode} "
+                               f"(config {conf}); see the log above")
+        return json.loads(result.read_text())
+
+
+def main(spec_path: str) -> None:
+    from stagewise.config import Config
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = Config.model_validate(spec["cfg"])
+    kwargs = {k: Path(v) if k.endswith("_dir") else v for k, v in spec["kwargs"].items()}
+    fn = getattr(importlib.import_module(f"tasks.{spec['stage']}"), spec["stage"])
+    res = fn(cfg, **kwargs)
+    if is_main_process():
+        Path(spec["result"]).write_text(json.dumps(res, default=str))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

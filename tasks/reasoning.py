@@ -1,0 +1,201 @@
+"""reasoning — reinforcement learning from verifiable rewards (TRL GRPOTrainer).
+
+Recipe: load the parent (preference output) → arithmetic word problems with checkable answers →
+GRPO with two rewards: correctness (the parsed "The answer is N" / last integer equals the answer)
+and format (the reply is exactly "The answer is N.") → log the share of groups whose rewards have no
+variance (they teach nothing) → atomic save. Target: held-out pass@1 (greedy) and pass@k (sampled)
+on `arithmetic` (seen templates, unseen numbers) and `arithmetic_unseen` (unseen templates).
+`sft_vs_rft` trains the SFT-on-solutions baseline from the same parent for the side-by-side table.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from prefect import task
+
+from stagewise.stage import Lineage, RunContext, run_stage
+
+from stagewise.config import Config
+from stagewise.launch import launched, relaunch
+from stagewise.modeling import (
+    arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, final_metrics, load_parent, param_counts,
+    parse_answer, progress_callback, prompt_ids, read_jsonl, save_model, set_threads, steps_run, train_with_resume,
+)
+
+FORMAT_RE = re.compile(r"^The answer is -?\d+\.$")
+
+
+def _text(completion) -> str:
+    # conversational completions arrive as [{"role": "assistant", "content": ...}]
+    return completion[0]["content"] if isinstance(completion, list) else completion
+
+
+def correctness_reward(completions, answer, **_) -> list[float]:
+    """1.0 when the parsed answer equals the reference answer."""
+    return [1.0 if parse_answer(_text(c)) == str(a).strip() else 0.0 for c, a in zip(completions, answer)]
+
+
+def format_reward(completions, **_) -> list[float]:
+    """1.0 when the reply is exactly the taught answer format."""
+    return [1.0 if FORMAT_RE.match(_text(c).strip()) else 0.0 for c in completions]
+
+
+def load_problems(curated_dir: Path) -> list[dict]:
+    path = Path(curated_dir) / "verifiable.jsonl"
+    rows = read_jsonl(path, ["prompt", "answer"])
+    bad = [i for i, r in enumerate(rows, 1) if parse_answer(str(r["answer"])) != str(r["answer"]).strip()]
+    if bad:
+        raise ValueError(f"{path}:{bad[0]}: answer {rows[bad[0] - 1]['answer']!r} is not an integer "
+                         f"({len(bad)} such rows); the verifiable reward needs integer answers — fix or curate them out")
+    return [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": str(r["answer"]).strip()} for r in rows]
+
+
+@torch.no_grad()
+def pass_at_k(model, tok, items: list[dict], k: int, temperature: float = 1.0, max_new_tokens: int = 12,
+              seed: int = 0) -> float:
+    """Share of problems where at least one of k sampled replies is correct."""
+    model.eval()
+    torch.manual_seed(seed)
+    hits = 0
+    for it in items:
+        ids = torch.tensor([prompt_ids(tok, it["question"])] * k)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
+                             top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        replies = tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+        hits += any(parse_answer(r) == str(it["answer"]) for r in replies)
+    return hits / max(len(items), 1)
+
+
+def arithmetic_eval(model, tok, curated_dir: Path, cfg: Config, with_pass_k: bool = True) -> dict:
+    """pass@1 (greedy) on both held-out arithmetic sets; pass@k on the seen-template set."""
+    b = benchmarks_dir(curated_dir)
+    if b is None or cfg.reasoning.eval_limit == 0:
+        return {}
+    r = cfg.reasoning
+    out = {}
+    for name in ("arithmetic", "arithmetic_unseen"):
+        if (b / f"{name}.jsonl").exists():
+            items = read_jsonl(b / f"{name}.jsonl", ["question", "answer"])[: r.eval_limit]
+            out[f"{name}_pass1"] = arithmetic_accuracy(model, tok, items)
+            if with_pass_k and name == "arithmetic" and r.pass_k > 1:
+                out[f"{name}_pass{r.pass_k}"] = pass_at_k(model, tok, items[:50], r.pass_k, r.temperature,
+                                                          r.max_completion_length, cfg.run.seed)
+    return out
+
+
+def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
+    """GRPO with correctness + format rewards; save the model to out_dir."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    if cfg.train.launcher == "accelerate" and not launched():
+        return relaunch("reasoning", cfg, parent_dir=parent_dir, curated_dir=curated_dir, out_dir=out_dir,
+                        report_to=report_to)
+    set_threads(cfg)
+    r = cfg.reasoning
+    out_dir = Path(out_dir)
+    model, tok = load_parent(cfg, parent_dir)
+    before = arithmetic_eval(model, tok, curated_dir, cfg)
+    args = GRPOConfig(
+        **common_args(cfg, out_dir, report_to),
+        max_steps=r.max_steps,
+        per_device_train_batch_size=r.batch_size,
+        num_generations=r.num_generations,
+        max_completion_length=r.max_completion_length,
+        temperature=r.temperature,
+        beta=r.beta,
+        learning_rate=r.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=0.05,
+        reward_weights=[1.0, r.format_weight],
+        save_steps=r.save_steps,
+        log_completions=False,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=[correctness_reward, format_reward], args=args,
+                          train_dataset=Dataset.from_list(load_problems(curated_dir)), processing_class=tok,
+                          callbacks=[progress_callback("reasoning")])
+    t0 = time.perf_counter()
+    out, resumed = train_with_resume(trainer, checkpoint_dir(out_dir))
+    wall = time.perf_counter() - t0
+    if not trainer.is_world_process_zero():
+        return {}
+    metrics = final_metrics(trainer, out)
+    logs = [h for h in trainer.state.log_history if "frac_reward_zero_std" in h]
+    zero_std = [h["frac_reward_zero_std"] for h in logs]
+    correct = [h["rewards/correctness_reward/mean"] for h in logs if "rewards/correctness_reward/mean" in h]
+    model = trainer.model.float().eval()
+    model.config.use_cache = True
+    after = arithmetic_eval(model, tok, curated_dir, cfg)
+    result = {
+        "model_dir": str(out_dir),
+        "train_metrics": metrics,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": resumed,
+        "steps_run": steps_run(trainer, resumed),
+        **param_counts(model),
+        "frac_zero_variance_groups": sum(zero_std) / len(zero_std) if zero_std else None,
+        "train_correct_first": correct[0] if correct else None,
+        "train_correct_last": correct[-1] if correct else None,
+        "before": before,
+        "after": after,
+        "wall_s": wall,
+    }
+    save_model(model, tok, out_dir, info={"stage": "reasoning", **result})
+    shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
+    return result
+
+
+def sft_on_solutions(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path) -> dict:
+    """The baseline: SFT of the same parent on the same problems with reference solutions."""
+    from tasks.sft import sft
+
+    sol = Path(out_dir).parent / f"{Path(out_dir).name}.data"
+    sol.mkdir(parents=True, exist_ok=True)
+    with (sol / "chat.jsonl").open("w") as f:
+        import json
+
+        for i, p in enumerate(load_problems(curated_dir)):
+            msgs = p["prompt"] + [{"role": "assistant", "content": f"The answer is {p['answer']}."}]
+            f.write(json.dumps({"id": f"sol-{i}", "messages": msgs}) + "\n")
+    b = benchmarks_dir(curated_dir)
+    if b is not None and not (sol / "benchmarks").exists():
+        (sol / "benchmarks").symlink_to(b)
+    cfg = cfg.model_copy(deep=True)
+    cfg.sft.peft = "none"
+    cfg.sft.epochs = cfg.reasoning.sft_epochs
+    cfg.sft.max_steps = -1
+    cfg.sft.learning_rate = cfg.reasoning.sft_learning_rate
+    cfg.sft.eval_limit = 1   # the comparison below evaluates both sides the same way
+    res = sft(cfg, parent_dir, sol, out_dir)
+    shutil.rmtree(sol, ignore_errors=True)
+    return res
+
+
+def sft_vs_rft(cfg: Config, parent_dir: Path, curated_dir: Path, rft_dir: Path, work_dir: Path) -> list[dict]:
+    """Held-out pass@1 on seen-template and unseen-template arithmetic: parent, SFT baseline, RFT (GRPO)."""
+    set_threads(cfg)
+    sft_dir = Path(work_dir) / "sft_baseline"
+    t0 = time.perf_counter()
+    sft_on_solutions(cfg, parent_dir, curated_dir, sft_dir)
+    sft_wall = time.perf_counter() - t0
+    rows = []
+    for name, d in (("parent", parent_dir), ("sft_on_solutions", sft_dir), ("rft_grpo", rft_dir)):
+        model, tok = load_parent(cfg, d)
+        m = arithmetic_eval(model, tok, curated_dir, cfg, with_pass_k=False)
+        rows.append({"method": name, "arithmetic_pass1": m.get("arithmetic_pass1"),
+                     "arithmetic_unseen_pass1": m.get("arithmetic_unseen_pass1"),
+                     **({"train_wall_s": round(sft_wall, 1)} if name == "sft_on_solutions" else {})})
+    return rows
+
+
+@task(name="reasoning")
+def reasoning_task(ctx: RunContext, cfg: Config, parent: Lineage, data_hash: str | None,
+              cache_only: bool = False) -> tuple[Lineage, dict]:
+    """RL with verifiable rewards (GRPO) on the parent; evaluate vs parent; register."""
+    return run_stage(ctx, "reasoning", reasoning, cfg, parent, data_hash, cache_only=cache_only)
