@@ -141,6 +141,6 @@ def test_promote_refuses_failed_gate_unless_forced_with_reason_and_rollback(stor
     fresh = EvaluateConfig(bootstrap_iters=50, cache_dir=".cache/fresh")   # same bytes would hit the cache
     got = evaluate(folder, ["sw_instruct", "sw_general_text"], ws, fresh)
     assert got["sw_instruct"]["cached"] is False
-    assert got["sw_instruct"]["exact_match"] == seen["sw_instruct.exact_match"] > 0
+    assert got["sw_instruct"]["token_f1"] == seen["sw_instruct.token_f1"] > 0
     assert got["sw_general_text"]["word_perplexity"] == pytest.approx(seen["sw_general_text.word_perplexity"],
                                                                       rel=1e-5)

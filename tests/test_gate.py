@@ -27,7 +27,7 @@ def ppl_task(logliks: list[float], words: int = 50) -> dict:
 
 
 def model_results(instruct: list[int], mc: list[int], logliks: list[float]) -> dict:
-    return {"sw_instruct": acc_task("exact_match", instruct), "sw_general_mc": acc_task("acc", mc),
+    return {"sw_instruct": acc_task("token_f1", instruct), "sw_general_mc": acc_task("acc", mc),
             "sw_general_text": ppl_task(logliks)}
 
 
@@ -45,7 +45,7 @@ def test_planted_forgetting_fails_and_names_the_general_metric():
 
     assert not res.passed
     target = next(r for r in res.rules if r["rule"] == "target_improves")
-    assert target["passed"] and target["metric"] == "sw_instruct.exact_match"
+    assert target["passed"] and target["metric"] == "sw_instruct.token_f1"
     drop = next(r for r in res.rules if r["metric"] == "sw_general_mc.acc")
     assert drop["rule"] == "general_no_drop" and not drop["passed"]
     assert drop["delta"] == pytest.approx(-40.0)
@@ -100,7 +100,7 @@ def test_target_must_improve_and_noise_is_flagged():
     target = next(r for r in res.rules if r["rule"] == "target_improves")
     assert target["passed"] and target["flips_within_ci"] is True
     assert target["ci_low"] <= 0 < target["ci_high"]
-    assert any("could flip" in r and "sw_instruct.exact_match" in r for r in res.reasons)
+    assert any("could flip" in r and "sw_instruct.token_f1" in r for r in res.reasons)
 
     big = model_results(ones(50), ones(48), BASE_LL)
     target = next(r for r in gate("sft", big, parent, None, GateConfig(), 500).rules if r["rule"] == "target_improves")
@@ -112,7 +112,7 @@ def test_target_rule_can_be_reported_without_enforcing():
     res = gate("sft", model_results(ones(15), ones(48), BASE_LL), parent, None,
                GateConfig(require_target_improvement=False), bootstrap_iters=200)
     assert res.passed
-    assert any(r.startswith("not enforced") and "sw_instruct.exact_match" in r for r in res.reasons)
+    assert any(r.startswith("not enforced") and "sw_instruct.token_f1" in r for r in res.reasons)
 
 
 def test_missing_general_metric_on_candidate_fails():
