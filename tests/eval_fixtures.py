@@ -11,26 +11,12 @@ import shutil
 from pathlib import Path
 
 from stagewise.config import GenerateConfig
+# The project's chat format and special tokens, so evals see what training produces.
+from stagewise.modeling import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 from stagewise.workspace import Workspace
 from tasks.generate import generate
 
 REPO = Path(__file__).resolve().parents[1]
-
-try:  # the project's chat format (stagewise/modeling.py), so evals see what training produces
-    from stagewise.modeling import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
-except ImportError:  # pragma: no cover - until modeling.py lands
-    PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|end|>"
-    SPECIAL_TOKENS = [PAD, BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>"]
-    CHAT_TEMPLATE = (
-        "{%- for message in messages -%}"
-        "{%- if message['role'] == 'assistant' -%}"
-        "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
-        "{%- else -%}"
-        "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
-    )
 
 
 def eval_workspace(root: Path, n_eval: int = 30) -> Workspace:
