@@ -33,7 +33,8 @@ def gate_and_promote(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> di
 
     candidate = lineage[-1]
     champ_version, champ = champion_metrics(ctx, cfg, stage_evals(candidate.stage), candidate.version)
-    result = gate(candidate.stage, candidate.metrics, candidate.parent_metrics, champ, cfg.gate)
+    result = gate(candidate.stage, candidate.metrics, candidate.parent_metrics, champ, cfg.gate,
+                  bootstrap_iters=cfg.evaluate.bootstrap_iters, seed=cfg.run.seed)
     name = ctx.registered_model
     registry.set_challenger(name, candidate.version)
     moved = registry.promote(name, candidate.version, result.passed)
