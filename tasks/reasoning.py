@@ -56,36 +56,46 @@ def load_problems(curated_dir: Path) -> list[dict]:
 
 
 @torch.no_grad()
-def pass_at_k(model, tok, items: list[dict], k: int, temperature: float = 1.0, max_new_tokens: int = 12,
-              seed: int = 0) -> float:
-    """Share of problems where at least one of k sampled replies is correct."""
+def sample_correct(model, tok, items: list[dict], k: int, temperature: float, max_new_tokens: int,
+                   seed: int = 0, batch_items: int = 16) -> list[list[bool]]:
+    """k sampled replies per problem (left-padded batches); which ones are correct."""
     model.eval()
     torch.manual_seed(seed)
-    hits = 0
-    for it in items:
-        ids = torch.tensor([prompt_ids(tok, it["question"])] * k)
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
-                             top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-        replies = tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-        hits += any(parse_answer(r) == str(it["answer"]) for r in replies)
-    return hits / max(len(items), 1)
+    side, tok.padding_side = tok.padding_side, "left"
+    out = []
+    try:
+        for i in range(0, len(items), batch_items):
+            chunk = items[i:i + batch_items]
+            enc = tok.pad({"input_ids": [prompt_ids(tok, it["question"]) for it in chunk for _ in range(k)]},
+                          return_tensors="pt")
+            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+            replies = tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+            for j, it in enumerate(chunk):
+                out.append([parse_answer(r) == str(it["answer"]) for r in replies[j * k:(j + 1) * k]])
+    finally:
+        tok.padding_side = side
+    return out
 
 
-def arithmetic_eval(model, tok, curated_dir: Path, cfg: Config, with_pass_k: bool = True) -> dict:
-    """pass@1 (greedy) on both held-out arithmetic sets; pass@k on the seen-template set."""
+def arithmetic_eval(model, tok, curated_dir: Path, cfg: Config, with_sampling: bool = True) -> dict:
+    """Held-out arithmetic, seen and unseen templates: greedy pass@1, and from k samples at the training
+    temperature the unbiased pass@1 (mean correctness, Chen et al. 2021) and pass@k (any correct)."""
     b = benchmarks_dir(curated_dir)
     if b is None or cfg.reasoning.eval_limit == 0:
         return {}
     r = cfg.reasoning
     out = {}
     for name in ("arithmetic", "arithmetic_unseen"):
-        if (b / f"{name}.jsonl").exists():
-            items = read_jsonl(b / f"{name}.jsonl", ["question", "answer"])[: r.eval_limit]
-            out[f"{name}_pass1"] = arithmetic_accuracy(model, tok, items)
-            if with_pass_k and name == "arithmetic" and r.pass_k > 1:
-                out[f"{name}_pass{r.pass_k}"] = pass_at_k(model, tok, items[:50], r.pass_k, r.temperature,
-                                                          r.max_completion_length, cfg.run.seed)
+        if not (b / f"{name}.jsonl").exists():
+            continue
+        items = read_jsonl(b / f"{name}.jsonl", ["question", "answer"])[: r.eval_limit]
+        out[f"{name}_greedy_pass1"] = arithmetic_accuracy(model, tok, items)
+        if with_sampling and r.pass_k > 1:
+            hits = sample_correct(model, tok, items, r.pass_k, r.temperature, r.max_completion_length, cfg.run.seed)
+            out[f"{name}_pass1"] = sum(sum(h) / len(h) for h in hits) / len(hits)
+            out[f"{name}_pass{r.pass_k}"] = sum(any(h) for h in hits) / len(hits)
     return out
 
 
@@ -129,6 +139,7 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
     logs = [h for h in trainer.state.log_history if "frac_reward_zero_std" in h]
     zero_std = [h["frac_reward_zero_std"] for h in logs]
     correct = [h["rewards/correctness_reward/mean"] for h in logs if "rewards/correctness_reward/mean" in h]
+    rewards = [h["reward"] for h in logs if "reward" in h]
     model = trainer.model.float().eval()
     model.config.use_cache = True
     after = arithmetic_eval(model, tok, curated_dir, cfg)
@@ -142,6 +153,8 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
         "frac_zero_variance_groups": sum(zero_std) / len(zero_std) if zero_std else None,
         "train_correct_first": correct[0] if correct else None,
         "train_correct_last": correct[-1] if correct else None,
+        "train_reward_first": rewards[0] if rewards else None,
+        "train_reward_last": rewards[-1] if rewards else None,
         "before": before,
         "after": after,
         "wall_s": wall,
@@ -187,9 +200,8 @@ def sft_vs_rft(cfg: Config, parent_dir: Path, curated_dir: Path, rft_dir: Path, 
     rows = []
     for name, d in (("parent", parent_dir), ("sft_on_solutions", sft_dir), ("rft_grpo", rft_dir)):
         model, tok = load_parent(cfg, d)
-        m = arithmetic_eval(model, tok, curated_dir, cfg, with_pass_k=False)
-        rows.append({"method": name, "arithmetic_pass1": m.get("arithmetic_pass1"),
-                     "arithmetic_unseen_pass1": m.get("arithmetic_unseen_pass1"),
+        m = arithmetic_eval(model, tok, curated_dir, cfg)
+        rows.append({"method": name, **{k: round(v, 3) for k, v in m.items()},
                      **({"train_wall_s": round(sft_wall, 1)} if name == "sft_on_solutions" else {})})
     return rows
 
