@@ -3,7 +3,7 @@
 A throw-away PostgreSQL cluster (Debian's `postgresql` package: initdb on loopback, a free port),
 `mlflow server --backend-store-uri postgresql://...` with served artifacts, and the smoke pipeline
 pointed at it through MLFLOW_TRACKING_URI. Checks the registry through the server *and* the rows in
-PostgreSQL. Skipped where PostgreSQL or psycopg2 is missing (scripts/integration.sh installs both).
+PostgreSQL. Skipped where PostgreSQL or psycopg is missing (scripts/integration.sh installs both).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,17 +48,17 @@ def as_postgres(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
-    pytest.importorskip("psycopg2", reason="pip install -e '.[ops]' (psycopg2-binary)")
+    pytest.importorskip("psycopg", reason="pip install -e '.[ops]' (psycopg, SQLAlchemy's postgresql:// driver)")
     bindir = pg_bin()
     if bindir is None:
         pytest.skip("PostgreSQL not installed (apt-get install -y postgresql; scripts/integration.sh does it)")
-    base = tmp_path_factory.mktemp("pg")
-    os.chmod(base, 0o777)
+    # Not under pytest's basetemp: that is private to root, and the server runs as `postgres`.
+    base = Path(tempfile.mkdtemp(prefix="stagewise-pg-"))
     data, sock = base / "data", base / "sock"
     sock.mkdir()
     if os.geteuid() == 0:
-        shutil.chown(sock, "postgres")
-        os.chmod(base.parent, 0o755)
+        for d in (base, sock):
+            shutil.chown(d, "postgres")
     out = as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"])
     assert out.returncode == 0, out.stderr
     port = free_port()
@@ -71,6 +72,7 @@ def postgres(tmp_path_factory):
         yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
     finally:
         as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"])
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,8 @@ def mlflow_server(postgres, tmp_path_factory):
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("mlflow server did not start:\n" + (base / "server.log").read_text()[-3000:])
         time.sleep(1)
     yield url, base
@@ -109,7 +112,7 @@ def mlflow_server(postgres, tmp_path_factory):
 
 def test_smoke_pipeline_tracks_and_registers_in_postgres(mlflow_server, postgres, tmp_path):
     import mlflow
-    import psycopg2
+    import psycopg
 
     url, server_dir = mlflow_server
     ws = make_workspace(tmp_path / "ws")
@@ -134,7 +137,7 @@ def test_smoke_pipeline_tracks_and_registers_in_postgres(mlflow_server, postgres
     assert any(p.name == "model.safetensors" for p in (server_dir / "artifacts").rglob("*"))
 
     # ... and the rows are in PostgreSQL.
-    with psycopg2.connect(postgres) as conn, conn.cursor() as cur:
+    with psycopg.connect(postgres) as conn, conn.cursor() as cur:
         cur.execute("select count(*) from model_versions where name = 'stagewise'")
         assert cur.fetchone()[0] == len(versions)
         cur.execute("select status from runs where run_uuid = %s", (summary["mlflow_run_id"],))
