@@ -54,10 +54,9 @@ def ensure_chat_template(tok) -> None:
         tok.add_special_tokens({"additional_special_tokens": missing})
     if not tok.chat_template or "{% generation %}" not in tok.chat_template:
         tok.chat_template = CHAT_TEMPLATE
+        tok.eos_token = EOS   # our template ends every turn with <|end|>: generation must stop there
     if tok.pad_token is None:
         tok.pad_token = PAD
-    if tok.eos_token is None:
-        tok.eos_token = EOS
 
 
 # ---------------------------------------------------------------- build / load / save

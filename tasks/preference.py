@@ -182,6 +182,11 @@ def rlhf(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report
     settings = PPOSettings(**{k: getattr(pp, k) for k in PPOSettings.__dataclass_fields__ if hasattr(pp, k)},
                            seed=cfg.run.seed)
     ppo_out = ppo_train(policy, tok, reward_fn, prompt_tok, settings)
+    if report_to == "mlflow":   # PPO curves next to the RewardTrainer's, in the caller's active run
+        import mlflow
+
+        for row in ppo_out["history"]:
+            mlflow.log_metrics({f"ppo/{k}": float(v) for k, v in row.items() if k != "step"}, step=row["step"])
     wall = time.perf_counter() - t0
 
     after = preference_accuracy(policy, tok, held) if held else {}

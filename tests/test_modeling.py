@@ -58,3 +58,27 @@ def test_bf16_switch():
 ])
 def test_parse_answer(text, want):
     assert parse_answer(text) == want
+
+
+def test_foreign_base_gets_our_template_and_tokens(tmp_path):
+    """model.base from elsewhere: a tokenizer without our special tokens or template still works for sft."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from stagewise.modeling import load_parent
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["the fox is red"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    model, tok2 = load_parent(smoke_cfg(), tmp_path / "base")
+    assert "{% generation %}" in tok2.chat_template and "<|assistant|>" in tok2.get_vocab()
+    assert tok2.eos_token == "<|end|>" and model.generation_config.eos_token_id == tok2.eos_token_id
+    assert model.get_input_embeddings().weight.shape[0] == len(tok2) > len(tok)
+    ids = tok2.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=True)["input_ids"]
+    assert model(input_ids=torch.tensor([ids])).logits.shape[-1] == len(tok2)
