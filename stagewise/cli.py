@@ -61,8 +61,14 @@ def run(
     from flows.pipeline import pipeline
     from stagewise.summary import summary_table
 
-    summary = pipeline(profile=profile, stages=selected, overrides=set_ or [], config_path=config.name,
-                       workspace=str(root), force=force, force_stages=_split(force_stage))
+    from stagewise.lock import WorkspaceLocked
+
+    try:
+        summary = pipeline(profile=profile, stages=selected, overrides=set_ or [], config_path=config.name,
+                           workspace=str(root), force=force, force_stages=_split(force_stage))
+    except WorkspaceLocked as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(3)
     typer.echo("\n" + summary_table(summary))
 
 

@@ -8,6 +8,7 @@ records is the data hash that goes into model lineage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -29,7 +30,8 @@ def is_current(root: Path, stage: str) -> bool:
     """True when dvc.lock says the stage's deps, params and outs are unchanged."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    # DVC resolves params files against the cwd, not the repo root.
+    with contextlib.chdir(root), Repo(str(root)) as repo:
         return not repo.status(targets=[stage])
 
 
@@ -41,7 +43,7 @@ def commit(root: Path, stage: str, stats: dict, metrics_path: Path | None = None
 
     if metrics_path is not None:
         write_metrics(metrics_path, stats)
-    with Repo(str(root)) as repo:
+    with contextlib.chdir(root), Repo(str(root)) as repo:
         repo.commit(stage, force=True)
     return dvc_out_hash(root, stage)
 
