@@ -8,8 +8,10 @@ benchmark leaks) — the curation helpers' job, done here by the answer key.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,7 +29,9 @@ def smoke_cfg(*sets: str) -> Config:
 
 @functools.lru_cache(maxsize=None)
 def workdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="stagewise-train-"))
+    d = Path(tempfile.mkdtemp(prefix="stagewise-train-"))
+    atexit.register(shutil.rmtree, d, True)   # removed when the test session ends
+    return d
 
 
 @functools.lru_cache(maxsize=None)
