@@ -22,3 +22,13 @@ def token_f1(references: list[str], predictions: list[str]) -> float:
         return float(ref == pred)
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def preference_results(doc: dict, results: list) -> dict:
+    """Chosen (choice 0) vs rejected (choice 1): acc, and the log-likelihood margin between them.
+
+    The margin is what DPO optimizes (relative to its reference); acc saturates early on the demo
+    world, where the parent already prefers the chosen answer for most pairs.
+    """
+    ll = [r[0] if isinstance(r, (tuple, list)) else r for r in results]
+    return {"acc": float(ll[0] > ll[1]), "margin": float(ll[0] - ll[1])}

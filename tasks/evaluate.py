@@ -31,7 +31,10 @@ STAGE_TARGETS: dict[str, tuple[str, str, bool]] = {
     # ("The swan is black." for "The gecko is black.": F1 0.75, EM 0). Measured on the smoke profile:
     # EM 0.0 → 0.0, F1 0.19 → 0.41 (pretrain → sft). exact_match is still scored and reported.
     "sft": ("sw_instruct", "token_f1", True),
-    "preference": ("sw_preference", "acc", True),
+    # margin, not acc: on the demo world the SFT parent already prefers the chosen answer for ~97% of
+    # held-out pairs, so acc has no room; the chosen-minus-rejected log-likelihood margin is what
+    # DPO/PPO move (issue #4's "chosen-vs-rejected log-likelihood margin").
+    "preference": ("sw_preference", "margin", True),
     "reasoning": ("sw_arithmetic", "exact_match", True),
 }
 # The forgetting guard: metrics no stage may trade away.
