@@ -258,7 +258,6 @@ def progress_callback(stage: str):
                                                          or (k.startswith("rewards/") and k.endswith("/mean")))}
             msg = f"[{stage}] step {state.global_step}/{state.max_steps} {shown} tokens/s {tps:,.0f}"
             log.info(msg)
-            print(msg, flush=True)
 
     return Progress()
 
