@@ -140,6 +140,14 @@ def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: li
     return {"lineage": lineage, "rows": rows}
 
 
+@flow(name="compress")
+def compress_phase(cfg: Config, ctx: RunContext, trained: dict[str, Any]) -> dict[str, Any]:
+    """Compressed candidates of the final model, chosen on accuracy, size and latency together."""
+    from tasks.compress import compress_task
+
+    return compress_task(ctx, cfg, trained["lineage"])
+
+
 @flow(name="gate")
 def gate_phase(cfg: Config, ctx: RunContext, trained: dict[str, Any]) -> dict[str, Any]:
     """Forgetting guard on the final candidate; challenger always, champion only on a pass."""
@@ -171,13 +179,15 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
         try:
             data = data_phase.with_options(task_runner=data_task_runner(cfg.ops))(cfg, ctx, selected)
             trained = train_phase(cfg, ctx, data, selected)
+            compression = (compress_phase(cfg, ctx, trained)
+                           if "compress" in selected and cfg.compress.methods and trained["rows"] else None)
             verdict = gate_phase(cfg, ctx, trained) if "gate" in selected and trained["rows"] else None
         except BaseException:
             from stagewise.run import fail_run
 
             fail_run(ctx)
             raise
-        summary = build_summary(ctx, profile, data, trained, verdict, seconds=time.time() - t0)
+        summary = build_summary(ctx, profile, data, trained, verdict, compression, seconds=time.time() - t0)
         gate_report_task(ctx, summary)
         finish_run_task(ctx, summary)
     publish_summary_task(summary)

@@ -254,3 +254,82 @@ def target_row(stage: str, child: dict, parent: dict) -> dict[str, Any]:
     }
     return {"target_metric": f"{task}.{metric}", "value": value, "baseline_value": base,
             "higher_is_better": higher, "improved": improved, "general": general}
+
+
+def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[str, Any]:
+    """Compress the final trained model (tasks/compress.py), evaluated with the gate's own evals.
+
+    Cached on (compress config, parent cache key, compression code). Every candidate's numbers go to an
+    MLflow run `compress` (table, Pareto plot); the chosen one is registered as a model version tagged
+    `compression=<method>` with its parent, when its folder loads as a transformers model.
+    """
+    import json
+
+    import mlflow
+
+    from stagewise import registry
+    from stagewise.hashing import dir_hash, source_hash
+    from tasks.compress import compress
+    from tasks.evaluate import evaluate
+
+    parent = lineage[-1]
+    out_root = ctx.ws.model_dir("compress")
+    key = hash_obj({"compress": cfg.compress.model_dump(mode="json"), "parent": parent.cache_key,
+                    "evaluate": cfg.evaluate.model_dump(mode="json"),
+                    "code": source_hash("tasks.compress", "stagewise.compression.quantize",
+                                        "stagewise.compression.prune", "stagewise.compression.distill",
+                                        "stagewise.compression.merge")})
+    marker, result_file = out_root / "cache_key", out_root / "compress.json"
+    if not ctx.forced("compress") and marker.exists() and marker.read_text() == key and result_file.exists():
+        result = json.loads(result_file.read_text())
+        return _compress_summary(result, cached=True)
+
+    eval_tasks = stage_evals(parent.stage)
+
+    def evaluate_fn(model_dir: Path, model=None) -> dict:
+        res = evaluate(Path(model_dir), eval_tasks, ctx.ws, cfg.evaluate, model=model)
+        return {f"{t}/{m}": v for t, d in res.items() for m, v in d.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and m != "n" and not m.endswith("_stderr")}
+
+    t0 = time.time()
+    with mlflow.start_run(run_name="compress", nested=ctx.mlflow_run_id is not None,
+                          parent_run_id=ctx.mlflow_run_id) as run:
+        mlflow.set_tags({"stage": "compress", "pipeline_run": ctx.run_id, "parent_version": parent.version or ""})
+        mlflow.log_params(flat_params("compress", cfg.compress.model_dump(mode="json")))
+        result = compress(cfg, Path(parent.model_dir), ctx.ws, out_root, evaluate_fn)
+        for c in result["candidates"]:
+            for k in ("params", "bytes", "memory_bytes", "tokens_per_s"):
+                if isinstance(c.get(k), (int, float)):
+                    mlflow.log_metric(f"{c['method']}.{k}", float(c[k]))
+        mlflow.log_text(result.get("table") or "", "compress.md")
+        if result.get("plot"):
+            mlflow.log_artifact(result["plot"])
+        version = None
+        if result.get("chosen_dir"):
+            try:
+                version = registry.log_model_version(
+                    Path(result["chosen_dir"]), ctx.registered_model, "compress",
+                    lineage={"parent_version": parent.version or "none", "compression": result["chosen"],
+                             "data_hash": parent.data_hash, "code_version": ctx.code_version,
+                             "config_hash": hash_obj(cfg.compress.model_dump(mode="json")), "cache_key": key,
+                             "pipeline_run": ctx.run_id,
+                             "weights_hash": dir_hash(Path(result["chosen_dir"]), "*.safetensors")},
+                    run_id=run.info.run_id)
+            except Exception as e:  # noqa: BLE001 - e.g. a quantized folder MLflow cannot log: say so
+                log.warning("compress: chosen %s not registered (%s)", result["chosen"], e)
+                result["registration_error"] = str(e)
+        result["model_version"] = version
+        result["seconds"] = round(time.time() - t0, 1)
+    result_file.write_text(json.dumps(result, indent=1, default=str))
+    marker.write_text(key)
+    return _compress_summary(result, cached=False)
+
+
+def _compress_summary(result: dict, cached: bool) -> dict[str, Any]:
+    keep = ("method", "params", "bytes", "memory_bytes", "tokens_per_s", "metrics", "check", "error", "model_dir")
+    return {
+        "candidates": [{k: c.get(k) for k in keep if k in c} for c in result["candidates"]],
+        "parent": {k: result.get("parent_measure", {}).get(k) for k in keep if k in result.get("parent_measure", {})},
+        "chosen": result.get("chosen"), "reason": result.get("reason"), "plot": result.get("plot"),
+        "model_version": result.get("model_version"), "cached": cached, "seconds": result.get("seconds"),
+    }

@@ -32,7 +32,7 @@ def removed_counts(stats: dict[str, dict]) -> dict[str, int]:
 
 
 def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dict, verdict: dict | None,
-                  seconds: float) -> dict[str, Any]:
+                  compression: dict | None, seconds: float) -> dict[str, Any]:
     stats = data.get("stats", {})
     decon = stats.get("decontaminate") or {}
     rows = trained.get("rows", [])
@@ -57,7 +57,7 @@ def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dic
         "gate": (verdict or {}).get("gate", {"passed": None, "reasons": ["gate not run"]}),
         "champion": (verdict or {}).get("champion", {"name": ctx.registered_model, "version": None}),
         "challenger": (verdict or {}).get("challenger"),
-        **({"compression": verdict["compression"]} if verdict and verdict.get("compression") else {}),
+        **({"compression": compression} if compression else {}),
     }
 
 

@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from prefect import task
 
+from stagewise.stage import Lineage, RunContext, run_compress
+
 from stagewise.compression import distill as distill_mod
 from stagewise.compression import prune, quantize
 from stagewise.compression.data import curated_texts, lm_blocks
@@ -327,8 +329,6 @@ class _Skip(Exception):
 
 
 @task(name="compress")
-def compress_task(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
-                  evaluate_fn: Callable[[Path], dict] | None = None,
-                  merge_with: list[Path] | None = None) -> dict:
-    """Quantize, prune, distill and merge the parent; measure, evaluate and pick a candidate."""
-    return compress(cfg, parent_dir, ws, out_root, evaluate_fn, merge_with)
+def compress_task(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict:
+    """Quantize, prune, distill and merge the final model; measure, evaluate, pick one, register it."""
+    return run_compress(ctx, cfg, lineage)
