@@ -315,9 +315,13 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
                              "pipeline_run": ctx.run_id,
                              "weights_hash": dir_hash(Path(result["chosen_dir"]), "*.safetensors")},
                     run_id=run.info.run_id)
-            except Exception as e:  # noqa: BLE001 - e.g. a quantized folder MLflow cannot log: say so
-                log.warning("compress: chosen %s not registered (%s)", result["chosen"], e)
-                result["registration_error"] = str(e)
+            except Exception as e:  # noqa: BLE001 - a quantized folder transformers 5 cannot re-save
+                # (bitsandbytes 4-bit: NotImplementedError in save_pretrained): keep the folder as run
+                # artifacts, with the reason, instead of a model version.
+                why = f"{type(e).__name__}: {e}".rstrip(": ")
+                log.warning("compress: chosen %s kept as artifacts, not registered (%s)", result["chosen"], why)
+                mlflow.log_artifacts(result["chosen_dir"], artifact_path=f"chosen/{result['chosen']}")
+                result["registration_error"] = why
         result["model_version"] = version
         result["seconds"] = round(time.time() - t0, 1)
     result_file.write_text(json.dumps(result, indent=1, default=str))
@@ -331,5 +335,6 @@ def _compress_summary(result: dict, cached: bool) -> dict[str, Any]:
         "candidates": [{k: c.get(k) for k in keep if k in c} for c in result["candidates"]],
         "parent": {k: result.get("parent_measure", {}).get(k) for k in keep if k in result.get("parent_measure", {})},
         "chosen": result.get("chosen"), "reason": result.get("reason"), "plot": result.get("plot"),
-        "model_version": result.get("model_version"), "cached": cached, "seconds": result.get("seconds"),
+        "model_version": result.get("model_version"), "registration_error": result.get("registration_error"),
+        "cached": cached, "seconds": result.get("seconds"),
     }
