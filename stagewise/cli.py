@@ -37,8 +37,13 @@ def run(
     force: bool = typer.Option(False, help="Re-run every step, ignoring caches."),
     force_stage: Optional[list[str]] = typer.Option(None, help="Re-run this step (repeatable / comma-separated)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Library logs too."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when the gate fails (for CI and schedulers)."),
 ) -> None:
-    """Run the pipeline end to end and print the summary table."""
+    """Run the pipeline end to end and print the summary table.
+
+    Exit codes: 0 done (the gate verdict is in the table and summary.json), 1 gate failed with --strict,
+    2 bad config or arguments, 3 workspace locked by another run.
+    """
     from stagewise.config import ConfigError, load_config
 
     root = config.resolve().parent
@@ -70,6 +75,8 @@ def run(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3)
     typer.echo("\n" + summary_table(summary))
+    if strict and (summary.get("gate") or {}).get("passed") is False:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -98,3 +98,22 @@ def test_models_are_safetensors(smoke_run):
     for stage in ("pretrain", "sft"):
         d = ws / "models" / stage
         assert (d / "model.safetensors").exists() and not list(d.glob("*.bin"))
+
+
+def test_champion_follows_the_gate_verdict_and_challenger_is_the_candidate(smoke_run):
+    ws, _, s = smoke_run
+    import mlflow
+
+    from stagewise import registry
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
+    final = s["stages"][-1]["model_version"]
+    assert registry.alias_version("stagewise", registry.CHALLENGER) == final
+    champion = registry.alias_version("stagewise", registry.CHAMPION)
+    if s["gate"]["passed"]:
+        assert champion == final == s["champion"]["version"]
+    else:  # a failing gate never moves champion (first run: there is none)
+        assert champion is None and s["champion"]["version"] is None
+        assert registry.version_tags("stagewise", final)["gate"] == "failed"
+    assert (ws / "reports" / s["run_id"] / "gate.html").stat().st_size > 1000
