@@ -14,6 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+# The user's choice, read before anything in this process calls mlflow.set_tracking_uri() (which
+# exports the variable itself and would otherwise pin every later workspace to the first one).
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 EXPERIMENT = "stagewise"
 LINEAGE_KEYS = ("stage", "parent_version", "data_hash", "config_hash", "code_version", "cache_key",
@@ -27,7 +31,7 @@ def setup_tracking(root: Path, experiment: str = EXPERIMENT) -> str:
 
     store = Path(root) / "mlflow"
     store.mkdir(parents=True, exist_ok=True)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store / 'mlflow.db'}"
+    uri = _USER_TRACKING_URI or f"sqlite:///{store / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:

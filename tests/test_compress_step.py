@@ -9,7 +9,7 @@ import pytest
 
 from compress_fixtures import compress_env  # noqa: F401  (session fixture)
 from stagewise.config import Config
-from tasks.compress import check, compress, compress_task, select
+from tasks.compress import check, compress, select
 
 
 def _cand(method, mem, metrics):
@@ -111,7 +111,7 @@ def test_merge_without_checkpoints_is_skipped_with_a_reason(compress_env, tmp_pa
     ws, parent_dir, base_cfg = compress_env
     cfg = base_cfg.model_copy(deep=True)
     cfg.compress.methods = ["merge"]
-    res = compress_task.fn(cfg, parent_dir, ws, tmp_path / "c")
+    res = compress(cfg, parent_dir, ws, tmp_path / "c")
     assert res["candidates"][0]["error"].startswith("skipped: nothing to merge with")
     assert res["chosen"] is None
 

@@ -22,6 +22,8 @@ BIN = Path(sys.executable).parent
 
 def run_cli(ws: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ, PREFECT_HOME=str(ws / ".prefect"), PATH=f"{BIN}:{os.environ['PATH']}")
+    # mlflow.set_tracking_uri() in this process exports MLFLOW_TRACKING_URI: the run must use its own store.
+    env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([str(BIN / "stagewise"), *args, "--config", str(ws / "params.yaml")],
                           cwd=ws, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -60,8 +62,8 @@ def test_mlflow_has_pipeline_run_nested_stage_runs_and_versions_with_lineage(smo
     ws, _, s = smoke_run
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name("stagewise")
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if r.info.run_id == s["mlflow_run_id"]]
@@ -74,7 +76,7 @@ def test_mlflow_has_pipeline_run_nested_stage_runs_and_versions_with_lineage(smo
     assert len(versions) >= 2
     by_stage = {v.tags["stage"]: v for v in versions}
     sft = by_stage["sft"]
-    assert sft.tags["parent_version"] == by_stage["pretrain"].version
+    assert sft.tags["parent_version"] == str(by_stage["pretrain"].version)
     assert sft.tags["data_hash"].endswith(".dir")          # DVC's md5 of data/05_curated
     lock = (ws / "dvc.lock").read_text()
     assert sft.tags["data_hash"] in lock
