@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import dataclass
+from stagewise.config import PPOConfigSection
 
 import torch
 import torch.nn as nn
@@ -102,29 +102,13 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 
 
 # ---------------------------------------------------------------- the loop
-@dataclass
-class PPOSettings:
-    steps: int = 20              # rollout/update iterations
-    batch_size: int = 16         # prompts per rollout
-    minibatch_size: int = 8
-    ppo_epochs: int = 2
-    learning_rate: float = 1e-5
-    kl_coef: float = 0.05
-    clip: float = 0.2
-    vf_coef: float = 0.5
-    gamma: float = 1.0
-    lam: float = 0.95
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    seed: int = 0
-
-
-def ppo_train(policy_lm, tok, reward_fn, prompts: list[list[int]], s: PPOSettings, log=print) -> dict:
+def ppo_train(policy_lm, tok, reward_fn, prompts: list[list[int]], s: PPOConfigSection, seed: int = 0,
+              log=print) -> dict:
     """Optimize `policy_lm` in place against reward_fn(list[prompt_ids], list[completion_ids]) → [B] scores.
 
     `prompts` are chat-templated prompt token ids. The reference is a frozen copy of the starting policy."""
-    rng = random.Random(s.seed)
-    torch.manual_seed(s.seed)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
     ref = copy.deepcopy(policy_lm).eval().requires_grad_(False)
     model = PolicyWithValue(policy_lm)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate, eps=1e-6)

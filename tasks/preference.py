@@ -152,7 +152,7 @@ def pairwise_accuracy(rm, tok, held: list[dict]) -> float:
 
 def rlhf(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """Reward model (RewardTrainer) then PPO (stagewise/ppo.py) with a KL penalty to the parent."""
-    from stagewise.ppo import PPOSettings, ppo_train
+    from stagewise.ppo import ppo_train
 
     pc, pp = cfg.preference, cfg.preference.ppo
     out_dir = Path(out_dir)
@@ -179,9 +179,7 @@ def rlhf(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report
         # a completion cut off at max_new_tokens never ended its turn: penalize (RLHF implementation details)
         return [s - (pp.missing_eos_penalty if (not c or c[-1] != eos) else 0.0) for s, c in zip(scores, completions)]
 
-    settings = PPOSettings(**{k: getattr(pp, k) for k in PPOSettings.__dataclass_fields__ if hasattr(pp, k)},
-                           seed=cfg.run.seed)
-    ppo_out = ppo_train(policy, tok, reward_fn, prompt_tok, settings)
+    ppo_out = ppo_train(policy, tok, reward_fn, prompt_tok, pp, seed=cfg.run.seed)
     if report_to == "mlflow":   # PPO curves next to the RewardTrainer's, in the caller's active run
         import mlflow
 

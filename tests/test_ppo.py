@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from stage_fixtures import sft_model, smoke_cfg
+from stagewise.config import PPOConfigSection
 from stagewise.modeling import load_parent, prompt_ids
 from stagewise.ppo import (
-    PPOSettings, clipped_surrogate, clipped_value_loss, gae, kl_penalized_rewards, ppo_train, whiten,
+    clipped_surrogate, clipped_value_loss, gae, kl_penalized_rewards, ppo_train, whiten,
 )
 
 
@@ -74,7 +75,7 @@ def test_ppo_raises_a_toy_reward():
     def reward(_prompts, completions):
         return [sum(t == target for t in c) / max(len(c), 1) * 4 for c in completions]
 
-    out = ppo_train(model, tok, reward, prompts, PPOSettings(steps=12, batch_size=16, minibatch_size=8,
+    out = ppo_train(model, tok, reward, prompts, PPOConfigSection(steps=12, batch_size=16, minibatch_size=8,
                                                               learning_rate=3e-3, kl_coef=0.01, max_new_tokens=8))
     h = out["history"]
     first, last = sum(r["score"] for r in h[:3]) / 3, sum(r["score"] for r in h[-3:]) / 3
