@@ -358,6 +358,10 @@ class GateConfig(Section):
     # ci: act only on evidence — forgetting fails only if the whole CI is beyond its limit, and the
     # target passes only if the whole CI is an improvement (docs/evaluation.md).
     decide_on: Literal["estimate", "ci"] = "estimate"
+    # Whom the forgetting guard compares the candidate with. `base` is where fine-tuning started (the
+    # pretrain output, or model.base): without it, forgetting spread over several stages passes every
+    # parent-vs-child check while general capability erodes step by step.
+    against: list[Literal["parent", "base", "champion"]] = ["parent", "base", "champion"]
 
 
 class OpsConfig(Section):

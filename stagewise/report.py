@@ -60,6 +60,17 @@ def headline(summary: dict) -> tuple[bool | None, str, str]:
     return passed, verdict, why
 
 
+def compared_line(gate: dict) -> str:
+    """Who the candidate was compared with, by version: 'vs' in the rules table refers to these."""
+    cand = gate.get("candidate") or {}
+    parts = [f"{k} {('v' + str(v)) if str(v).isdigit() else v}"
+             for k, v in (gate.get("compared_with") or {}).items() if v not in (None, "")]
+    if not cand and not parts:
+        return ""
+    who = f"candidate {cand.get('stage', '?')} v{cand.get('version', '?')}" if cand else "candidate"
+    return f"{who} compared with: " + (", ".join(parts) if parts else "nothing")
+
+
 def _rule_rows(gate: dict) -> list[list[str]]:
     rows = []
     for r in gate.get("rules") or []:
@@ -333,7 +344,10 @@ def render_markdown(summary: dict) -> str:
         if summary.get(key):
             meta.append(f"{key} {summary[key]}")
     out += [" · ".join(meta), ""]
-    out += ["## Gate rules", "", _md_table(RULE_HEADERS, _rule_rows(gate)) if gate.get("rules") else "_no rules applied_", ""]
+    out += ["## Gate rules", ""]
+    if compared_line(gate):
+        out += [compared_line(gate) + " (base: where fine-tuning started)", ""]
+    out += [_md_table(RULE_HEADERS, _rule_rows(gate)) if gate.get("rules") else "_no rules applied_", ""]
     if gate.get("reasons"):
         out += ["Reasons and notes:", ""] + [f"- {r}" for r in gate["reasons"]] + [""]
     out += ["## Stages (target metric along the lineage)", "", _md_table(STAGE_HEADERS, _stage_rows(summary)), ""]
@@ -392,6 +406,7 @@ def render_html(summary: dict) -> str:
         f"<p class='meta'>run {e(str(summary.get('run_id', '?')))} · profile {e(str(summary.get('profile', '?')))}"
         + "".join(f" · {k} {e(str(summary[k]))}" for k in ("started", "finished") if summary.get(k)) + "</p>",
         "<h2>Gate rules</h2>",
+        f"<p class='meta'>{e(compared_line(gate))} (base: where fine-tuning started)</p>" if compared_line(gate) else "",
         _html_table(RULE_HEADERS, _rule_rows(gate), verdict_col=0) if gate.get("rules") else "<p>No rules applied.</p>",
         img(plot_rules(gate), "gate rules: deltas with confidence intervals and limits"),
     ]

@@ -3,7 +3,9 @@
 Rules (params.yaml `gate:`):
   1. target_improves: the stage's own target metric (evaluate.STAGE_TARGETS) beats the parent's.
   2. general_no_drop: no accuracy-like general metric drops more than `general_max_drop_points`
-     (points on a 0-100 scale) vs the parent, and vs the champion when there is one.
+     (points on a 0-100 scale) vs each of `gate.against`: the parent, the base (where fine-tuning
+     started: pretrain output or model.base, so that forgetting spread over several stages still
+     adds up) and the champion, whichever exist.
   3. general_ppl_rise: no perplexity-like general metric rises more than `perplexity_max_rise_pct` %.
 
 Every delta carries a bootstrap confidence interval from the per-item scores evaluate() keeps
@@ -159,8 +161,11 @@ def _describe(r: dict) -> str:
 
 
 def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None, cfg: GateConfig,
-         bootstrap_iters: int = 1000, seed: int = 0) -> GateResult:
-    """Apply the forgetting guard to evaluate() results of a candidate, its parent and the champion."""
+         bootstrap_iters: int = 1000, seed: int = 0, base: dict | None = None) -> GateResult:
+    """Apply the forgetting guard to evaluate() results of a candidate, its parent, base and champion.
+
+    `base`: the model fine-tuning started from, when it is not the parent itself (None otherwise).
+    """
     rules: list[dict] = []
     notes: list[str] = []
     iters, conf = bootstrap_iters, cfg.confidence
@@ -178,33 +183,33 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
     else:
         notes.append(f"stage {stage!r} has no target metric of its own: only the forgetting guard applies")
 
-    for against, base in (("parent", parent), ("champion", champion)):
-        if base is None:
-            continue
+    baselines = [(a, b) for a, b in (("parent", parent), ("base", base), ("champion", champion))
+                 if a in cfg.against and b is not None]
+    for against, ref in baselines:
         for t, m, hib in GENERAL_METRICS:
             if relative(m, hib):
-                row = _compare("general_ppl_rise", t, m, hib, against, candidate, base, cfg.perplexity_max_rise_pct,
+                row = _compare("general_ppl_rise", t, m, hib, against, candidate, ref, cfg.perplexity_max_rise_pct,
                                "max_rise", iters, conf, enforced=True, decide_on=cfg.decide_on)
             else:
-                row = _compare("general_no_drop", t, m, hib, against, candidate, base, cfg.general_max_drop_points,
+                row = _compare("general_no_drop", t, m, hib, against, candidate, ref, cfg.general_max_drop_points,
                                "max_drop", iters, conf, enforced=True, decide_on=cfg.decide_on)
             if row is None:
                 notes.append(f"{t}.{m} not evaluated on the {against}: not compared")
             else:
                 rules.append(row)
-    if champion is None:
-        notes.append("no champion yet: compared with the parent only")
+    if champion is None and "champion" in cfg.against:
+        notes.append("no champion yet: nothing to compare with there")
 
     # Context: every other task/metric both sides were scored on (not enforced).
     enforced_keys = {(r["metric"], r["against"]) for r in rules}
     comparisons = []
-    for against, base in (("parent", parent), ("champion", champion)):
-        for t in sorted(set(candidate) & set(base or {})):
-            for m in sorted(k for k in candidate[t].get("samples", {}) if k in base[t]):
+    for against, ref in baselines:
+        for t in sorted(set(candidate) & set(ref)):
+            for m in sorted(k for k in candidate[t].get("samples", {}) if k in ref[t]):
                 if (f"{t}.{m}", against) in enforced_keys:
                     continue
                 hib = m not in _LOWER_IS_BETTER
-                row = _compare("compare", t, m, hib, against, candidate, base, 0.0, "improve", iters, conf,
+                row = _compare("compare", t, m, hib, against, candidate, ref, 0.0, "improve", iters, conf,
                                enforced=False)
                 if row is not None:
                     comparisons.append(row)

@@ -85,6 +85,27 @@ def test_champion_comparison_catches_what_the_parent_comparison_misses():
     assert any("vs the champion" in r for r in res.reasons)
 
 
+def test_forgetting_spread_over_stages_is_caught_against_the_base():
+    # The candidate loses 1.7 points vs its parent (within the 3-point limit) but 5 since pretraining.
+    pretrain = model_results(ones(10), ones(54), BASE_LL)    # mc 0.90
+    parent = model_results(ones(20), ones(52), BASE_LL)      # sft: mc 0.867
+    candidate = model_results(ones(30), ones(51), BASE_LL)   # preference: mc 0.85
+    cfg = GateConfig()
+    res = gate("sft", candidate, parent, None, cfg, bootstrap_iters=300, base=pretrain)
+    assert not res.passed
+    failed = [(r["metric"], r["against"]) for r in res.rules if not r["passed"]]
+    assert failed == [("sw_general_mc.acc", "base")]
+    assert "vs the base" in res.reasons[0]
+    # Without the base in gate.against, the same numbers pass: the blind spot the rule closes.
+    assert gate("sft", candidate, parent, None, cfg.model_copy(update={"against": ["parent", "champion"]}),
+                bootstrap_iters=300, base=pretrain).passed
+
+
+def test_gate_against_must_name_known_baselines():
+    with pytest.raises(ValueError):
+        GateConfig(against=["parent", "grandparent"])
+
+
 def test_target_must_improve_and_noise_is_flagged():
     parent = model_results(ones(20), ones(48), BASE_LL)
     same = model_results(ones(20), ones(48), BASE_LL)
