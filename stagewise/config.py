@@ -211,6 +211,10 @@ class SFTConfig(Section):
     peft: Literal["none", "lora", "qlora"] = "none"
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
     lora_learning_rate: float = 3e-3   # peft=lora|qlora: adapters want a larger step than full fine-tuning
+    # Replay: curated-corpus documents mixed into the SFT data, per conversation (0 = none), trained with
+    # loss on every token. The usual cure for chat SFT wiping out general language modelling (the
+    # forgetting guard's general perplexity); docs/training.md has the measurement.
+    replay_ratio: float = Field(0.0, ge=0.0)
     save_steps: int = 50
     eval_limit: int | None = 60        # held-out instruct/arithmetic items for the before/after self-check
 

@@ -319,6 +319,15 @@ def benchmarks_dir(curated_dir: Path) -> Path | None:
     return None
 
 
+def heldout_texts(curated_dir: Path, limit: int | None = None) -> list[str]:
+    """Held-out general text (benchmark) — never in training data after decontamination."""
+    b = benchmarks_dir(curated_dir)
+    if b is None or not (b / "general_text.jsonl").exists():
+        return []
+    rows = read_jsonl(b / "general_text.jsonl", ["text"])
+    return [r["text"] for r in rows[:limit]]
+
+
 # ---------------------------------------------------------------- quick metrics (stage self-checks)
 @torch.no_grad()
 def mean_nll(model, tok, texts: list[str], max_len: int = 256, batch_size: int = 16) -> float:

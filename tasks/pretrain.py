@@ -20,7 +20,7 @@ from stagewise.stage import Lineage, RunContext, run_stage
 from stagewise.config import Config
 from stagewise.launch import launched, relaunch
 from stagewise.modeling import (
-    benchmarks_dir, build_model, checkpoint_dir, common_args, final_metrics, load_tokenizer, mean_nll,
+    benchmarks_dir, build_model, checkpoint_dir, common_args, final_metrics, heldout_texts, load_tokenizer, mean_nll,
     param_counts, perplexity, progress_callback, read_jsonl, save_model, set_threads, steps_run, train_with_resume,
 )
 
@@ -33,15 +33,6 @@ def pack(tok, texts: list[str], block: int) -> list[list[int]]:
         stream.append(tok.eos_token_id)
     n = len(stream) // block
     return [stream[i * block:(i + 1) * block] for i in range(n)]
-
-
-def heldout_texts(curated_dir: Path, limit: int | None = None) -> list[str]:
-    """Held-out general text (benchmark) — never in training data after decontamination."""
-    b = benchmarks_dir(curated_dir)
-    if b is None or not (b / "general_text.jsonl").exists():
-        return []
-    rows = read_jsonl(b / "general_text.jsonl", ["text"])
-    return [r["text"] for r in rows[:limit]]
 
 
 def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:

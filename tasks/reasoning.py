@@ -185,6 +185,7 @@ def sft_on_solutions(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: 
     cfg.sft.max_steps = -1
     cfg.sft.learning_rate = cfg.reasoning.sft_learning_rate
     cfg.sft.eval_limit = 1   # the comparison below evaluates both sides the same way
+    cfg.sft.replay_ratio = 0.0   # the same problems as GRPO sees, nothing else
     res = sft(cfg, parent_dir, sol, out_dir)
     shutil.rmtree(sol, ignore_errors=True)
     return res

@@ -1,6 +1,7 @@
 """sft — supervised fine-tuning on curated chat data (TRL SFTTrainer, assistant-only loss).
 
-Recipe: load the parent (pretrain output, or `model.base`) → conversational dataset → SFTTrainer with
+Recipe: load the parent (pretrain output, or `model.base`) → conversational dataset (plus, with
+`sft.replay_ratio`, curated-corpus documents replayed against forgetting) → SFTTrainer with
 the project chat template (its `{% generation %}` markers make only assistant tokens count) →
 optional LoRA / QLoRA (bitsandbytes NF4 base) → LoRA merged into a full fp32 model for the next stage,
 the adapter kept under out_dir/adapter/ → atomic save. Target: held-out instruct exact match and
@@ -22,8 +23,8 @@ from stagewise.stage import Lineage, RunContext, run_stage
 from stagewise.config import Config
 from stagewise.launch import launched, relaunch
 from stagewise.modeling import (
-    arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, final_metrics, greedy_answers,
-    load_model, load_parent, normalize, param_counts, progress_callback, read_jsonl, save_model,
+    arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, final_metrics, greedy_answers, heldout_texts,
+    load_model, load_parent, mean_nll, normalize, param_counts, progress_callback, read_jsonl, save_model,
     set_threads, steps_run, train_with_resume,
 )
 
@@ -46,12 +47,46 @@ def load_chats(curated_dir: Path) -> tuple[list[dict], dict]:
     return rows, skipped
 
 
+def with_replay(tok, chats: list[dict], curated_dir: Path, ratio: float, seed: int) -> tuple[list[dict], int]:
+    """Chats plus `ratio` corpus documents per chat, pre-tokenized into one dataset for SFTTrainer.
+
+    TRL tokenizes a dataset of a single kind (all conversations or all text); a mix has to arrive
+    tokenized. Chats get the same call TRL makes (the chat template's assistant mask: loss on the
+    assistant's tokens only), documents an all-ones mask (loss on every token). TRL still builds
+    the labels from `assistant_masks` and truncates to max_length.
+    """
+    import random
+
+    if ratio <= 0:
+        return chats, 0
+    path = Path(curated_dir) / "corpus.jsonl"
+    docs = [r["text"] for r in read_jsonl(path, ["text"])]
+    if not docs:
+        raise ValueError(f"{path}: no documents to replay; set sft.replay_ratio: 0 or curate a corpus")
+    rng = random.Random(seed)
+    n = round(ratio * len(chats))
+    picked = [docs[i % len(docs)] for i in rng.sample(range(max(n, len(docs))), n)] if n else []
+    rows = []
+    for c in chats:
+        enc = tok.apply_chat_template(c["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        rows.append({"input_ids": list(enc["input_ids"]), "assistant_masks": list(enc["assistant_masks"])})
+    for text in picked:
+        ids = tok(text + tok.eos_token)["input_ids"]
+        rows.append({"input_ids": ids, "assistant_masks": [1] * len(ids)})
+    rng.shuffle(rows)
+    return rows, len(picked)
+
+
 def instruct_eval(model, tok, curated_dir: Path, limit: int | None) -> dict:
-    """Greedy exact match + format compliance on held-out instructions; arithmetic pass@1 too."""
+    """Greedy exact match + format compliance on held-out instructions; arithmetic pass@1 too; and the
+    held-out general-text NLL, the forgetting this stage can cause (what sft.replay_ratio counters)."""
     b = benchmarks_dir(curated_dir)
     if b is None or limit == 0:   # eval_limit: 0 switches the self-check off
         return {}
     out = {}
+    texts = heldout_texts(curated_dir, limit)
+    if texts:
+        out["general_text_nll"] = mean_nll(model, tok, texts)
     if (b / "instruct.jsonl").exists():
         items = read_jsonl(b / "instruct.jsonl", ["question", "answer"])[:limit]
         got = greedy_answers(model, tok, [it["question"] for it in items])
@@ -91,6 +126,8 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
     if quant is not None:
         model, _ = load_parent(cfg, parent_dir, quant)
     rows, skipped = load_chats(curated_dir)
+    n_chats = len(rows)
+    rows, n_replay = with_replay(tok, rows, curated_dir, s.replay_ratio, cfg.run.seed)
 
     from datasets import Dataset
 
@@ -103,7 +140,9 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         lr_scheduler_type="cosine",
         warmup_steps=s.warmup_ratio,
         max_length=s.max_length,
-        assistant_only_loss=True,
+        # Pre-tokenized (replay) rows carry their own assistant_masks, which TRL applies anyway; the flag
+        # only asks TRL to compute them from conversations.
+        assistant_only_loss=n_replay == 0,
         packing=False,
         save_steps=s.save_steps,
     )
@@ -145,7 +184,8 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         "steps_run": steps_run(trainer, resumed),
         **param_counts(model),
         "peft": s.peft,
-        "n_train": len(rows),
+        "n_train": n_chats,
+        "n_replay": n_replay,
         "skipped": skipped,
         "before": before,
         "after": after,

@@ -119,3 +119,36 @@ def test_champion_follows_the_gate_verdict_and_challenger_is_the_candidate(smoke
         assert champion is None and s["champion"]["version"] is None
         assert registry.version_tags("stagewise", final)["gate"] == "failed"
     assert (ws / "reports" / s["run_id"] / "gate.html").stat().st_size > 1000
+
+
+def test_planted_forgetting_is_blocked_names_the_metric_and_champion_stays(smoke_run):
+    """docs/evaluation.md's planted-forgetting run: SFT without replay (`sft.replay_ratio=0`) wipes out
+    general text; `run --strict` exits 1, the gate names the metric, champion does not move."""
+    ws, _, s = smoke_run
+    import mlflow
+
+    from stagewise import registry
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
+    # A champion to protect, whatever the smoke gate said: the smoke run's SFT model, put in by hand.
+    sft_version = next(st["model_version"] for st in s["stages"] if st["name"] == "sft")
+    proc = run_cli(ws, "promote", "--version", sft_version, "--force", "--reason", "e2e: a champion to protect")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert registry.alias_version("stagewise", registry.CHAMPION) == sft_version
+
+    up_to_sft = "generate,ingest,quality,dedup,decontaminate,validate,tokenizer,pretrain,sft,gate"
+    proc = run_cli(ws, "run", "--profile", "smoke", "--stages", up_to_sft, "--set", "sft.replay_ratio=0", "--strict")
+    assert proc.returncode == 1, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    planted = json.loads((ws / "reports" / "latest" / "summary.json").read_text())
+    gate = planted["gate"]
+    assert gate["passed"] is False
+    new_sft = planted["stages"][-1]
+    assert new_sft["name"] == "sft" and new_sft["model_version"] != sft_version and not new_sft["cached"]
+    failed = {(r["metric"], r["against"]) for r in gate["rules"] if not r["passed"]}
+    assert ("sw_general_text.word_perplexity", "parent") in failed
+    assert ("sw_general_text.word_perplexity", "champion") in failed
+    assert "sw_general_text.word_perplexity" in gate["reasons"][0] and "rose" in gate["reasons"][0]
+    assert registry.alias_version("stagewise", registry.CHAMPION) == sft_version      # did not move
+    assert registry.alias_version("stagewise", registry.CHALLENGER) == new_sft["model_version"]
+    assert "NOT PROMOTED" in (ws / "reports" / planted["run_id"] / "gate.md").read_text().splitlines()[2]
