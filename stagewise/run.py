@@ -277,9 +277,10 @@ def log_data_step(ctx: RunContext, step: str, stats: dict, out_dir: Path | None)
             metrics[key] = float(val)
     for k, v in metrics.items():
         client.log_metric(run.info.run_id, k, v)
-    docs = stats.get("data_docs")
-    if docs and Path(docs).exists():
-        client.log_artifacts(run.info.run_id, str(Path(docs).parent), artifact_path="data_docs")
+    docs = stats.get("data_docs")   # relative to the step's out_dir
+    docs = Path(out_dir) / docs if docs and out_dir is not None else None
+    if docs is not None and docs.exists():
+        client.log_artifacts(run.info.run_id, str(docs.parent), artifact_path="data_docs")
     if out_dir is not None and (Path(out_dir) / "stats.json").exists():
         client.log_artifact(run.info.run_id, str(Path(out_dir) / "stats.json"))
     client.set_terminated(run.info.run_id, "FINISHED")
