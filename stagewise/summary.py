@@ -33,6 +33,8 @@ def removed_counts(stats: dict[str, dict]) -> dict[str, int]:
 
 def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dict, verdict: dict | None,
                   compression: dict | None, seconds: float) -> dict[str, Any]:
+    from stagewise.run import _prefect_flow_run_id
+
     stats = data.get("stats", {})
     decon = stats.get("decontaminate") or {}
     rows = trained.get("rows", [])
@@ -43,6 +45,7 @@ def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dic
         "seconds": round(seconds, 1),
         "code_version": ctx.code_version,
         "mlflow_run_id": ctx.mlflow_run_id,
+        "prefect_flow_run_id": _prefect_flow_run_id(),
         "registered_model": ctx.registered_model,
         "data": {"cached": data.get("cached", []), "hashes": data.get("hashes", {})},
         "curation": {
