@@ -193,3 +193,4 @@ def test_force_stage_reruns_that_stage_and_everything_downstream_only(ws, resume
     assert versions_of(client, "reasoning")[-1].tags["parent_version"] == str(r["preference"]["model_version"])
     table = [line.split() for line in log.splitlines() if line.split()[:1] in (["pretrain"], ["sft"])]
     assert [t[6] for t in table[-2:]] == ["yes", "NO"]               # the printed table's cached column
+    assert "data steps: ran none; cached" in log and s["data"]["ran"] == []
