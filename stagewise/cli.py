@@ -63,14 +63,16 @@ def run(
     from stagewise.run import env_defaults
 
     env_defaults(root)
-    from flows.pipeline import pipeline
+    from stagewise.lock import WorkspaceLocked
+    from stagewise.run import local_prefect
     from stagewise.summary import summary_table
 
-    from stagewise.lock import WorkspaceLocked
-
     try:
-        summary = pipeline(profile=profile, stages=selected, overrides=set_ or [], config_path=config.name,
-                           workspace=str(root), force=force, force_stages=_split(force_stage))
+        with local_prefect():
+            from flows.pipeline import pipeline
+
+            summary = pipeline(profile=profile, stages=selected, overrides=set_ or [], config_path=config.name,
+                               workspace=str(root), force=force, force_stages=_split(force_stage))
     except WorkspaceLocked as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3)

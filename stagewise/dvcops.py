@@ -44,6 +44,13 @@ def is_current(root: Path, stage: str) -> bool:
         return not repo.status(targets=[stage])
 
 
+def stale_stages(root: Path) -> set[str]:
+    """Names of the stages whose deps, params or outs differ from dvc.lock: one `dvc status` for all."""
+    Repo = _repo_class()
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        return {name.rsplit(":", 1)[-1] for name in repo.status()}
+
+
 def commit(root: Path, stage: str, stats: dict, metrics_path: Path | None = None) -> str | None:
     """Write the stage's metrics file and record the stage in dvc.lock. Returns the out md5."""
     from stagewise.hashing import dvc_out_hash
