@@ -35,7 +35,7 @@ def run(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override, e.g. --set sft.epochs=2 (repeatable)."),
     config: Path = typer.Option(Path("params.yaml"), help="The params file (its folder is the workspace)."),
     force: bool = typer.Option(False, help="Re-run every step, ignoring caches."),
-    force_stage: Optional[list[str]] = typer.Option(None, help="Re-run this step (repeatable / comma-separated)."),
+    force_stage: Optional[list[str]] = typer.Option(None, help="Re-run this step, and every stage trained on top of it (repeatable / comma-separated)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Library logs too."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when the gate fails (for CI and schedulers)."),
 ) -> None:
