@@ -36,6 +36,14 @@ def dvc_current_task(root: Path, step: str) -> bool:
     return dvcops.is_current(root, step)
 
 
+@task(name="dvc-status-all")
+def dvc_stale_task(root: Path) -> list[str]:
+    """The DVC stages that are not up to date, from one `dvc status` of the whole pipeline."""
+    from stagewise import dvcops
+
+    return sorted(dvcops.stale_stages(root))
+
+
 @task(name="dvc-commit", retries=2, retry_delay_seconds=2)
 def dvc_commit_task(root: Path, step: str, stats: dict) -> str | None:
     """Record the step's outputs in dvc.lock; return their md5 (the data hash in lineage)."""
@@ -98,15 +106,22 @@ def data_phase(cfg: Config, ctx: RunContext, selected: list[str]) -> dict[str, A
 
     ws = ctx.ws
     out: dict[str, Any] = {"stats": {}, "cached": [], "hashes": {}}
+    # One status for all steps; once a step re-ran, the steps after it are asked again (their deps moved).
+    stale, ran = set(dvc_stale_task(ctx.root)), False
+
+    def current(step: str) -> bool:
+        return dvc_current_task(ctx.root, step) if ran else step not in stale
+
     for step, (step_task, kwargs) in data_steps(cfg, ws).items():
         if step == "generate" and cfg.data.sources:
             continue  # user data: nothing to generate
         stats_file = kwargs.get("out_dir", Path()) / "stats.json"
-        if step not in selected or (not ctx.forced(step) and dvc_current_task(ctx.root, step)):
+        if step not in selected or (not ctx.forced(step) and current(step)):
             out["cached"].append(step)
             out["stats"][step] = json.loads(stats_file.read_text()) if stats_file.exists() else {}
         else:  # submitted: runs on the phase's task runner (threads, or Dask workers with ops.data_runner)
             out["stats"][step] = step_task.submit(**kwargs).result()
+            ran = True
             dvc_commit_task(ctx.root, step, out["stats"][step])
             track_data_step_task(ctx, step, out["stats"][step], kwargs.get("out_dir"))
         out["hashes"][step] = dvc_out_hash(ctx.root, step)

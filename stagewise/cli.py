@@ -35,7 +35,7 @@ def run(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override, e.g. --set sft.epochs=2 (repeatable)."),
     config: Path = typer.Option(Path("params.yaml"), help="The params file (its folder is the workspace)."),
     force: bool = typer.Option(False, help="Re-run every step, ignoring caches."),
-    force_stage: Optional[list[str]] = typer.Option(None, help="Re-run this step (repeatable / comma-separated)."),
+    force_stage: Optional[list[str]] = typer.Option(None, help="Re-run this step, and every stage trained on top of it (repeatable / comma-separated)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Library logs too."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when the gate fails (for CI and schedulers)."),
 ) -> None:
@@ -63,14 +63,16 @@ def run(
     from stagewise.run import env_defaults
 
     env_defaults(root)
-    from flows.pipeline import pipeline
+    from stagewise.lock import WorkspaceLocked
+    from stagewise.run import local_prefect
     from stagewise.summary import summary_table
 
-    from stagewise.lock import WorkspaceLocked
-
     try:
-        summary = pipeline(profile=profile, stages=selected, overrides=set_ or [], config_path=config.name,
-                           workspace=str(root), force=force, force_stages=_split(force_stage))
+        with local_prefect():
+            from flows.pipeline import pipeline
+
+            summary = pipeline(profile=profile, stages=selected, overrides=set_ or [], config_path=config.name,
+                               workspace=str(root), force=force, force_stages=_split(force_stage))
     except WorkspaceLocked as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3)

@@ -16,7 +16,28 @@ _NOISE = [
     r".*kernels.*not installed.*",
     r".*`resume_download` is deprecated.*",
     r".*Using the `WANDB_DISABLED`.*",
+    # transformers 5 renamed the option TRL's configs still set; nothing for a user to change
+    r".*`?(is_)?gradient_checkpointing`? is deprecated.*",
 ]
+# Loggers whose warnings are noise here: bitsandbytes says its optional fused CPU kernels are missing
+# (the fallback is what runs on CPU anyway).
+_NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+_quiet = False
+
+
+class _LibraryInfoFilter(logging.Filter):
+    """Below WARNING, only Stagewise's own records reach the console (libraries log INFO freely)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".", 1)[0] == "stagewise"
+
+
+def quiet_again(*names: str) -> None:
+    """Re-quiet loggers a library reconfigures when it is imported (dvc sets itself to INFO with its
+    own console handlers). No-op with --verbose or when `configure` was never called."""
+    if _quiet:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def configure(verbose: bool = False) -> None:
@@ -26,6 +47,10 @@ def configure(verbose: bool = False) -> None:
     logging.getLogger("stagewise").setLevel(level)
     if verbose:
         return
+    global _quiet
+    _quiet = True
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_LibraryInfoFilter())
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     if not sys.stderr.isatty():  # progress bars only for a person watching; logs get step lines instead
@@ -39,5 +64,5 @@ def configure(verbose: bool = False) -> None:
                  "datasets", "accelerate", "bitsandbytes", "prefect"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # lm-eval warns per task about defaults we rely on; mlflow about hub model cards it cannot reach offline.
-    for name in ("lm_eval", "mlflow.transformers", "mlflow.models"):
+    for name in ("lm_eval", "mlflow.transformers", "mlflow.models", *_NOISY_LOGGERS):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -5,6 +5,7 @@ Plain functions; flows/pipeline.py calls them through the thin tasks at the bott
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -258,6 +259,48 @@ def env_defaults(root: Path) -> None:
         os.environ.setdefault(k, v)
 
 
+# What every run imports anyway: loaded while Prefect's temporary server boots (see local_prefect).
+RUN_IMPORTS = ("flows.pipeline", "mlflow", "dvc.repo", "tasks.tokenizer", "tasks.evaluate", "lm_eval")
+
+
+@contextlib.contextmanager
+def local_prefect(preload: tuple[str, ...] = RUN_IMPORTS):
+    """Around a flow call from the CLI: Prefect's temporary API server, started while we import.
+
+    Without PREFECT_API_URL, Prefect starts a temporary server subprocess on the first flow call and
+    waits idle until it answers (~7 s here): starting it first, in a thread, overlaps that wait with
+    the imports the run needs anyway. Flow-run heartbeats are switched off for the temporary server:
+    they let a server notice a crashed run, and this one lives and dies with this process. Against a
+    real server (PREFECT_API_URL set) nothing changes.
+    """
+    import importlib
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+
+    def start() -> None:
+        try:
+            server.start()
+        except Exception as e:  # noqa: BLE001 - the flow call starts it again and reports the error
+            log.debug("early start of Prefect's temporary server failed: %s", e)
+
+    # `start()` marks the server running before it answers: the flow may only be called after join().
+    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
+    thread.start()
+    for name in preload:
+        importlib.import_module(name)
+    thread.join()
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        yield
+
+
 def log_data_step(ctx: RunContext, step: str, stats: dict, out_dir: Path | None) -> None:
     """A nested MLflow run per data step: its params section, counts per kind/reason, Data Docs."""
     import mlflow
@@ -277,9 +320,10 @@ def log_data_step(ctx: RunContext, step: str, stats: dict, out_dir: Path | None)
             metrics[key] = float(val)
     for k, v in metrics.items():
         client.log_metric(run.info.run_id, k, v)
-    docs = stats.get("data_docs")
-    if docs and Path(docs).exists():
-        client.log_artifacts(run.info.run_id, str(Path(docs).parent), artifact_path="data_docs")
+    docs = stats.get("data_docs")   # relative to the step's out_dir
+    docs = Path(out_dir) / docs if docs and out_dir is not None else None
+    if docs is not None and docs.exists():
+        client.log_artifacts(run.info.run_id, str(docs.parent), artifact_path="data_docs")
     if out_dir is not None and (Path(out_dir) / "stats.json").exists():
         client.log_artifact(run.info.run_id, str(Path(out_dir) / "stats.json"))
     client.set_terminated(run.info.run_id, "FINISHED")

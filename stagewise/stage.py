@@ -4,8 +4,8 @@ A stage's Prefect task is one line, `run_stage(ctx, "sft", sft)`. The recipe (`t
 stays a plain function that knows nothing of MLflow or Prefect; this module owns the bookkeeping so
 that it is identical for every stage:
 
-1. cache key = hash(stage config, model/train config, data hash, parent's cache key, stage code);
-   a registered version with that key is reused (its folder materialized if missing);
+1. cache key = hash(stage config, model/train config, data hash, parent's cache key and weights hash,
+   stage code); a registered version with that key is reused (its folder materialized if missing);
 2. otherwise an MLflow run `<stage>` nested under the pipeline run records params, training
    curves (`report_to="mlflow"`), the evaluation of child *and* parent, and the model version;
 3. a stage that raises registers nothing (its MLflow run is marked FAILED).
@@ -25,6 +25,9 @@ from stagewise.workspace import Workspace
 
 log = logging.getLogger("stagewise")
 
+# Stages that build on the previous one's weights, in pipeline order: forcing one forces the rest.
+WEIGHT_CHAIN = ("pretrain", "sft", "preference", "reasoning", "compress")
+
 
 @dataclass
 class RunContext:
@@ -43,7 +46,16 @@ class RunContext:
         return Workspace.at(self.root)
 
     def forced(self, stage: str) -> bool:
-        return self.force or stage in self.force_stages
+        """Does `stage` bypass its caches? `--force`, `--force-stage stage`, or a forced stage upstream.
+
+        A forced stage retrains and registers new weights; reusing a downstream model trained on the
+        old ones would ship a chain that was never trained together, so the force cascades.
+        """
+        if self.force or stage in self.force_stages:
+            return True
+        if stage not in WEIGHT_CHAIN:
+            return False
+        return any(s in self.force_stages for s in WEIGHT_CHAIN[:WEIGHT_CHAIN.index(stage)])
 
 
 @dataclass
@@ -57,6 +69,7 @@ class Lineage:
     data_hash: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     parent_metrics: dict[str, Any] = field(default_factory=dict)
+    weights_hash: str | None = None  # dir_hash of the *.safetensors: what children are trained on
 
 
 TrainFn = Callable[..., dict]
@@ -68,6 +81,9 @@ def cache_key(stage: str, cfg: Config, parent: Lineage | None, data_hash: str | 
         "stage": stage,
         "config": {s: cfg.section(s).model_dump(mode="json") for s in sections},
         "parent": parent.cache_key if parent else None,
+        # The parent's key says what it was trained from, its weights what it became: a re-trained
+        # parent (--force-stage, a resume) is a new parent even under the same key.
+        "parent_weights": parent.weights_hash if parent else None,
         "data": data_hash,
         "code": code,
     })
@@ -200,7 +216,8 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
         log.info("%s: inputs unchanged, reusing model version %s", stage, hit["version"])
         child_metrics = evaluate(out_dir, eval_tasks, ws, cfg.evaluate)
         row.update(cached=True, model_version=hit["version"])
-        lineage = Lineage(stage, str(out_dir), key, hit["version"], data_hash, child_metrics)
+        lineage = Lineage(stage, str(out_dir), key, hit["version"], data_hash, child_metrics,
+                          weights_hash=hit["tags"].get("weights_hash"))
     else:
         with mlflow.start_run(run_name=stage, nested=ctx.mlflow_run_id is not None,
                               parent_run_id=ctx.mlflow_run_id) as run:
@@ -214,6 +231,7 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
             extras = {k: v for k, v in (result.get("train_metrics") or {}).items() if isinstance(v, (int, float))}
             mlflow.log_metrics({f"train.{k}": float(v) for k, v in extras.items()})
             child_metrics = evaluate(out_dir, eval_tasks, ws, cfg.evaluate)
+            weights = dir_hash(out_dir, "*.safetensors")
             mlflow.log_metrics(numeric_metrics(child_metrics))
             mlflow.log_metrics({f"parent.{k}": v for k, v in numeric_metrics(parent_metrics).items()})
             version = registry.log_model_version(
@@ -225,7 +243,7 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
                     "code_version": ctx.code_version,
                     "cache_key": key,
                     "pipeline_run": ctx.run_id,
-                    "weights_hash": dir_hash(out_dir, "*.safetensors"),
+                    "weights_hash": weights,
                     "mlflow_run_id": run.info.run_id,
                 },
                 run_id=run.info.run_id,
@@ -233,7 +251,7 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
             )
             row.update(model_version=version, steps=result.get("steps"),
                        resumed_from_step=result.get("resumed_from_step"))
-            lineage = Lineage(stage, str(out_dir), key, version, data_hash, child_metrics)
+            lineage = Lineage(stage, str(out_dir), key, version, data_hash, child_metrics, weights_hash=weights)
     lineage.parent_metrics = parent_metrics
     row.update(target_row(stage, child_metrics, parent_metrics))
     row["seconds"] = round(time.time() - t0, 1)
@@ -275,6 +293,7 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
     parent = lineage[-1]
     out_root = ctx.ws.model_dir("compress")
     key = hash_obj({"compress": cfg.compress.model_dump(mode="json"), "parent": parent.cache_key,
+                    "parent_weights": parent.weights_hash,
                     "evaluate": cfg.evaluate.model_dump(mode="json"),
                     "code": source_hash("tasks.compress", "stagewise.compression.quantize",
                                         "stagewise.compression.prune", "stagewise.compression.distill",

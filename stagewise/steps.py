@@ -16,7 +16,8 @@ def data_steps(cfg: Config, ws: Workspace) -> dict[str, tuple[Any, dict[str, Any
 
     return {
         "generate": (generate.generate_task, dict(cfg=cfg.generate, out_dir=ws.raw)),
-        "ingest": (ingest.ingest_task, dict(data_cfg=cfg.data, cfg=cfg.ingest, raw_dir=ws.raw, out_dir=ws.ingested)),
+        "ingest": (ingest.ingest_task, dict(data_cfg=cfg.data, cfg=cfg.ingest, raw_dir=ws.raw, out_dir=ws.ingested,
+                                                root=ws.root)),
         "quality": (quality.quality_task, dict(cfg=cfg.quality, in_dir=ws.ingested, out_dir=ws.filtered)),
         "dedup": (dedup.dedup_task, dict(cfg=cfg.dedup, in_dir=ws.filtered, out_dir=ws.deduped)),
         "decontaminate": (decontaminate.decontaminate_task,

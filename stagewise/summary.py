@@ -33,6 +33,8 @@ def removed_counts(stats: dict[str, dict]) -> dict[str, int]:
 
 def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dict, verdict: dict | None,
                   compression: dict | None, seconds: float) -> dict[str, Any]:
+    from stagewise.run import _prefect_flow_run_id
+
     stats = data.get("stats", {})
     decon = stats.get("decontaminate") or {}
     rows = trained.get("rows", [])
@@ -43,8 +45,11 @@ def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dic
         "seconds": round(seconds, 1),
         "code_version": ctx.code_version,
         "mlflow_run_id": ctx.mlflow_run_id,
+        "prefect_flow_run_id": _prefect_flow_run_id(),
         "registered_model": ctx.registered_model,
-        "data": {"cached": data.get("cached", []), "hashes": data.get("hashes", {})},
+        "data": {"cached": data.get("cached", []),
+                 "ran": [step for step in stats if step not in data.get("cached", [])],
+                 "hashes": data.get("hashes", {})},
         "curation": {
             "funnel": curation_funnel(stats),
             "removed": removed_counts(stats),
@@ -82,9 +87,15 @@ def summary_table(summary: dict) -> str:
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
+    out.append("")
+    data = summary.get("data") or {}
+    out.append(f"data steps: ran {', '.join(data.get('ran') or []) or 'none'}; "
+               f"cached {', '.join(data.get('cached') or []) or 'none'}")
+    comp = summary.get("compression")
+    if comp:
+        out.append(f"compress: {'cached' if comp.get('cached') else 'ran'}, chose {comp.get('chosen') or 'nothing'}")
     gate = summary.get("gate") or {}
     verdict = {True: "PASSED", False: "FAILED", None: "not run"}[gate.get("passed")]
-    out.append("")
     out.append(f"gate: {verdict}" + ("" if not gate.get("reasons") else " — " + "; ".join(gate["reasons"])))
     champ = summary.get("champion") or {}
     out.append(f"champion: {champ.get('name')} v{champ.get('version')}" if champ.get("version") else "champion: none")

@@ -43,12 +43,13 @@ def base_task(cfg: Config, ctx: RunContext, tokenizer_hash: str | None) -> Linea
     ws = ctx.ws
     if cfg.model.base:
         path = resolve_base(cfg, ws.model_dir("base"))
-        return Lineage("base", str(path), hash_obj({"base": cfg.model.base, "weights": dir_hash(path, "*.safetensors")}),
-                       version=None)
+        weights = dir_hash(path, "*.safetensors")
+        return Lineage("base", str(path), hash_obj({"base": cfg.model.base, "weights": weights}), version=None,
+                       weights_hash=weights)
     out_dir = ws.model_dir("init")
     key = hash_obj({"model": cfg.model.model_dump(mode="json"), "seed": cfg.run.seed, "tokenizer": tokenizer_hash})
     marker = out_dir / "cache_key"
     if not (marker.exists() and marker.read_text() == key):
         init_model(cfg, ws.tokenizer, out_dir)
         marker.write_text(key)
-    return Lineage("init", str(out_dir), key, version=None)
+    return Lineage("init", str(out_dir), key, version=None, weights_hash=dir_hash(out_dir, "*.safetensors"))

@@ -12,6 +12,7 @@ Which tasks run under the chat template is declared in each YAML (`metadata.chat
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -203,6 +204,7 @@ def evaluate(model_dir: Path, tasks: list[str], ws: Workspace, cfg: EvaluateConf
     if not todo:
         return results
 
+    _quiet_git_hash()
     lm = _load_lm(model_dir, cfg, model, tokenizer)
     # One simple_evaluate call per (task manager, chat template) group: the flag is global per call.
     groups: dict[tuple[bool, bool], list[str]] = {}
@@ -232,9 +234,54 @@ def evaluate(model_dir: Path, tasks: list[str], ws: Workspace, cfg: EvaluateConf
     return {t: results[t] for t in tasks}
 
 
+def _quiet_git_hash() -> None:
+    """lm-eval records `git describe` of the cwd (our workspace, often no repo) and lets git print
+    "fatal: not a git repository" on every evaluation: the same lookup, with git's stderr captured."""
+    import subprocess
+
+    import lm_eval.evaluator
+
+    def git_describe() -> str | None:
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() or None
+
+    lm_eval.evaluator.get_git_commit_hash = git_describe
+
+
+def _bars_off() -> bool:
+    return os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+
+
+@functools.cache
+def _hflm():
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        """HFLM whose request progress bars follow TQDM_DISABLE (lm-eval passes tqdm an explicit
+        `disable=`, which overrides the variable; the CLI sets it for non-interactive runs)."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or _bars_off())
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or _bars_off())
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or _bars_off())
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            # loglikelihood_rolling calls this with disable_tqdm=False hard-coded
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or _bars_off(),
+                                                 override_bs=override_bs)
+
+    return QuietHFLM
+
+
 def _load_lm(model_dir: Path, cfg: EvaluateConfig, model=None, tokenizer=None):
     import torch
-    from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model is None:
@@ -249,7 +296,7 @@ def _load_lm(model_dir: Path, cfg: EvaluateConfig, model=None, tokenizer=None):
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     model.eval()
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+    return _hflm()(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
 
 
 def _task_result(name: str, agg: dict, samples: list[dict], iters: int) -> dict:

@@ -24,8 +24,12 @@ BAD_ROW_CODES = ("bad_json", "bad_utf8", "missing_field", "wrong_type", "duplica
 _SUFFIX = {"jsonl": (".jsonl", ".json", ".ndjson"), "parquet": (".parquet",), "text": (".txt", ".md")}
 
 
-def ingest(data_cfg: DataConfig, cfg: IngestConfig, raw_dir: Path, out_dir: Path) -> dict:
-    """Read the configured sources (or raw_dir/<kind>.jsonl) into out_dir/<kind>.jsonl."""
+def ingest(data_cfg: DataConfig, cfg: IngestConfig, raw_dir: Path, out_dir: Path, root: Path | None = None) -> dict:
+    """Read the configured sources (or raw_dir/<kind>.jsonl) into out_dir/<kind>.jsonl.
+
+    Source files are recorded (stats.json, quarantine rows) relative to `root`, the workspace, when
+    they lie inside it: the outputs are DVC-tracked, and the same data must hash the same in any clone.
+    """
     raw_dir, out = Path(raw_dir), StepOutput("ingest", out_dir)
     sources = _sources(data_cfg, raw_dir)
     quarantine: dict[str, list[dict]] = {}
@@ -39,6 +43,7 @@ def ingest(data_cfg: DataConfig, cfg: IngestConfig, raw_dir: Path, out_dir: Path
         # name goes in front so ids stay unique
         multi = src.format in ("jsonl", "parquet", "text") and len(_files(src)) > 1
         for file, line, value in progress(_rows(src), f"ingest {kind}"):
+            file = _shown(file, root)
             if file not in files[kind]:
                 files[kind].append(file)
             if value is None:  # a blank line: not a record, but counted
@@ -76,6 +81,15 @@ def ingest(data_cfg: DataConfig, cfg: IngestConfig, raw_dir: Path, out_dir: Path
     return out.finish(files=files, blank_lines=blank_lines,
                       quarantined={k: len(v) for k, v in quarantine.items()},
                       on_bad_rows=data_cfg.on_bad_rows)
+
+
+def _shown(file: str, root: Path | None) -> str:
+    if root is None:
+        return file
+    try:
+        return Path(file).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:  # outside the workspace: as configured
+        return file
 
 
 def _sources(data_cfg: DataConfig, raw_dir: Path) -> list[tuple[str, SourceConfig]]:
@@ -222,6 +236,7 @@ def _hf_rows(src: SourceConfig) -> Iterator[tuple[str, int, Any]]:
 
 
 @task(name="ingest", retries=1)
-def ingest_task(data_cfg: DataConfig, cfg: IngestConfig, raw_dir: Path, out_dir: Path) -> dict:
+def ingest_task(data_cfg: DataConfig, cfg: IngestConfig, raw_dir: Path, out_dir: Path,
+                root: Path | None = None) -> dict:
     """Read raw sources into normalized records; quarantine or reject bad rows."""
-    return ingest(data_cfg, cfg, raw_dir, out_dir)
+    return ingest(data_cfg, cfg, raw_dir, out_dir, root)

@@ -81,7 +81,8 @@ def validate(cfg: ValidateConfig, in_dir: Path, out_dir: Path) -> dict:
              "expectations": {k: {"success": v["success"], "evaluated": len(v["checks"]),
                                   "failed": [c["expectation"] + (f"({c['column']})" if c["column"] else "")
                                              for c in v["checks"] if not c["success"]]} for k, v in results.items()},
-             "data_docs": str(index) if index.exists() else None}
+             # relative to this folder: the stats are a DVC output, and must not depend on the checkout's location
+             "data_docs": index.relative_to(out_dir).as_posix() if index.exists() else None}
     write_json(out_dir / "results.json", results)
     write_json(out_dir / "stats.json", stats)
     if failures:

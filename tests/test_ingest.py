@@ -175,3 +175,25 @@ def test_prefect_tasks_are_named_after_their_steps():
                       (decontaminate, "decontaminate"), (validate, "validate")):
         t = getattr(mod, f"{step}_task")
         assert t.name == step and t.retries == 1
+
+
+def test_the_same_data_in_two_clones_hashes_the_same(tmp_path):
+    """Ingest's outputs are DVC-tracked: nothing in them may depend on where the workspace lives."""
+    from stagewise.hashing import dir_hash
+    from stagewise.steps import data_steps
+    from stagewise.workspace import Workspace
+    from stagewise.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml", "smoke")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_bad_rows": "quarantine"})})
+    hashes = []
+    for clone in ("a", "elsewhere/b"):
+        ws = Workspace.at(tmp_path / clone)
+        ws.raw.mkdir(parents=True)
+        write(ws.raw / "corpus.jsonl", [{"text": doc(i)} for i in range(3)] + [b"{not json"])
+        step, kwargs = data_steps(cfg, ws)["ingest"]
+        stats = step.fn(**kwargs)
+        assert stats["files"] == {"corpus": ["data/01_raw/corpus.jsonl"]} and stats["quarantined"] == {"corpus": 1}
+        assert str(tmp_path) not in "".join(p.read_text() for p in ws.ingested.rglob("*") if p.is_file())
+        hashes.append(dir_hash(ws.ingested))
+    assert hashes[0] == hashes[1]

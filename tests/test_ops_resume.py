@@ -6,6 +6,8 @@
    registered, models/sft/ still the complete old model, the MLflow run left RUNNING.
 3. The same command again: data and pretrain cached, SFT resumes from the killed run's checkpoint,
    exactly the downstream stages (sft, preference, reasoning) re-run; the dead MLflow run is KILLED.
+4. The same command with `--force-stage sft`: sft re-trains and everything built on it re-runs
+   (preference, reasoning), nothing upstream does.
 """
 
 from __future__ import annotations
@@ -169,3 +171,26 @@ def test_rerun_resumes_the_killed_stage_and_reruns_exactly_the_downstream_stages
         except Exception:  # noqa: BLE001 - alias not set (gate failed twice)
             continue
         assert v.tags.get("pipeline_run") != killed["run_id"]
+
+
+@pytest.fixture(scope="module")
+def forced(ws, resumed):
+    log = finish(start(ws, ws.parent / "e.log", *CHANGE, "--force-stage", "sft"), ws.parent / "e.log")
+    return json.loads((ws / "reports" / "latest" / "summary.json").read_text()), log
+
+
+def test_force_stage_reruns_that_stage_and_everything_downstream_only(ws, resumed, forced):
+    before, _ = resumed
+    s, log = forced
+    r = rows(s)
+    assert sorted(s["data"]["cached"]) == sorted(DATA)
+    assert {st for st in TRAIN if not r[st]["cached"]} == {"sft", "preference", "reasoning"}
+    assert r["pretrain"]["model_version"] == rows(before)["pretrain"]["model_version"]
+    client = registry(ws)
+    for stage in ("sft", "preference", "reasoning"):           # a new version each, chained to the new parent
+        assert int(r[stage]["model_version"]) > int(rows(before)[stage]["model_version"])
+    assert versions_of(client, "preference")[-1].tags["parent_version"] == str(r["sft"]["model_version"])
+    assert versions_of(client, "reasoning")[-1].tags["parent_version"] == str(r["preference"]["model_version"])
+    table = [line.split() for line in log.splitlines() if line.split()[:1] in (["pretrain"], ["sft"])]
+    assert [t[6] for t in table[-2:]] == ["yes", "NO"]               # the printed table's cached column
+    assert "data steps: ran none; cached" in log and s["data"]["ran"] == []

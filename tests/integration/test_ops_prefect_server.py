@@ -118,7 +118,7 @@ def test_serve_cron_deployment_runs_smoke_and_registers_a_model(prefect_server, 
     summary = json.loads((ws / "reports" / "latest" / "summary.json").read_text())
     links = json.loads((ws / "reports" / summary["run_id"] / "run.json").read_text())
     # Prefect flow run → reports/<run_id>/run.json → MLflow parent run, and back.
-    assert links["prefect_flow_run_id"] == run["id"]
+    assert links["prefect_flow_run_id"] == run["id"] == summary["prefect_flow_run_id"]
     assert links["mlflow_run_id"] == summary["mlflow_run_id"]
     import mlflow
 
@@ -134,6 +134,8 @@ def test_serve_cron_deployment_runs_smoke_and_registers_a_model(prefect_server, 
                            timeout=30).json()
     keys = {a["key"] for a in artifacts}
     assert {"run-links", "run-summary"} <= keys
+    run_links = next(a for a in artifacts if a["key"] == "run-links")["data"]
+    assert summary["mlflow_run_id"] in run_links and str(ws / "reports" / summary["run_id"]) in run_links
 
 
 def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server, tmp_path):
