@@ -288,8 +288,13 @@ class PruneSettings(Section):
     kv_group_fraction: float = 0.5     # prune_structured: fraction of GQA key/value groups (with their query heads) removed
     layer_fraction: float = 0.0        # prune_structured: fraction of decoder layers removed (lowest block influence)
     calibration_texts: int = 32        # texts whose activations rank neurons and heads
-    recovery_steps: int = 60           # causal-LM fine-tuning steps after pruning (0 = none); masks stay applied
+    recovery_steps: int = 60           # fine-tuning steps after pruning (0 = none); masks stay applied
     recovery_learning_rate: float = 1e-3
+    # task: what the parent was trained on (corpus + chat + verifiable answers, assistant tokens only);
+    # text: packed corpus + chat text, loss on every token (plain causal LM)
+    recovery_data: Literal["task", "text"] = "task"
+    recovery_alpha: float = 0.5        # λ of (1-λ)·CE + λ·T²·KL against the unpruned parent; 0 = CE only
+    recovery_temperature: float = 2.0  # T of that KL term
     batch_size: int = 16
     seq_len: int = 128
 
@@ -305,6 +310,7 @@ class DistillSettings(Section):
     learning_rate: float = 2e-3
     batch_size: int = 16
     seq_len: int = 128
+    data: Literal["task", "text"] = "task"  # as prune.recovery_data
 
 
 class MergeSettings(Section):
