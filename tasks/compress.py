@@ -103,6 +103,7 @@ def check(cfg: Config, parent_metrics: dict, metrics: dict) -> dict:
             out["failed"].append(f"{m}: not evaluated")
             continue
         kind, d = _delta(m, parent_metrics[m], metrics[m])
+        d = round(d, 6)  # (0.17 - 0.15) * 100 is 2.0000000000000018: a 2-point drop must pass a 2-point limit
         out["deltas"][m] = {kind: round(d, 3)}
         if m == task_metric:
             limit = sel.max_task_rise_pct if kind == "rise_pct" else sel.max_task_drop_points

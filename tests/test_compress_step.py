@@ -119,3 +119,12 @@ def test_merge_without_checkpoints_is_skipped_with_a_reason(compress_env, tmp_pa
 def test_unknown_method_is_a_config_error():
     with pytest.raises(Exception, match="methods"):
         Config.model_validate({"compress": {"methods": ["nf3"]}})
+
+
+def test_a_drop_exactly_at_the_limit_passes():
+    # 100 × (0.17 − 0.15) is 2.0000000000000018 in floating point: still a 2-point drop
+    cfg = Config()
+    parent = _cand("parent", 100, {"sw_arithmetic/exact_match": 0.17})
+    c = _cand("prune_structured", 60, {"sw_arithmetic/exact_match": 0.15})
+    chosen, _ = _score(cfg, parent, [c])
+    assert chosen == "prune_structured" and c["check"]["deltas"]["sw_arithmetic/exact_match"] == {"drop_points": 2.0}
