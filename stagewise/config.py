@@ -289,11 +289,16 @@ class QuantizeSettings(Section):
 class PruneSettings(Section):
     sparsity: float = 0.5              # prune_magnitude: fraction of each Linear's weights set to zero
     mlp_fraction: float = 0.5          # prune_structured: fraction of MLP neurons removed in every layer
-    kv_group_fraction: float = 0.5     # prune_structured: fraction of GQA key/value groups (with their query heads) removed
+    kv_group_fraction: float = 0.0     # prune_structured: fraction of GQA key/value groups (with their query heads) removed
     layer_fraction: float = 0.0        # prune_structured: fraction of decoder layers removed (lowest block influence)
     calibration_texts: int = 32        # texts whose activations rank neurons and heads
-    recovery_steps: int = 60           # causal-LM fine-tuning steps after pruning (0 = none); masks stay applied
+    recovery_steps: int = 60           # fine-tuning steps after pruning (0 = none); masks stay applied
     recovery_learning_rate: float = 1e-3
+    # task: what the parent was trained on (corpus + chat + verifiable answers, assistant tokens only);
+    # text: packed corpus + chat text, loss on every token (plain causal LM)
+    recovery_data: Literal["task", "text"] = "task"
+    recovery_alpha: float = 0.5        # λ of (1-λ)·CE + λ·T²·KL against the unpruned parent; 0 = CE only
+    recovery_temperature: float = 2.0  # T of that KL term
     batch_size: int = 16
     seq_len: int = 128
 
@@ -302,13 +307,14 @@ class DistillSettings(Section):
     temperature: float = 2.0           # T: softens both distributions; the KL term is scaled by T^2
     alpha: float = 0.5                 # λ: loss = (1-λ)·CE + λ·T²·KL(p_t^T || p_s^T)
     depth_factor: float = 0.5          # student layers = round(teacher layers * depth_factor)
-    width_factor: float = 0.75         # student hidden size (hidden channels kept from the teacher)
+    width_factor: float = 1.0          # student hidden size (hidden channels kept from the teacher)
     mlp_factor: float = 0.5            # student intermediate size
     init: Literal["prune", "scratch"] = "prune"  # prune: start from the teacher's most important weights (Minitron)
     steps: int = 300
     learning_rate: float = 2e-3
     batch_size: int = 16
     seq_len: int = 128
+    data: Literal["task", "text"] = "task"  # as prune.recovery_data
 
 
 class MergeSettings(Section):
@@ -338,7 +344,7 @@ class CompressConfig(Section):
     merge: MergeSettings = Field(default_factory=MergeSettings)
     select: SelectSettings = Field(default_factory=SelectSettings)
     gen_tokens: int = 32               # tokens generated (greedy, batch 1) to measure tokens/s
-    gen_repeats: int = 3               # best of N timings
+    gen_repeats: int = 5               # best of N timings
     eval_texts: int = 64               # built-in check (no evaluate_fn): held-out texts per NLL
 
 

@@ -48,6 +48,24 @@ def client():
     return MlflowClient()
 
 
+def resaveable(model):
+    """Let `save_pretrained` write a model that was loaded from bitsandbytes 4-bit weights.
+
+    transformers 5 records the ops that built the parameters at load time and reverses them on save;
+    the one that rebuilds 4-bit parameters from their serialized parts (`Bnb4bitDeserialize`) has no
+    reverse, so saving raises NotImplementedError. Its reverse is the identity: a `Linear4bit`'s
+    state dict already holds those serialized parts (packed weight, absmax, quant map, nested
+    constants, quant state). Dropping the op from the record saves the same tensors that were loaded
+    (tests/test_registry.py checks the bytes); a model with nothing to drop is returned unchanged.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [
+            c for c in conversions
+            if not any(type(op).__name__ == "Bnb4bitDeserialize" for op in getattr(c, "operations", None) or [])]
+    return model
+
+
 def log_model_version(model_dir: Path, registered_name: str, stage: str, lineage: dict[str, Any],
                       run_id: str, trust_remote_code: bool = False) -> str:
     """Log the HF folder as an MLflow transformers model inside `run_id`, register it, tag lineage.
@@ -58,7 +76,7 @@ def log_model_version(model_dir: Path, registered_name: str, stage: str, lineage
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = resaveable(AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code))
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     active = mlflow.active_run()
     same = active is not None and active.info.run_id == run_id
@@ -153,7 +171,7 @@ def download_model(registered_name: str, version: str, dest: Path) -> Path:
 
     comps = mlflow.transformers.load_model(f"models:/{registered_name}/{version}", return_type="components")
     tmp = dest.with_name(dest.name + ".tmp")
-    comps["model"].save_pretrained(tmp, safe_serialization=True)
+    resaveable(comps["model"]).save_pretrained(tmp, safe_serialization=True)
     comps["tokenizer"].save_pretrained(tmp)
     _replace_dir(tmp, dest)
     return dest

@@ -334,8 +334,8 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
                              "pipeline_run": ctx.run_id,
                              "weights_hash": dir_hash(Path(result["chosen_dir"]), "*.safetensors")},
                     run_id=run.info.run_id)
-            except Exception as e:  # noqa: BLE001 - a quantized folder transformers 5 cannot re-save
-                # (bitsandbytes 4-bit: NotImplementedError in save_pretrained): keep the folder as run
+            except Exception as e:  # noqa: BLE001 - a candidate MLflow cannot log as a transformers model
+                # (bitsandbytes 4-bit folders can, via registry.resaveable): keep the folder as run
                 # artifacts, with the reason, instead of a model version.
                 why = f"{type(e).__name__}: {e}".rstrip(": ")
                 log.warning("compress: chosen %s kept as artifacts, not registered (%s)", result["chosen"], why)

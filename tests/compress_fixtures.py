@@ -8,6 +8,7 @@ loaded from a hub.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def make_workspace(root: Path) -> Workspace:
     ws.curated.mkdir(parents=True, exist_ok=True)
     for kind in ("corpus", "chat"):
         shutil.copy(ws.raw / f"{kind}.jsonl", ws.curated / f"{kind}.jsonl")
+    # what curation keeps of the verifiable problems: integer answers (the generator plants junk too)
+    rows = [json.loads(line) for line in (ws.raw / "verifiable.jsonl").read_text().splitlines() if line.strip()]
+    (ws.curated / "verifiable.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows if str(r["answer"]).lstrip("-").isdigit()))
     return ws
 
 

@@ -106,3 +106,56 @@ def test_bad_fraction_names_the_key(setup):
     parent_dir, _, blocks, _ = setup
     with pytest.raises(ValueError, match="compress.prune.mlp_fraction"):
         prune.structured_prune(_load(parent_dir), blocks[:2], 1.2, 0.0)
+
+
+def test_task_examples_are_what_the_parent_was_trained_on(compress_env):
+    """Round-robin over corpus, chat and verifiable; chat-shaped examples learn only the assistant's reply."""
+    import json
+
+    from stagewise.compression.data import task_examples
+    from stagewise.modeling import load_tokenizer
+
+    ws, parent_dir, _ = compress_env
+    tok = load_tokenizer(parent_dir)
+    ex = task_examples(ws, tok, n=9, seq_len=64, seed=0)
+    assert len(ex) == 9
+    corpus, chat, ver = ex[0::3], ex[1::3], ex[2::3]
+    for e in corpus:  # packed text: every token learned
+        assert len(e["input_ids"]) == 64 and torch.equal(e["labels"], e["input_ids"])
+    answers = {str(json.loads(line)["answer"]) for line in (ws.curated / "verifiable.jsonl").read_text().splitlines()}
+    for e in chat + ver:
+        learned = e["labels"] != -100
+        assert learned.any() and not learned.all()
+        assert torch.equal(e["labels"][learned], e["input_ids"][learned])
+        prompt = tok.decode(e["input_ids"][~learned])
+        assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>")   # the question is context only
+        assert tok.decode(e["labels"][learned]).endswith("<|end|>")                 # the reply and its stop token
+    for e in ver:
+        reply = tok.decode(e["labels"][e["labels"] != -100]).removesuffix("<|end|>")
+        assert reply.startswith("The answer is ") and reply.removeprefix("The answer is ").rstrip(".") in answers
+
+
+def test_recovery_distils_the_pruned_model_towards_its_parent(setup, compress_env, tmp_path):
+    """KD recovery (λ=1: the KL term alone) on task examples: the pruned model's KL to the parent on
+    held-out examples falls."""
+    from stagewise.compression.data import pad_collator, task_examples
+    from stagewise.compression.distill import distill_loss
+
+    parent_dir, tok, blocks, _ = setup
+    ws = compress_env[0]
+    parent = _load(parent_dir)
+    ex = task_examples(ws, tok, n=60, seq_len=64, seed=1)
+    train, held = ex[:48], pad_collator(tok.pad_token_id)(ex[48:])
+
+    def kl(m):
+        with torch.no_grad():
+            fwd = {k: v for k, v in held.items() if k != "labels"}
+            return distill_loss(m(**fwd).logits, parent(**fwd).logits, held["labels"], 2.0, alpha=1.0)["kl"].item()
+
+    small = prune.structured_prune(_load(parent_dir), blocks[:8], mlp_fraction=0.75, kv_group_fraction=0.5)
+    before = kl(small)
+    small, info = prune.recover(small, train, steps=6, lr=1e-3, batch_size=8, seed=0, bf16=False,
+                                work_dir=tmp_path / "w", teacher=parent, temperature=2.0, alpha=1.0,
+                                pad_id=tok.pad_token_id)
+    assert info["recovery_alpha"] == 1.0 and info["recovery_steps"] == 6
+    assert kl(small) < before

@@ -97,7 +97,10 @@ def test_compress_end_to_end(compress_env, tmp_path):  # noqa: F811
     assert "dynamic_int8" not in calls and by["dynamic_int8"]["metrics"] == {}
     assert sorted(calls) == sorted(["parent", "nf4", "prune_structured", "merge"])
     assert by["nf4"]["memory_bytes"] < res["parent_measure"]["memory_bytes"] / 2
-    assert by["prune_structured"]["params"] < 0.7 * res["parent_measure"]["params"]
+    # default prune: half of every layer's MLP neurons (-32% on the demo shape; -30% on this tiny one)
+    assert by["prune_structured"]["info"]["intermediate_size"] == 192 // 2
+    assert by["prune_structured"]["params"] < 0.71 * res["parent_measure"]["params"]
+    assert by["prune_structured"]["info"]["recovery_data"] == "task" and by["prune_structured"]["info"]["recovery_alpha"] == 0.5
     assert res["chosen"] in {"nf4", "prune_structured", "merge", None}
     if res["chosen"]:
         assert by[res["chosen"]]["check"]["passed"]
@@ -119,3 +122,12 @@ def test_merge_without_checkpoints_is_skipped_with_a_reason(compress_env, tmp_pa
 def test_unknown_method_is_a_config_error():
     with pytest.raises(Exception, match="methods"):
         Config.model_validate({"compress": {"methods": ["nf3"]}})
+
+
+def test_a_drop_exactly_at_the_limit_passes():
+    # 100 × (0.17 − 0.15) is 2.0000000000000018 in floating point: still a 2-point drop
+    cfg = Config()
+    parent = _cand("parent", 100, {"sw_arithmetic/exact_match": 0.17})
+    c = _cand("prune_structured", 60, {"sw_arithmetic/exact_match": 0.15})
+    chosen, _ = _score(cfg, parent, [c])
+    assert chosen == "prune_structured" and c["check"]["deltas"]["sw_arithmetic/exact_match"] == {"drop_points": 2.0}

@@ -81,3 +81,32 @@ def test_champion_loads_through_mlflow_and_matches_weights(store, tmp_path):
         assert torch.equal(a, b.float()), n
     out = registry.download_model("reg-d", v, tmp_path / "champ")
     assert (out / "model.safetensors").exists()
+
+
+def test_nf4_folder_registers_and_downloads_as_the_same_quantized_model(store, tmp_path):
+    """transformers 5 cannot re-save a model loaded from bitsandbytes 4-bit weights unaided
+    (`registry.resaveable`): the version logs, loads 4-bit through MLflow and downloads byte-identical."""
+    import mlflow
+    import torch
+
+    from stagewise.compression.measure import load_candidate
+    from stagewise.compression.quantize import quantize_bnb
+    from stagewise.modeling import build_model, load_tokenizer, save_model
+
+    # bitsandbytes' CPU 4-bit kernel needs layer widths that are multiples of its block: 64, not 16
+    tok = load_tokenizer(store / "model")
+    save_model(build_model(ModelConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2,
+                                       num_kv_heads=1), tok), tok, tmp_path / "fp32")
+    nf4 = tmp_path / "nf4"
+    quantize_bnb(tmp_path / "fp32", nf4, "nf4")
+    with mlflow.start_run(run_name="compress") as run:
+        pass
+    v = registry.log_model_version(nf4, "reg-q", "compress", {"compression": "nf4"}, run.info.run_id)
+    assert registry.version_tags("reg-q", v)["compression"] == "nf4"
+    comps = mlflow.transformers.load_model(f"models:/reg-q/{v}", return_type="components")
+    assert type(comps["model"].model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    out = registry.download_model("reg-q", v, tmp_path / "dl")
+    assert (out / "model.safetensors").read_bytes() == (nf4 / "model.safetensors").read_bytes()
+    x = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.equal(load_candidate(out)(x).logits, load_candidate(nf4)(x).logits)

@@ -98,24 +98,52 @@ def distillation_trainer_class():
     return DistillTrainer
 
 
-def distill(teacher, blocks: torch.Tensor, *, depth_factor: float, width_factor: float, mlp_factor: float,
-            init: str, steps: int, lr: float, batch_size: int, temperature: float, alpha: float,
-            seed: int, bf16: bool, work_dir: Path, calib_blocks: torch.Tensor | None = None):
-    """Build the student and train it against the teacher. Returns (student, info)."""
-    from stagewise.compression.data import BlockDataset, training_args
+def fine_tune(model, data, *, steps: int, lr: float, batch_size: int, seed: int, bf16: bool, work_dir: Path,
+              teacher=None, temperature: float = 2.0, alpha: float = 0.0, pad_id: int = 0) -> dict:
+    """Train `model` in place for `steps` steps; returns first/final loss and runtime.
 
-    calib = blocks[:32] if calib_blocks is None else calib_blocks
-    student = make_student(teacher, calib, depth_factor, width_factor, mlp_factor, init, seed)
+    data: a [n, seq_len] tensor of packed blocks (loss on every token) or a list of
+    {input_ids, labels} examples of any length (labels -100 are not learned; batches are padded).
+    With a teacher and alpha > 0 the loss is `distill_loss` against it, else the model's own CE.
+    """
+    from transformers import Trainer
+
+    from stagewise.compression.data import BlockDataset, ExampleDataset, pad_collator, training_args
+
+    if isinstance(data, torch.Tensor):
+        dataset, collator = BlockDataset(data), None
+    else:
+        dataset, collator = ExampleDataset(list(data)), pad_collator(pad_id)
+    args = training_args(work_dir, steps, lr, batch_size, seed, bf16)
+    kw = dict(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    if teacher is not None and alpha > 0:
+        trainer = distillation_trainer_class()(**kw, teacher=teacher, temperature=temperature, alpha=alpha)
+    else:
+        trainer = Trainer(**kw)
+    model.train()
+    out = trainer.train()
+    model.eval()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+            "runtime_s": round(out.metrics.get("train_runtime", 0.0), 1)}
+
+
+def distill(teacher, data, *, depth_factor: float, width_factor: float, mlp_factor: float,
+            init: str, steps: int, lr: float, batch_size: int, temperature: float, alpha: float,
+            seed: int, bf16: bool, work_dir: Path, calib_blocks: torch.Tensor | None = None, pad_id: int = 0):
+    """Build the student and train it against the teacher. Returns (student, info).
+
+    data: packed blocks or {input_ids, labels} examples (see `fine_tune`); calib_blocks rank the
+    teacher's units for `init: prune` (default: the first 32 blocks of `data`)."""
+    if calib_blocks is None:
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("distill: pass calib_blocks (packed text blocks) when data is a list of examples")
+        calib_blocks = data[:32]
+    student = make_student(teacher, calib_blocks, depth_factor, width_factor, mlp_factor, init, seed)
     info = {"student_layers": student.config.num_hidden_layers, "student_hidden": student.config.hidden_size,
             "student_intermediate": student.config.intermediate_size, "temperature": temperature, "alpha": alpha,
             "init": init, "steps": steps}
     if steps > 0:
-        student.train()
-        trainer = distillation_trainer_class()(
-            model=student, args=training_args(work_dir, steps, lr, batch_size, seed, bf16),
-            train_dataset=BlockDataset(blocks), teacher=teacher, temperature=temperature, alpha=alpha)
-        out = trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        info |= {"first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-                 "runtime_s": round(out.metrics.get("train_runtime", 0.0), 1)}
+        info |= fine_tune(student, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, bf16=bf16,
+                          work_dir=work_dir, teacher=teacher, temperature=temperature, alpha=alpha, pad_id=pad_id)
     return student.eval(), info

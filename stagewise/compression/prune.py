@@ -209,21 +209,20 @@ def structured_prune(model, blocks: torch.Tensor, mlp_fraction: float, kv_group_
 
 
 # ---------------------------------------------------------------- recovery
-def recover(model, blocks: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int, bf16: bool,
-            work_dir: Path):
-    """A short causal-LM fine-tune (HF Trainer); pruning masks, if attached, keep pruned weights at zero."""
-    from transformers import Trainer
+def recover(model, data, steps: int, lr: float, batch_size: int, seed: int, bf16: bool, work_dir: Path,
+            teacher=None, temperature: float = 2.0, alpha: float = 0.0, pad_id: int = 0):
+    """A short fine-tune after pruning; masks, if attached, keep pruned weights at zero.
 
-    from stagewise.compression.data import BlockDataset, training_args
+    data: packed blocks or {input_ids, labels} examples (`distill.fine_tune`). With the unpruned
+    parent as `teacher` and alpha > 0 the loss is the distillation loss against it: the pruned model
+    is pulled back towards the parent's full output distribution, not only the data's next token.
+    """
+    from stagewise.compression.distill import fine_tune
 
     if steps <= 0:
         return model, {}
-    model.train()
-    args = training_args(work_dir, steps, lr, batch_size, seed, bf16)
-    trainer = Trainer(model=model, args=args, train_dataset=BlockDataset(blocks))
-    out = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    model.eval()
-    return model, {"recovery_steps": steps, "recovery_first_loss": losses[0] if losses else None,
-                   "recovery_final_loss": losses[-1] if losses else None,
-                   "recovery_runtime_s": round(out.metrics.get("train_runtime", 0.0), 1)}
+    res = fine_tune(model, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, bf16=bf16, work_dir=work_dir,
+                    teacher=teacher, temperature=temperature, alpha=alpha, pad_id=pad_id)
+    return model, {"recovery_steps": steps, "recovery_first_loss": res["first_loss"],
+                   "recovery_final_loss": res["final_loss"], "recovery_runtime_s": res["runtime_s"],
+                   **({"recovery_alpha": alpha, "recovery_temperature": temperature} if teacher is not None and alpha > 0 else {})}
