@@ -76,6 +76,15 @@ def sft_model() -> tuple[Path, dict]:
 
 
 @functools.lru_cache(maxsize=None)
+def plain_sft_model() -> tuple[Path, dict]:
+    """SFT without corpus replay (sft.replay_ratio=0): the forgetting baseline, and the RLHF parent."""
+    from tasks.sft import sft
+
+    out = workdir() / "models" / "sft_plain"
+    return out, sft(smoke_cfg("sft.replay_ratio=0"), pretrained()[0], curated(), out)
+
+
+@functools.lru_cache(maxsize=None)
 def dpo_model() -> tuple[Path, dict]:
     from tasks.preference import preference
 

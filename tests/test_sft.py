@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stage_fixtures import curated, pretrained, sft_model, smoke_cfg
+from stage_fixtures import curated, plain_sft_model, pretrained, sft_model, smoke_cfg
 from tasks.sft import load_chats, sft, with_replay
 
 
@@ -40,9 +40,8 @@ def test_replay_rows_train_on_every_token_chats_on_the_assistant_only():
 
 def test_replay_counters_the_forgetting_of_general_text(tmp_path):
     """Plain chat SFT raises held-out general-text NLL; replaying corpus documents holds it down."""
-    parent, _ = pretrained()
     _, replay = sft_model()    # the default: sft.replay_ratio 1.0
-    plain = sft(smoke_cfg("sft.replay_ratio=0"), parent, curated(), tmp_path / "sft")
+    _, plain = plain_sft_model()
     assert replay["n_replay"] == replay["n_train"] and plain["n_replay"] == 0
     before = plain["before"]["general_text_nll"]
     assert plain["after"]["general_text_nll"] > before + 0.1          # forgetting happens without replay
