@@ -68,7 +68,8 @@ def compared_line(gate: dict) -> str:
     if not cand and not parts:
         return ""
     who = f"candidate {cand.get('stage', '?')} v{cand.get('version', '?')}" if cand else "candidate"
-    return f"{who} compared with: " + (", ".join(parts) if parts else "nothing")
+    line = f"{who} compared with: " + (", ".join(parts) if parts else "nothing")
+    return line + (" (base: where fine-tuning started)" if (gate.get("compared_with") or {}).get("base") else "")
 
 
 def _rule_rows(gate: dict) -> list[list[str]]:
@@ -346,7 +347,7 @@ def render_markdown(summary: dict) -> str:
     out += [" · ".join(meta), ""]
     out += ["## Gate rules", ""]
     if compared_line(gate):
-        out += [compared_line(gate) + " (base: where fine-tuning started)", ""]
+        out += [compared_line(gate), ""]
     out += [_md_table(RULE_HEADERS, _rule_rows(gate)) if gate.get("rules") else "_no rules applied_", ""]
     if gate.get("reasons"):
         out += ["Reasons and notes:", ""] + [f"- {r}" for r in gate["reasons"]] + [""]
@@ -406,7 +407,7 @@ def render_html(summary: dict) -> str:
         f"<p class='meta'>run {e(str(summary.get('run_id', '?')))} · profile {e(str(summary.get('profile', '?')))}"
         + "".join(f" · {k} {e(str(summary[k]))}" for k in ("started", "finished") if summary.get(k)) + "</p>",
         "<h2>Gate rules</h2>",
-        f"<p class='meta'>{e(compared_line(gate))} (base: where fine-tuning started)</p>" if compared_line(gate) else "",
+        f"<p class='meta'>{e(compared_line(gate))}</p>" if compared_line(gate) else "",
         _html_table(RULE_HEADERS, _rule_rows(gate), verdict_col=0) if gate.get("rules") else "<p>No rules applied.</p>",
         img(plot_rules(gate), "gate rules: deltas with confidence intervals and limits"),
     ]

@@ -149,3 +149,16 @@ def test_contamination_count_without_item_list_is_not_reported_as_none(tmp_path)
     md, _ = write_gate_report(tmp_path, summary)
     section = md.read_text().split("## Contamination found in training data")[1]
     assert "None found" not in section and "10 training record(s) were removed as contaminated" in section
+
+
+def test_report_names_whom_the_candidate_was_compared_with(tmp_path):
+    from stagewise.report import write_gate_report
+
+    s = make_summary(passed_gate=False)
+    s["gate"].update(candidate={"stage": "reasoning", "version": "4"},
+                     compared_with={"parent": "3", "base": "1", "champion": None})
+    md, page = write_gate_report(tmp_path, s)
+    assert "candidate reasoning v4 compared with: parent v3, base v1 (base: where fine-tuning started)" in md.read_text()
+    s["gate"]["compared_with"] = {"parent": "1", "base": None, "champion": "2"}
+    md, _ = write_gate_report(tmp_path, s)
+    assert "compared with: parent v1, champion v2\n" in md.read_text()
