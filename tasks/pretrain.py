@@ -20,7 +20,7 @@ from stagewise.stage import Lineage, RunContext, run_stage
 from stagewise.config import Config
 from stagewise.launch import launched, relaunch
 from stagewise.modeling import (
-    benchmarks_dir, build_model, checkpoint_dir, common_args, final_metrics, heldout_texts, load_tokenizer, mean_nll,
+    build_model, checkpoint_dir, common_args, final_metrics, heldout_texts, load_tokenizer, mean_nll,
     param_counts, perplexity, progress_callback, read_jsonl, save_model, set_threads, steps_run, train_with_resume,
 )
 
