@@ -57,15 +57,16 @@ def with_replay(tok, chats: list[dict], curated_dir: Path, ratio: float, seed: i
     """
     import random
 
-    if ratio <= 0:
+    n = round(ratio * len(chats))
+    if n == 0:   # nothing to replay: the conversations go to TRL untokenized, as without replay
         return chats, 0
     path = Path(curated_dir) / "corpus.jsonl"
     docs = [r["text"] for r in read_jsonl(path, ["text"])]
     if not docs:
         raise ValueError(f"{path}: no documents to replay; set sft.replay_ratio: 0 or curate a corpus")
     rng = random.Random(seed)
-    n = round(ratio * len(chats))
-    picked = [docs[i % len(docs)] for i in rng.sample(range(max(n, len(docs))), n)] if n else []
+    # n distinct documents; past the corpus size, every document about n/len(docs) times
+    picked = [docs[i % len(docs)] for i in rng.sample(range(max(n, len(docs))), n)]
     rows = []
     for c in chats:
         enc = tok.apply_chat_template(c["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
