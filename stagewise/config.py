@@ -63,6 +63,7 @@ class GenerateConfig(Section):
     n_near_dup: int = 30         # planted near-duplicates (word 5-gram Jaccard ~0.8-0.9)
     n_leaks: int = 10            # planted verbatim leaks of benchmark items
     n_chat: int = 600
+    arith_share: float = 0.25    # share of the chats that are arithmetic word problems (the rest: facts)
     n_preference: int = 400
     n_verifiable: int = 600
     n_eval: int = 100            # items per benchmark
@@ -270,6 +271,12 @@ class ReasoningConfig(Section):
     save_steps: int = 25
     eval_limit: int | None = 100  # held-out arithmetic items for pass@1 (and pass@k)
     pass_k: int = 4               # k of the sampled pass@k
+    # γ of InstructGPT's PPO-ptx: a next-token loss on the parent's training mix (SFT chats and corpus
+    # documents) added to every GRPO step, so RL does not buy reward with what earlier stages taught.
+    # 0 = plain GRPO.
+    replay_coef: float = 0.0
+    replay_batch_size: int = 8
+    replay_docs_per_chat: float = 1.0   # corpus blocks per SFT chat in the replayed rows
     # The SFT-on-solutions baseline for the SFT-vs-RFT table: same parent, same problems.
     sft_epochs: float = 2.0
     sft_learning_rate: float = 5e-4

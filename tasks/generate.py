@@ -221,7 +221,7 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> dict:
     qa = [(p + q.format(a=a), ANSWER_FORM[k].format(a=a, v=world.facts[a][k]))
           for (a, k) in world.train_pairs for q in QUESTION_FORMS[k] for p in PREFIXES]
     rng.shuffle(qa)
-    n_arith = cfg.n_chat // 4
+    n_arith = int(cfg.n_chat * cfg.arith_share)
     chats = [chat(q, a) for q, a in qa[: cfg.n_chat - n_arith]]
     seen_q = set()
     while len(chats) < cfg.n_chat:
