@@ -32,3 +32,9 @@ def preference_results(doc: dict, results: list) -> dict:
     """
     ll = [r[0] if isinstance(r, (tuple, list)) else r for r in results]
     return {"acc": float(ll[0] > ll[1]), "margin": float(ll[0] - ll[1])}
+
+
+def sampled_pass1(doc: dict, results: list) -> dict:
+    """Share of the k sampled replies (answers already extracted) equal to the reference answer."""
+    answers = results[0]
+    return {"pass1": sum(a == str(doc["answer"]).strip() for a in answers) / len(answers)}

@@ -76,16 +76,15 @@ def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Op
     """Evaluate candidate, its parent and the baseline (default: the champion) and apply the gate."""
     from stagewise import registry
     from stagewise.workspace import Workspace
-    from tasks.evaluate import ALL_TASKS, GENERAL_METRICS, STAGE_TARGETS, evaluate
+    from stagewise.stage import stage_evals
+    from tasks.evaluate import ALL_TASKS, STAGE_TARGETS, evaluate
     from tasks.gate import gate
 
     ws = Workspace.at(root)
     cache = ws.root / "models" / "_registry"
     cand_dir, cand = resolve(candidate, cache)
     stage = stage or cand.get("stage")
-    tasks = ([STAGE_TARGETS[stage][0]] if stage in STAGE_TARGETS else [t for t in ALL_TASKS]) + \
-        [t for t, _, _ in GENERAL_METRICS]
-    tasks = list(dict.fromkeys(tasks))
+    tasks = stage_evals(stage) if stage in STAGE_TARGETS else list(ALL_TASKS)
 
     name = cand.get("name") or cfg.run.registered_model
     if baseline is None and registry.alias_version(name, registry.CHAMPION) is not None:

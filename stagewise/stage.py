@@ -172,10 +172,10 @@ def numeric_metrics(evals: dict) -> dict[str, float]:
 
 
 def stage_evals(stage: str) -> list[str]:
-    """The stage's target eval plus every general eval (the forgetting guard's view)."""
-    from tasks.evaluate import GENERAL_METRICS, STAGE_TARGETS
+    """The stage's target eval, its context evals and every general eval (the forgetting guard's view)."""
+    from tasks.evaluate import GENERAL_METRICS, STAGE_CONTEXT, STAGE_TARGETS
 
-    tasks = [STAGE_TARGETS[stage][0]] + [t for t, _, _ in GENERAL_METRICS]
+    tasks = [STAGE_TARGETS[stage][0], *STAGE_CONTEXT.get(stage, [])] + [t for t, _, _ in GENERAL_METRICS]
     return list(dict.fromkeys(tasks))
 
 

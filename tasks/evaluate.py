@@ -36,8 +36,13 @@ STAGE_TARGETS: dict[str, tuple[str, str, bool]] = {
     # held-out pairs, so acc has no room; the chosen-minus-rejected log-likelihood margin is what
     # DPO/PPO move (issue #4's "chosen-vs-rejected log-likelihood margin").
     "preference": ("sw_preference", "margin", True),
-    "reasoning": ("sw_arithmetic", "exact_match", True),
+    # sampled pass@1 (k=8 at T=1), not greedy exact match: what GRPO maximizes. At the demo's size GRPO
+    # mostly sharpens the answer distribution (sampled 0.11 → 0.17-0.20) while greedy moves by 0-5
+    # problems of 100, within its CI; greedy is scored beside it (STAGE_CONTEXT). docs/evaluation.md.
+    "reasoning": ("sw_arithmetic_sampled", "pass1", True),
 }
+# Scored with a stage's target and shown in its report rows; not a gate rule.
+STAGE_CONTEXT: dict[str, list[str]] = {"reasoning": ["sw_arithmetic", "sw_instruct"]}
 # The forgetting guard: metrics no stage may trade away.
 GENERAL_METRICS: list[tuple[str, str, bool]] = [
     ("sw_general_text", "word_perplexity", False),
@@ -45,7 +50,7 @@ GENERAL_METRICS: list[tuple[str, str, bool]] = [
 ]
 # Every task in evals/ (what `stagewise gate` evaluates by default).
 ALL_TASKS = ["sw_general_text", "sw_general_mc", "sw_instruct", "sw_preference", "sw_arithmetic",
-             "sw_arithmetic_unseen"]
+             "sw_arithmetic_unseen", "sw_arithmetic_sampled"]
 
 # Metrics whose per-item value is a (loglikelihood, count) pair: the aggregate is a ratio of sums,
 # not a mean, so the bootstrap must resample pairs (see aggregate()).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,17 @@ def test_memorized_model_answers_right_and_random_model_does_not(scores):
     assert target["passed"] and target["ci_low"] > 0 and target["paired"]
 
 
+def test_sampled_pass1_is_the_share_of_k_correct_replies_per_problem(scores):
+    rand, mem = scores
+    assert rand["sw_arithmetic_sampled"]["pass1"] < 0.1        # a random model hits a number by chance
+    per_item = mem["sw_arithmetic_sampled"]["samples"]["pass1"]
+    assert all(round(v * 8, 9).is_integer() for v in per_item)   # k = 8 replies each
+    # at temperature 1 the memorized answer is still the likely one, but not every sample finds it
+    assert 0.5 < mem["sw_arithmetic_sampled"]["pass1"] <= 1.0
+    sampled_pass1 = runpy.run_path(str(Path(__file__).parents[1] / "evals" / "utils.py"))["sampled_pass1"]
+    assert sampled_pass1({"answer": 7}, [["7", "3", "7", "[invalid]"]]) == {"pass1": 0.5}
+
+
 def test_results_are_cached_by_content_of_model_and_benchmark(world, scores):
     ws, random_dir, _, cfg = world
     rand, _ = scores
@@ -106,10 +118,12 @@ def test_lm_eval_command_line_gives_the_same_numbers(world, scores, tmp_path):
     lm_eval = Path(sys.executable).parent / "lm_eval"
     out = tmp_path / "out"
     # One call: loglikelihood_rolling scores the raw text whatever the chat flag, so general text and
-    # the chat tasks can share it.
+    # the chat tasks can share it. Sampled pass@1 is identical only with evaluate()'s seed (0) and the
+    # same generation requests in the call (the sampler's stream runs through all of them).
     cmd = [str(lm_eval), "--model", "hf", "--model_args", f"pretrained={mem_dir},dtype=float32",
-           "--include_path", "evals", "--tasks", "sw_general_text,sw_instruct,sw_arithmetic,sw_preference",
-           "--apply_chat_template", "--batch_size", "16", "--output_path", str(out)]
+           "--include_path", "evals", "--tasks",
+           "sw_general_text,sw_instruct,sw_preference,sw_arithmetic,sw_arithmetic_unseen,sw_arithmetic_sampled",
+           "--apply_chat_template", "--batch_size", "16", "--seed", "0", "--output_path", str(out)]
     proc = subprocess.run(cmd, cwd=ws.root, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -118,6 +132,7 @@ def test_lm_eval_command_line_gives_the_same_numbers(world, scores, tmp_path):
     assert got["sw_preference"]["acc,none"] == pytest.approx(mem["sw_preference"]["acc"], abs=1e-9)
     assert got["sw_instruct"]["exact_match,strip"] == pytest.approx(mem["sw_instruct"]["exact_match"], abs=1e-9)
     assert got["sw_arithmetic"]["exact_match,extract"] == pytest.approx(mem["sw_arithmetic"]["exact_match"], abs=1e-9)
+    assert got["sw_arithmetic_sampled"]["pass1,extract"] == pytest.approx(mem["sw_arithmetic_sampled"]["pass1"], abs=1e-9)
 
 
 def test_bad_inputs_fail_with_a_message_that_says_what_to_fix(world, tmp_path):

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from stage_fixtures import curated, dpo_model, smoke_cfg
+from stagewise.modeling import heldout_texts, load_parent, mean_nll
 from tasks.reasoning import correctness_reward, format_reward, load_problems, reasoning, sft_vs_rft
 
 
@@ -25,18 +26,25 @@ def test_non_integer_answer_is_named(tmp_path):
         load_problems(tmp_path)
 
 
-def test_grpo_raises_the_verifiable_reward_and_sft_vs_rft_table(tmp_path):
+@pytest.fixture(scope="module")
+def grpo(tmp_path_factory):
+    """The smoke profile's GRPO (with the corpus replay term) from the DPO model."""
+    out = tmp_path_factory.mktemp("grpo") / "reasoning"
+    return out, reasoning(smoke_cfg(), dpo_model()[0], curated(), out)
+
+
+def test_grpo_raises_the_verifiable_reward_and_sft_vs_rft_table(grpo, tmp_path):
     parent, _ = dpo_model()
     cfg = smoke_cfg()
-    res = reasoning(cfg, parent, curated(), tmp_path / "reasoning")
+    out, res = grpo
     assert res["steps"] == cfg.reasoning.max_steps
     assert 0.0 <= res["frac_zero_variance_groups"] < 1.0          # some groups carried a learning signal
     assert res["train_reward_last"] > res["train_reward_first"] + 0.1  # GRPO climbed its own reward
     for key in ("arithmetic_greedy_pass1", "arithmetic_pass1", "arithmetic_pass4", "arithmetic_unseen_pass1"):
         assert key in res["before"] and key in res["after"]
-    assert (tmp_path / "reasoning" / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists()
 
-    table = sft_vs_rft(cfg, parent, curated(), tmp_path / "reasoning", tmp_path / "svr")
+    table = sft_vs_rft(cfg, parent, curated(), out, tmp_path / "svr")
     assert [r["method"] for r in table] == ["parent", "sft_on_solutions", "rft_grpo"]
     assert all("arithmetic_pass1" in r and "arithmetic_unseen_pass1" in r for r in table)
     parent_row, rft_row = table[0], table[2]
@@ -44,3 +52,25 @@ def test_grpo_raises_the_verifiable_reward_and_sft_vs_rft_table(tmp_path):
     assert parent_row["arithmetic_greedy_pass1"] == round(res["before"]["arithmetic_greedy_pass1"], 3)
     assert rft_row["arithmetic_greedy_pass1"] == round(res["after"]["arithmetic_greedy_pass1"], 3)
     assert table[1]["train_wall_s"] > 0
+
+
+def test_replay_term_keeps_the_general_text_plain_grpo_gives_up(grpo, tmp_path):
+    """reasoning.replay_coef (PPO-ptx): the same GRPO run without the corpus term loses more general text."""
+    out, res = grpo
+    cfg = smoke_cfg("reasoning.replay_coef=0")
+    plain = reasoning(cfg, dpo_model()[0], curated(), tmp_path / "plain")
+    assert "replay_loss_last" not in plain and res["replay_loss_last"] > 0
+    texts = heldout_texts(curated(), 30)
+
+    def nll(d):
+        return mean_nll(*load_parent(cfg, d), texts)
+
+    before, with_replay, without = nll(dpo_model()[0]), nll(out), nll(tmp_path / "plain")
+    assert with_replay < without - 0.1, (before, with_replay, without)
+    assert with_replay < before + 0.1      # replay holds general text where the parent had it
+
+
+def test_replay_needs_the_parents_chats_and_names_the_file(tmp_path):
+    (tmp_path / "verifiable.jsonl").write_text(json.dumps({"id": "a", "prompt": "1+1?", "answer": "2"}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"chat.jsonl"):
+        reasoning(smoke_cfg(), dpo_model()[0], tmp_path, tmp_path / "out")
