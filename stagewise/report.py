@@ -87,6 +87,20 @@ def _rule_rows(gate: dict) -> list[list[str]]:
     return rows
 
 
+def _comparison_rows(gate: dict) -> list[list[str]]:
+    """Every other metric both sides were scored on (e.g. greedy accuracy beside a sampled target)."""
+    rows = []
+    for r in gate.get("comparisons") or []:
+        unit = r.get("unit", "")
+        ci = "–" if r.get("ci_low") is None else f"[{_signed(r['ci_low'], unit)}, {_signed(r['ci_high'], unit)}]"
+        rows.append([r.get("metric", ""), r.get("against", ""), _num(r.get("baseline")), _num(r.get("candidate")),
+                     _signed(r.get("delta"), unit), ci])
+    return rows
+
+
+COMPARISON_HEADERS = ["metric", "vs", "baseline", "candidate", "delta", "95% CI"]
+COMPARISON_TITLE = "Also measured (not gate rules)"
+
 RULE_HEADERS = ["verdict", "rule", "metric", "vs", "baseline", "candidate", "delta", "95% CI", "limit",
                 "could flip"]
 
@@ -351,6 +365,8 @@ def render_markdown(summary: dict) -> str:
     out += [_md_table(RULE_HEADERS, _rule_rows(gate)) if gate.get("rules") else "_no rules applied_", ""]
     if gate.get("reasons"):
         out += ["Reasons and notes:", ""] + [f"- {r}" for r in gate["reasons"]] + [""]
+    if gate.get("comparisons"):
+        out += [f"{COMPARISON_TITLE}:", "", _md_table(COMPARISON_HEADERS, _comparison_rows(gate)), ""]
     out += ["## Stages (target metric along the lineage)", "", _md_table(STAGE_HEADERS, _stage_rows(summary)), ""]
     general = [(s.get("name"), g, v) for s in summary.get("stages") or [] for g, v in (s.get("general") or {}).items()]
     if general:
@@ -413,6 +429,8 @@ def render_html(summary: dict) -> str:
     ]
     if gate.get("reasons"):
         parts.append("<ul>" + "".join(f"<li>{e(r)}</li>" for r in gate["reasons"]) + "</ul>")
+    if gate.get("comparisons"):
+        parts += [f"<h3>{e(COMPARISON_TITLE)}</h3>", _html_table(COMPARISON_HEADERS, _comparison_rows(gate))]
     parts += ["<h2>Stages: target metric along the lineage</h2>",
               _html_table(STAGE_HEADERS, _stage_rows(summary), verdict_col=None),
               img(plot_lineage(summary), "target metric per stage")]

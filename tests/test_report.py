@@ -162,3 +162,20 @@ def test_report_names_whom_the_candidate_was_compared_with(tmp_path):
     s["gate"]["compared_with"] = {"parent": "1", "base": None, "champion": "2"}
     md, _ = write_gate_report(tmp_path, s)
     assert "compared with: parent v1, champion v2\n" in md.read_text()
+
+
+def test_metrics_scored_beside_the_rules_are_shown_not_enforced(tmp_path):
+    """A sampled target passing while greedy accuracy or the chat skill falls must be visible."""
+    s = make_summary(passed_gate=True)
+    s["gate"]["comparisons"] = [
+        {"rule": "compare", "metric": "sw_arithmetic.exact_match", "against": "parent", "unit": "points",
+         "enforced": False, "candidate": 0.30, "baseline": 0.19, "delta": 11.0, "ci_low": 0.0, "ci_high": 21.0},
+        {"rule": "compare", "metric": "sw_instruct.token_f1", "against": "base", "unit": "points",
+         "enforced": False, "candidate": 0.41, "baseline": 0.93, "delta": -52.0, "ci_low": -60.0, "ci_high": -44.0}]
+    md, page = write_gate_report(tmp_path, s)
+    text = md.read_text()
+    assert "Also measured (not gate rules):" in text
+    assert "| sw_instruct.token_f1 | base | 0.93 | 0.41 | -52" in text.replace("−", "-")
+    assert text.index("Also measured") < text.index("## Stages")
+    assert "sw_arithmetic.exact_match" in page.read_text() and "Also measured" in page.read_text()
+    assert headline(s)[0] is True      # shown, and the verdict is still the rules'
