@@ -2,9 +2,9 @@
 
 Recipe: load the parent (preference output) → arithmetic word problems with checkable answers →
 GRPO with two rewards: correctness (the parsed "The answer is N" / last integer equals the answer)
-and format (the reply is exactly "The answer is N.") plus, every step, a next-token loss on corpus
-the parent's own training mix, chats and corpus (`replay_coef`, InstructGPT's PPO-ptx) → log the share of groups whose rewards have no variance
-(they teach nothing) → atomic save. Self-check: held-out pass@1 (greedy), and pass@1 / pass@k from k
+and format (the reply is exactly "The answer is N."), plus every step a next-token loss on the
+parent's own training mix, chats and corpus (`replay_coef`, InstructGPT's PPO-ptx) → log the share
+of groups whose rewards have no variance (they teach nothing) → atomic save. Self-check: held-out pass@1 (greedy), and pass@1 / pass@k from k
 samples, on `arithmetic` (seen templates, unseen numbers) and `arithmetic_unseen` (unseen templates);
 the gate's target is lm-eval's sampled pass@1 (evals/sw_arithmetic_sampled.yaml).
 `sft_vs_rft` trains the SFT-on-solutions baseline from the same parent for the side-by-side table.
@@ -112,6 +112,7 @@ def replay_rows(tok, curated_dir: Path, cfg: Config) -> list[tuple[list[int], li
 
     chats, _ = load_chats(curated_dir)
     n = cfg.sft.max_length
+    # a chat whose assistant turn lies past sft.max_length has nothing left to learn: dropped below
     rows = [(r["input_ids"][:n], [t if m else -100 for t, m in zip(r["input_ids"][:n], r["assistant_masks"][:n])])
             for r in chat_rows(tok, chats)]
     path = Path(curated_dir) / "corpus.jsonl"
@@ -122,7 +123,12 @@ def replay_rows(tok, curated_dir: Path, cfg: Config) -> list[tuple[list[int], li
                          f"text or set reasoning.replay_docs_per_chat: 0")
     rng = random.Random(cfg.run.seed)
     picked = [blocks[i % len(blocks)] for i in rng.sample(range(max(want, len(blocks))), want)] if want else []
-    return rows + [(b, b) for b in picked]
+    rows = [r for r in rows if any(t != -100 for t in r[1])] + [(b, b) for b in picked]
+    if len(rows) < cfg.reasoning.replay_batch_size:   # batches of a smaller set would never fill
+        raise ValueError(f"{Path(curated_dir) / 'chat.jsonl'} and {path}: {len(rows)} rows to replay, fewer than "
+                         f"reasoning.replay_batch_size={cfg.reasoning.replay_batch_size}; lower it or set "
+                         f"reasoning.replay_coef: 0")
+    return rows
 
 
 def replay_trainer(base, coef: float, rows: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,

@@ -74,3 +74,13 @@ def test_replay_needs_the_parents_chats_and_names_the_file(tmp_path):
     (tmp_path / "verifiable.jsonl").write_text(json.dumps({"id": "a", "prompt": "1+1?", "answer": "2"}) + "\n")
     with pytest.raises(FileNotFoundError, match=r"chat.jsonl"):
         reasoning(smoke_cfg(), dpo_model()[0], tmp_path, tmp_path / "out")
+
+
+def test_too_few_rows_for_a_replay_batch_is_named(tmp_path):
+    (tmp_path / "verifiable.jsonl").write_text(json.dumps({"id": "a", "prompt": "1+1?", "answer": "2"}) + "\n")
+    chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"id": "c", "messages": chat}) + "\n")
+    (tmp_path / "corpus.jsonl").write_text(json.dumps({"id": "d", "text": "word " * 400}) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl and .*corpus.jsonl: 2 rows to replay, fewer than "
+                                         r"reasoning.replay_batch_size=8"):
+        reasoning(smoke_cfg(), dpo_model()[0], tmp_path, tmp_path / "out")
