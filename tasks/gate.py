@@ -104,6 +104,7 @@ def bootstrap_delta_ci(metric: str, rel: bool, cand_res: dict, base_res: dict, i
 
 
 # ---------------------------------------------------------------- rules
+EPS = 1e-9
 def _compare(rule: str, task_name: str, metric: str, hib: bool, against: str, cand: dict, base: dict,
              threshold: float, kind: str, iters: int, confidence: float, enforced: bool,
              decide_on: str = "estimate") -> dict | None:
@@ -122,12 +123,13 @@ def _compare(rule: str, task_name: str, metric: str, hib: bool, against: str, ca
     delta = _delta(metric, rel, c, b)
     lo, hi, paired = bootstrap_delta_ci(metric, rel, cand[task_name], base[task_name], iters, confidence)
 
+    # EPS: a drop of exactly the limit is within it ((0.96 - 0.99) * 100 is -3.0000000000000027)
     if kind == "improve":  # better means up for accuracy, down for perplexity
-        ok = (lambda d: d > threshold) if hib else (lambda d: d < -threshold)
+        ok = (lambda d: d > threshold + EPS) if hib else (lambda d: d < -threshold - EPS)
     elif kind == "max_drop":
-        ok = lambda d: d >= -threshold  # noqa: E731
+        ok = lambda d: d >= -threshold - EPS  # noqa: E731
     else:
-        ok = lambda d: d <= threshold  # noqa: E731
+        ok = lambda d: d <= threshold + EPS  # noqa: E731
     passed = ok(delta)
     flips = None if lo is None else (ok(lo) != passed or ok(hi) != passed)
     if decide_on == "ci" and lo is not None:

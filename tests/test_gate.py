@@ -187,3 +187,15 @@ def test_decide_on_ci_acts_only_on_evidence():
     forgot = model_results(ones(50), ones(20), BASE_LL)
     res = gate("sft", forgot, parent, None, GateConfig(decide_on="ci"), bootstrap_iters=500)
     assert not res.passed and "sw_general_mc.acc" in res.reasons[0] and rule(res, "target_improves")["passed"]
+
+
+def test_a_drop_of_exactly_the_limit_is_within_it():
+    """0.99 → 0.96 on 100 items is a 3-point drop, not 3.0000000000000027 (the default limit is 3)."""
+    parent = {"sw_general_mc": acc_task("acc", ones(99, 100)), "sw_instruct": acc_task("token_f1", ones(10, 100))}
+    at_limit = {"sw_general_mc": acc_task("acc", ones(96, 100)), "sw_instruct": acc_task("token_f1", ones(20, 100))}
+    beyond = {"sw_general_mc": acc_task("acc", ones(95, 100)), "sw_instruct": acc_task("token_f1", ones(20, 100))}
+    row = lambda res: next(r for r in res.rules if r["metric"] == "sw_general_mc.acc")  # noqa: E731
+    ok = gate("sft", at_limit, parent, None, GateConfig(), bootstrap_iters=200)
+    assert row(ok)["delta"] == pytest.approx(-3.0) and row(ok)["passed"] and ok.passed
+    bad = gate("sft", beyond, parent, None, GateConfig(), bootstrap_iters=200)
+    assert not row(bad)["passed"] and not bad.passed
