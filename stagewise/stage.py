@@ -89,13 +89,18 @@ def cache_key(stage: str, cfg: Config, parent: Lineage | None, data_hash: str | 
     })
 
 
+# Library modules a stage's training code calls beyond tasks.<stage> and stagewise.modeling: their source
+# is part of its code version (reasoning's replay term batches with compression's data helpers).
+STAGE_CODE: dict[str, tuple[str, ...]] = {"reasoning": ("stagewise.compression.data",)}
+
+
 def stage_key(stage: str, cfg: Config, parent: Lineage | None, data_hash: str | None,
               sections: tuple[str, ...] | None = None, code_modules: tuple[str, ...] | None = None) -> str:
     """The content key `run_stage` caches `stage` under (run_stage's defaults for sections and code)."""
     from stagewise.hashing import source_hash
 
     sections = sections or (stage, "model", "train")
-    code_modules = code_modules or (f"tasks.{stage}", "stagewise.modeling")
+    code_modules = code_modules or (f"tasks.{stage}", "stagewise.modeling", *STAGE_CODE.get(stage, ()))
     return cache_key(stage, cfg, parent, data_hash, source_hash(*code_modules), sections)
 
 
@@ -186,7 +191,8 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
     """Cache-or-train one stage; returns its lineage and its summary row.
 
     `sections`: the params sections that shape this stage's model (default: its own, model, train);
-    `code_modules`: whose source is the stage's code version (default: tasks.<stage>, stagewise.modeling).
+    `code_modules`: whose source is the stage's code version (default: tasks.<stage>, stagewise.modeling
+    and its STAGE_CODE).
     """
     sections = sections or (stage, "model", "train")
     eval_tasks = stage_evals(stage)

@@ -101,20 +101,20 @@ def arithmetic_eval(model, tok, curated_dir: Path, cfg: Config, with_sampling: b
     return out
 
 
-def replay_rows(tok, curated_dir: Path, cfg: Config) -> list[tuple[list[int], list[int]]]:
-    """What the parent was tuned on, as (input_ids, labels): the SFT chats (loss on the assistant's tokens,
-    cut to sft.max_length) and `replay_docs_per_chat` corpus blocks per chat (pretrain.seq_len tokens,
-    every token; whole documents packed, as pretraining saw them — truncated documents lose their ends)."""
+def replay_rows(tok, curated_dir: Path, cfg: Config) -> list[dict]:
+    """What the parent was tuned on, as {input_ids, labels}: the SFT chats (loss on the assistant's tokens,
+    cut to sft.max_length; compression's recovery data uses the same helper) and `replay_docs_per_chat`
+    corpus blocks per chat (pretrain.seq_len tokens, every token; whole documents packed, as pretraining
+    saw them — documents cut at a length lose their endings, and general text with them)."""
     import random
 
+    from stagewise.compression.data import chat_example
     from tasks.pretrain import pack
-    from tasks.sft import chat_rows, load_chats
+    from tasks.sft import load_chats
 
     chats, _ = load_chats(curated_dir)
-    n = cfg.sft.max_length
-    # a chat whose assistant turn lies past sft.max_length has nothing left to learn: dropped below
-    rows = [(r["input_ids"][:n], [t if m else -100 for t, m in zip(r["input_ids"][:n], r["assistant_masks"][:n])])
-            for r in chat_rows(tok, chats)]
+    # a chat whose assistant turn lies past sft.max_length has nothing left to learn: None, left out
+    rows = [e for e in (chat_example(tok, c["messages"], cfg.sft.max_length) for c in chats) if e is not None]
     path = Path(curated_dir) / "corpus.jsonl"
     blocks = pack(tok, [d["text"] for d in read_jsonl(path, ["text"])], cfg.pretrain.seq_len)
     want = round(cfg.reasoning.replay_docs_per_chat * len(rows))
@@ -123,7 +123,7 @@ def replay_rows(tok, curated_dir: Path, cfg: Config) -> list[tuple[list[int], li
                          f"text or set reasoning.replay_docs_per_chat: 0")
     rng = random.Random(cfg.run.seed)
     picked = [blocks[i % len(blocks)] for i in rng.sample(range(max(want, len(blocks))), want)] if want else []
-    rows = [r for r in rows if any(t != -100 for t in r[1])] + [(b, b) for b in picked]
+    rows += [{"input_ids": torch.tensor(b), "labels": torch.tensor(b)} for b in picked]
     if len(rows) < cfg.reasoning.replay_batch_size:   # batches of a smaller set would never fill
         raise ValueError(f"{Path(curated_dir) / 'chat.jsonl'} and {path}: {len(rows)} rows to replay, fewer than "
                          f"reasoning.replay_batch_size={cfg.reasoning.replay_batch_size}; lower it or set "
@@ -131,14 +131,15 @@ def replay_rows(tok, curated_dir: Path, cfg: Config) -> list[tuple[list[int], li
     return rows
 
 
-def replay_trainer(base, coef: float, rows: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
-                   seed: int):
+def replay_trainer(base, coef: float, rows: list[dict], batch_size: int, pad_id: int, seed: int):
     """`base` (GRPOTrainer) plus γ·(next-token loss on the parent's own training mix) per step:
     InstructGPT's PPO-ptx (Ouyang et al. 2022, eq. 2) for GRPO, which TRL does not offer. Without it,
     GRPO on the demo model costs general text (word perplexity +13% vs its parent in 150 steps) and
     the SFT stage's skill (docs/training.md). A resumed run restarts the row order (the rows are a
     regularizer, not a curriculum)."""
     import random
+
+    from stagewise.compression.data import pad_collator
 
     class GRPOWithReplay(base):
         replay_losses: list[float] = []
@@ -151,15 +152,8 @@ def replay_trainer(base, coef: float, rows: list[tuple[list[int], list[int]]], b
                 loss = loss + coef * lm
             return loss
 
-    def collate(batch):
-        width = max(len(ids) for ids, _ in batch)
-        pad = lambda xs, v: xs + [v] * (width - len(xs))  # noqa: E731
-        return {"input_ids": torch.tensor([pad(ids, pad_id) for ids, _ in batch]),
-                "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in batch]),
-                "labels": torch.tensor([pad(lab, -100) for _, lab in batch])}
-
     def batches():
-        rng = random.Random(seed)
+        collate, rng = pad_collator(pad_id), random.Random(seed)
         while True:
             order = list(range(len(rows)))
             rng.shuffle(order)

@@ -47,15 +47,6 @@ def load_chats(curated_dir: Path) -> tuple[list[dict], dict]:
     return rows, skipped
 
 
-def chat_rows(tok, chats: list[dict]) -> list[dict]:
-    """Conversations tokenized with the call TRL makes: input_ids and the chat template's assistant mask."""
-    rows = []
-    for c in chats:
-        enc = tok.apply_chat_template(c["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        rows.append({"input_ids": list(enc["input_ids"]), "assistant_masks": list(enc["assistant_masks"])})
-    return rows
-
-
 def with_replay(tok, chats: list[dict], curated_dir: Path, ratio: float, seed: int) -> tuple[list[dict], int]:
     """Chats plus `ratio` corpus documents per chat, pre-tokenized into one dataset for SFTTrainer.
 
@@ -76,7 +67,10 @@ def with_replay(tok, chats: list[dict], curated_dir: Path, ratio: float, seed: i
     rng = random.Random(seed)
     # n distinct documents; past the corpus size, every document about n/len(docs) times
     picked = [docs[i % len(docs)] for i in rng.sample(range(max(n, len(docs))), n)]
-    rows = chat_rows(tok, chats)
+    rows = []
+    for c in chats:
+        enc = tok.apply_chat_template(c["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        rows.append({"input_ids": list(enc["input_ids"]), "assistant_masks": list(enc["assistant_masks"])})
     for text in picked:
         ids = tok(text + tok.eos_token)["input_ids"]
         rows.append({"input_ids": ids, "assistant_masks": [1] * len(ids)})

@@ -41,3 +41,16 @@ def test_a_retrained_parent_is_a_new_parent_even_under_the_same_key(cfg):
     # Identical weights (a deterministic re-train) are the same input: the version number is not content.
     assert stage_key("preference", cfg, same, "d.dir") == k_old
     assert stage_key("preference", cfg, old, "other.dir") != k_old
+
+
+def test_reasoning_key_covers_the_replay_helpers_it_trains_with(cfg, monkeypatch):
+    """An edit to stagewise/compression/data.py (the replay term's batching) re-keys reasoning, not sft."""
+    from stagewise import hashing
+
+    parent = Lineage("preference", "models/preference", "p-key", version="3", weights_hash="aaaa")
+    before = {s: stage_key(s, cfg, parent, "d.dir") for s in ("sft", "reasoning")}
+    real = hashing.source_hash
+    monkeypatch.setattr(hashing, "source_hash", lambda *mods: real(*mods) + (
+        "-edited" if "stagewise.compression.data" in mods else ""))
+    after = {s: stage_key(s, cfg, parent, "d.dir") for s in ("sft", "reasoning")}
+    assert after["reasoning"] != before["reasoning"] and after["sft"] == before["sft"]
