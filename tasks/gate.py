@@ -200,7 +200,8 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
             else:
                 rules.append(row)
     if champion is None and "champion" in cfg.against:
-        notes.append("no champion yet: nothing to compare with there")
+        # None also when the candidate already is the champion (an unchanged re-run)
+        notes.append("no other champion to compare with (none yet, or the candidate is the champion)")
 
     # Context: every other task/metric both sides were scored on (not enforced).
     enforced_keys = {(r["metric"], r["against"]) for r in rules}
