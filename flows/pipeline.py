@@ -87,6 +87,23 @@ def curation_artifact_task(stats: dict[str, dict]) -> None:
                           + ", ".join(f"{k}={v}" for k, v in sorted(removed_counts(stats).items())))
 
 
+@task(name="data-report")
+def data_report_task(cfg: Config, ctx: RunContext, stats: dict[str, dict]) -> dict[str, Any]:
+    """Loud numbers (steps that removed most of a kind), the eval sets and the input hashes, for the summary."""
+    import logging
+
+    from stagewise.evalsets import plan
+    from stagewise.hashing import input_hashes
+    from stagewise.summary import removal_warnings
+
+    warnings = removal_warnings(stats, cfg.data.warn_removed_share)
+    for w in warnings:
+        logging.getLogger("stagewise").warning(w["message"])
+    evals = plan(cfg, ctx.root)
+    return {"warnings": warnings, "eval_sets": evals.describe(), "eval_notes": evals.notes,
+            "inputs": input_hashes(cfg, ctx.root)}
+
+
 @task(name="finish-run", retries=1)
 def finish_run_task(ctx: RunContext, summary: dict[str, Any]) -> str:
     """Write reports/<run_id>/summary.json and close the MLflow parent run."""
@@ -126,6 +143,7 @@ def data_phase(cfg: Config, ctx: RunContext, selected: list[str]) -> dict[str, A
             track_data_step_task(ctx, step, out["stats"][step], kwargs.get("out_dir"))
         out["hashes"][step] = dvc_out_hash(ctx.root, step)
     curation_artifact_task(out["stats"])
+    out.update(data_report_task(cfg, ctx, out["stats"]))
     return out
 
 

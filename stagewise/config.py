@@ -295,6 +295,10 @@ class ReasoningConfig(Section):
     # The SFT-on-solutions baseline for the SFT-vs-RFT table: same parent, same problems.
     sft_epochs: float = 2.0
     sft_learning_rate: float = 5e-4
+    # Stop early when, over the first zero_variance_steps steps, this share (or more) of the reward groups
+    # had zero variance on average: nothing to learn from (tasks/reasoning.py:zero_variance_stop).
+    zero_variance_steps: int = Field(20, ge=1)
+    zero_variance_max: float = Field(0.95, gt=0.0, le=1.0)
     # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
     # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
     # held-out share of the stage's own data). docs/evaluation.md.

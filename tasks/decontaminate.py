@@ -116,7 +116,16 @@ def decontaminate(cfg: DecontaminateConfig, in_dir: Path, benchmarks_dir: Path |
     return out.finish(contaminated=contaminated, excised=excised, mode=cfg.mode,
                       heldout={k: str(Path(v).relative_to(out.out_dir)) for k, v in held.items()},
                       benchmarks={f.stem: sum(1 for _ in read_jsonl(f)) for f in files},
+                      references=[_shown(f, Path(in_dir).resolve().parent.parent) for f in files],
                       benchmark_grams={"document": len(doc_index), "prompt": len(prompt_index)})
+
+
+def _shown(f: Path, root: Path) -> str:
+    # relative to the workspace when inside it: stats.json is a DVC output and must hash the same in any clone
+    try:
+        return Path(f).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(f)
 
 
 # ---------------------------------------------------------------- held-out shares

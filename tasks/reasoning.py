@@ -12,6 +12,7 @@ the gate's target is lm-eval's sampled pass@1 (evals/sw_arithmetic_sampled.yaml)
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import time
@@ -29,6 +30,7 @@ from stagewise.modeling import (
     parse_answer, progress_callback, prompt_ids, read_jsonl, save_model, set_threads, steps_run, train_with_resume,
 )
 
+log = logging.getLogger("stagewise")
 FORMAT_RE = re.compile(r"^The answer is -?\d+\.$")
 
 
@@ -164,6 +166,41 @@ def replay_trainer(base, coef: float, rows: list[dict], batch_size: int, pad_id:
     return GRPOWithReplay
 
 
+def zero_variance_stop(steps: int, max_share: float):
+    """Stop GRPO whose groups had (almost) no reward variance over its first `steps` steps.
+
+    GRPO learns only from reward differences within a group; when (nearly) every group is all-wrong or
+    all-right the advantage is zero and steps cost time without moving anything (the issue's run: 1,544 s
+    at frac_reward_zero_std 1.0). Decided once, at the first log at or after `steps`, on the mean of the
+    logged frac_reward_zero_std; `reason` says why it stopped (None: it did not)."""
+    from transformers import TrainerCallback
+
+    class ZeroVarianceStop(TrainerCallback):
+        reason: str | None = None
+
+        def __init__(self):
+            self.seen: list[float] = []
+            self.decided = False
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.decided or not logs or "frac_reward_zero_std" not in logs:
+                return
+            self.seen.append(float(logs["frac_reward_zero_std"]))
+            if state.global_step < steps:
+                return
+            self.decided = True
+            share = sum(self.seen) / len(self.seen)
+            if share >= max_share:
+                self.reason = (f"stopped at step {state.global_step}: {share:.0%} of reward groups had zero "
+                               f"variance over the first {state.global_step} steps (>= reasoning.zero_variance_max="
+                               f"{max_share:g}), so GRPO had nothing to reinforce; the parent solves (almost) "
+                               "none or all of the problems — see reasoning.warm_start (docs/training.md)")
+                log.warning("reasoning: %s", self.reason)
+                control.should_training_stop = True
+
+    return ZeroVarianceStop()
+
+
 def _replay_ends(losses: list[float]) -> dict:
     if not losses:
         return {}
@@ -201,12 +238,13 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
         log_completions=False,
     )
     trainer_cls = GRPOTrainer
+    stop = zero_variance_stop(r.zero_variance_steps, r.zero_variance_max)
     if r.replay_coef > 0:
         trainer_cls = replay_trainer(GRPOTrainer, r.replay_coef, rows, r.replay_batch_size, tok.pad_token_id,
                                      cfg.run.seed)
     trainer = trainer_cls(model=model, reward_funcs=[correctness_reward, format_reward], args=args,
                           train_dataset=Dataset.from_list(load_problems(curated_dir)), processing_class=tok,
-                          callbacks=[progress_callback("reasoning")])
+                          callbacks=[progress_callback("reasoning"), stop])
     t0 = time.perf_counter()
     out, resumed = train_with_resume(trainer, checkpoint_dir(out_dir))
     wall = time.perf_counter() - t0
@@ -228,6 +266,7 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
         "steps_run": steps_run(trainer, resumed),
         **param_counts(model),
         "frac_zero_variance_groups": sum(zero_std) / len(zero_std) if zero_std else None,
+        "stopped_early": stop.reason,
         "train_correct_first": correct[0] if correct else None,
         "train_correct_last": correct[-1] if correct else None,
         "train_reward_first": rewards[0] if rewards else None,
