@@ -308,6 +308,8 @@ def _extract(take: dict) -> list[dict]:
 def compile_set(name: str, path: str, kind: str) -> dict[str, dict[str, Any]]:
     """One declared set → {lm-eval task name: task config}; the demo sets compile to evals/*.yaml exactly."""
     p = Path(path)
+    if kind not in KINDS:
+        raise EvalSetError(f"unknown evaluation set kind {kind!r}; one of {', '.join(KINDS)}")
     if kind == "text":
         return {name: {"task": name, **_data(path), "output_type": "loglikelihood_rolling", "doc_to_text": "",
                        "doc_to_target": "{{text}}", "metric_list": [
@@ -352,7 +354,7 @@ def compile_set(name: str, path: str, kind: str) -> dict[str, dict[str, Any]]:
                                 "process_results": "!function utils.sampled_pass1",
                                 "metric_list": [{"metric": "pass1", "aggregation": "mean", "higher_is_better": True}]},
         }
-    raise EvalSetError(f"unknown evaluation set kind {kind!r}; one of {', '.join(KINDS)}")
+    raise AssertionError(kind)
 
 
 class _Dumper(yaml.SafeDumper):
