@@ -194,7 +194,7 @@ def zero_variance_stop(steps: int, max_share: float):
                 self.reason = (f"stopped at step {state.global_step}: {share:.0%} of reward groups had zero "
                                f"variance over the first {state.global_step} steps (>= reasoning.zero_variance_max="
                                f"{max_share:g}), so GRPO had nothing to reinforce; the parent solves (almost) "
-                               "none or all of the problems — see reasoning.warm_start (docs/training.md)")
+                               "none or all of the problems — see reasoning.warm_start_below (docs/training.md)")
                 log.warning("reasoning: %s", self.reason)
                 control.should_training_stop = True
 
@@ -220,6 +220,7 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
     r = cfg.reasoning
     out_dir = Path(out_dir)
     model, tok = load_parent(cfg, parent_dir)
+    model, tok, warm = warm_start(cfg, parent_dir, curated_dir, out_dir, model, tok)
     rows = replay_rows(tok, curated_dir, cfg) if r.replay_coef > 0 else []
     before = arithmetic_eval(model, tok, curated_dir, cfg)
     args = GRPOConfig(
@@ -267,6 +268,7 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
         **param_counts(model),
         "frac_zero_variance_groups": sum(zero_std) / len(zero_std) if zero_std else None,
         "stopped_early": stop.reason,
+        "warm_start": warm,
         "train_correct_first": correct[0] if correct else None,
         "train_correct_last": correct[-1] if correct else None,
         "train_reward_first": rewards[0] if rewards else None,
@@ -282,16 +284,61 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
     return result
 
 
-def sft_on_solutions(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path) -> dict:
-    """The baseline: SFT of the same parent on the same problems with reference solutions."""
+def solve_rate(model, tok, cfg: Config, problems: list[dict]) -> float:
+    """Share of sampled replies (reasoning.num_generations per problem, training temperature) that are right:
+    what decides whether GRPO's groups have any reward variance to learn from."""
+    r = cfg.reasoning
+    items = [{"question": p["prompt"][-1]["content"], "answer": p["answer"]} for p in problems]
+    hits = sample_correct(model, tok, items, r.num_generations, r.temperature, r.max_completion_length, cfg.run.seed)
+    return sum(sum(h) for h in hits) / max(1, sum(len(h) for h in hits))
+
+
+def warm_start(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, model, tok):
+    """R1-style cold start: when the parent solves fewer than `reasoning.warm_start_below` of sampled replies
+    on `warm_start_probe` training problems, GRPO's groups are all-wrong and it cannot learn; SFT the parent
+    first on the reference answers of `warm_start_share` of the problems. Returns (model, tok, report)."""
+    import random
+
+    r = cfg.reasoning
+    problems = load_problems(curated_dir)
+    if r.warm_start_below <= 0 or not problems:
+        return model, tok, None
+    probe = random.Random(cfg.run.seed).sample(problems, min(r.warm_start_probe, len(problems)))
+    before = solve_rate(model, tok, cfg, probe)
+    report = {"solve_rate_before": round(before, 4), "threshold": r.warm_start_below, "probe_problems": len(probe),
+              "ran": before < r.warm_start_below}
+    if not report["ran"]:
+        return model, tok, report
+    n = max(1, round(r.warm_start_share * len(problems)))
+    work = Path(out_dir).parent / f"{Path(out_dir).name}.warm_start"
+    log.warning("reasoning: parent solves %.1f%% of sampled replies (< %.0f%%): warm start, SFT on %d reference "
+                "answers first", 100 * before, 100 * r.warm_start_below, n)
+    t0 = time.perf_counter()
+    res = sft_on_solutions(cfg, parent_dir, curated_dir, work, limit=n)
+    model, tok = load_parent(cfg, work)
+    after = solve_rate(model, tok, cfg, probe)
+    report.update(solve_rate_after=round(after, 4), problems=n, sft_steps=res.get("steps"),
+                  seconds=round(time.perf_counter() - t0, 1))
+    shutil.rmtree(work, ignore_errors=True)
+    return model, tok, report
+
+
+def sft_on_solutions(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, limit: int | None = None) -> dict:
+    """SFT of the parent on problems with reference solutions ("The answer is N."): the baseline of the
+    SFT-vs-RFT table, and (the first `limit` problems in a seeded order) the warm start."""
+    import random
+
     from tasks.sft import sft
 
     sol = Path(out_dir).parent / f"{Path(out_dir).name}.data"
     sol.mkdir(parents=True, exist_ok=True)
+    problems = load_problems(curated_dir)
+    if limit is not None:
+        problems = random.Random(cfg.run.seed + 1).sample(problems, min(limit, len(problems)))
     with (sol / "chat.jsonl").open("w") as f:
         import json
 
-        for i, p in enumerate(load_problems(curated_dir)):
+        for i, p in enumerate(problems):
             msgs = p["prompt"] + [{"role": "assistant", "content": f"The answer is {p['answer']}."}]
             f.write(json.dumps({"id": f"sol-{i}", "messages": msgs}) + "\n")
     b = benchmarks_dir(curated_dir)
