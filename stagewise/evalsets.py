@@ -224,6 +224,13 @@ def plan(cfg, root: Path) -> EvalPlan:
     return p
 
 
+def demo_plan() -> EvalPlan:
+    """The demo world's targets and general metrics (what callers without a config are judged on)."""
+    from stagewise.config import Config
+
+    return plan(Config(), Path("."))
+
+
 def _metric(ref: str, p: EvalPlan, key: str) -> Metric:
     """`set`, `set.metric`, `task.metric` (evaluate.tasks) → Metric."""
     name, _, metric = ref.partition(".")

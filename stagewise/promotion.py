@@ -25,7 +25,9 @@ def champion_metrics(ctx: RunContext, cfg: Config, tasks: list[str], candidate_v
     want = registry.version_tags(ctx.registered_model, version).get("weights_hash")
     if not folder.exists() or dir_hash(folder, "*.safetensors") != want:
         registry.download_model(ctx.registered_model, version, folder)
-    return version, evaluate(folder, tasks, ctx.ws, cfg.evaluate)
+    from stagewise.stage import eval_tasks_dir
+
+    return version, evaluate(folder, tasks, ctx.ws, cfg.evaluate, tasks_dir=eval_tasks_dir(cfg, ctx.root))
 
 
 def fine_tuning_base(lineage: list[Lineage]) -> tuple[Lineage, dict] | None:
@@ -46,11 +48,13 @@ def gate_and_promote(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> di
     from tasks.gate import gate
 
     candidate = lineage[-1]
-    champ_version, champ = champion_metrics(ctx, cfg, stage_evals(candidate.stage), candidate.version)
+    from stagewise.evalsets import plan
+
+    champ_version, champ = champion_metrics(ctx, cfg, stage_evals(candidate.stage, cfg, ctx.root), candidate.version)
     base = fine_tuning_base(lineage)
     result = gate(candidate.stage, candidate.metrics, candidate.parent_metrics, champ, cfg.gate,
                   bootstrap_iters=cfg.evaluate.bootstrap_iters, seed=cfg.run.seed,
-                  base=base[1] if base else None)
+                  base=base[1] if base else None, evals=plan(cfg, ctx.root))
     name = ctx.registered_model
     registry.set_challenger(name, candidate.version)
     moved = registry.promote(name, candidate.version, result.passed)

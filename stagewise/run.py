@@ -39,7 +39,7 @@ def start_run(root: Path, config_path: Path, profile: str | None, overrides: lis
     from stagewise import dvcops, registry
     from stagewise.hashing import git_commit
 
-    cfg = load_config(config_path, profile, overrides)
+    cfg = load_config(config_path, profile, overrides, root=root)
     ws = Workspace.at(root)
     run_id = run_id or new_run_id()
     # dvc.yaml reads stage params from here, so `dvc status` compares against what actually ran.
@@ -53,6 +53,10 @@ def start_run(root: Path, config_path: Path, profile: str | None, overrides: lis
     run_dir = ws.reports / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    from stagewise.evalsets import copy_to_report, plan
+
+    # the lm-eval YAMLs this run scores with (absolute data paths): `lm_eval --include_path <run>/evals`
+    copy_to_report(plan(cfg, ws.root), ws.root, run_dir)
     dvcops.ensure_repo(ws.root)
     if cfg.data.sources:
         # dvc.yaml's ingest lists data/01_raw (the demo world's drop zone) as a dependency: with user

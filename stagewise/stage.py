@@ -176,12 +176,18 @@ def numeric_metrics(evals: dict) -> dict[str, float]:
     return out
 
 
-def stage_evals(stage: str) -> list[str]:
+def stage_evals(stage: str, cfg: Config, root: Path) -> list[str]:
     """The stage's target eval, its context evals and every general eval (the forgetting guard's view)."""
-    from tasks.evaluate import GENERAL_METRICS, STAGE_CONTEXT, STAGE_TARGETS
+    from stagewise.evalsets import plan
 
-    tasks = [STAGE_TARGETS[stage][0], *STAGE_CONTEXT.get(stage, [])] + [t for t, _, _ in GENERAL_METRICS]
-    return list(dict.fromkeys(tasks))
+    return plan(cfg, root).stage_tasks(stage)
+
+
+def eval_tasks_dir(cfg: Config, root: Path) -> Path:
+    """The compiled lm-eval YAMLs of the run's declared (or demo, or held-out) evaluation sets."""
+    from stagewise.evalsets import compiled_dir, plan
+
+    return compiled_dir(plan(cfg, root), root)
 
 
 def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: Lineage,
@@ -195,15 +201,21 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
     and its STAGE_CODE).
     """
     sections = sections or (stage, "model", "train")
-    eval_tasks = stage_evals(stage)
     data_dir = ctx.ws.curated
+    import functools
+
     import mlflow
 
     from stagewise import registry
+    from stagewise.evalsets import plan
     from stagewise.hashing import dir_hash
     from tasks.evaluate import evaluate
 
     ws = ctx.ws
+    evals = plan(cfg, ws.root)
+    eval_tasks = evals.stage_tasks(stage)
+    evaluate = functools.partial(evaluate, tasks_dir=eval_tasks_dir(cfg, ws.root))
+    used_sets = evals.describe(evals.sets_of_tasks(eval_tasks))
     out_dir = ws.model_dir(stage)
     key = stage_key(stage, cfg, parent, data_hash, sections, code_modules)
     t0 = time.time()
@@ -232,6 +244,9 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
             for s in sections:
                 params.update(flat_params(s, cfg.section(s).model_dump(mode="json")))
             mlflow.log_params(params)
+            # the sets behind every number this run logs: path, kind, origin, items, content hash
+            mlflow.log_params({f"eval_set.{n}": f"{d['kind']} {d['origin']} {d['items']} items "
+                               f"{d['data_hash']} {d['path']}"[:500] for n, d in used_sets.items()})
             claim_checkpoints(out_dir, key)
             result = train(cfg, Path(parent.model_dir), data_dir, out_dir, report_to="mlflow")
             extras = {k: v for k, v in (result.get("train_metrics") or {}).items() if isinstance(v, (int, float))}
@@ -256,28 +271,33 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
                 trust_remote_code=cfg.model.trust_remote_code,
             )
             row.update(model_version=version, steps=result.get("steps"),
-                       resumed_from_step=result.get("resumed_from_step"))
+                       resumed_from_step=result.get("resumed_from_step"),
+                       **{k: result[k] for k in ("stopped_early", "warm_start") if result.get(k) is not None})
             lineage = Lineage(stage, str(out_dir), key, version, data_hash, child_metrics, weights_hash=weights)
     lineage.parent_metrics = parent_metrics
-    row.update(target_row(stage, child_metrics, parent_metrics))
+    row.update(target_row(stage, child_metrics, parent_metrics, evals))
+    row["eval_sets"] = used_sets
     row["seconds"] = round(time.time() - t0, 1)
     return lineage, row
 
 
-def target_row(stage: str, child: dict, parent: dict) -> dict[str, Any]:
-    """The stage's target metric vs its parent, and every general metric vs its parent."""
-    from tasks.evaluate import GENERAL_METRICS, STAGE_TARGETS
-
-    task, metric, higher = STAGE_TARGETS[stage]
-    value = child.get(task, {}).get(metric)
-    base = parent.get(task, {}).get(metric)
-    improved = None if value is None or base is None else (value > base if higher else value < base)
+def target_row(stage: str, child: dict, parent: dict, evals) -> dict[str, Any]:
+    """The stage's target metric vs its parent, and every general metric vs its parent (`evals`: the
+    run's stagewise.evalsets.EvalPlan)."""
     general = {
-        f"{t}.{m}": {"value": child.get(t, {}).get(m), "baseline": parent.get(t, {}).get(m), "higher_is_better": h}
-        for t, m, h in GENERAL_METRICS
+        g.label: {"value": child.get(g.task, {}).get(g.metric), "baseline": parent.get(g.task, {}).get(g.metric),
+                  "higher_is_better": g.higher_is_better, "set": g.set}
+        for g in evals.general
     }
-    return {"target_metric": f"{task}.{metric}", "value": value, "baseline_value": base,
-            "higher_is_better": higher, "improved": improved, "general": general}
+    t = evals.targets.get(stage)
+    if t is None:
+        return {"target_metric": None, "value": None, "baseline_value": None, "higher_is_better": None,
+                "improved": None, "general": general}
+    value = child.get(t.task, {}).get(t.metric)
+    base = parent.get(t.task, {}).get(t.metric)
+    improved = None if value is None or base is None else (value > base if t.higher_is_better else value < base)
+    return {"target_metric": t.label, "target_set": t.set, "value": value, "baseline_value": base,
+            "higher_is_better": t.higher_is_better, "improved": improved, "general": general}
 
 
 def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[str, Any]:
@@ -287,12 +307,14 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
     MLflow run `compress` (table, Pareto plot); the chosen one is registered as a model version tagged
     `compression=<method>` with its parent, when its folder loads as a transformers model.
     """
+    import functools
     import json
 
     import mlflow
 
     from stagewise import registry
     from stagewise.hashing import dir_hash, source_hash
+    from stagewise.evalsets import plan
     from tasks.compress import compress
     from tasks.evaluate import evaluate
 
@@ -301,6 +323,7 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
     key = hash_obj({"compress": cfg.compress.model_dump(mode="json"), "parent": parent.cache_key,
                     "parent_weights": parent.weights_hash,
                     "evaluate": cfg.evaluate.model_dump(mode="json"),
+                    "eval_sets": plan(cfg, ctx.root).describe(), "general": cfg.gate.general,
                     "code": source_hash("tasks.compress", "stagewise.compression.quantize",
                                         "stagewise.compression.prune", "stagewise.compression.distill",
                                         "stagewise.compression.merge")})
@@ -309,11 +332,16 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
         result = json.loads(result_file.read_text())
         return _compress_summary(result, cached=True)
 
-    eval_tasks = stage_evals(parent.stage)
+    eval_tasks = stage_evals(parent.stage, cfg, ctx.root)
+    evaluate = functools.partial(evaluate, tasks_dir=eval_tasks_dir(cfg, ctx.root))
+
+    # compress.check guards every metric whose name says *general*: name the declared general sets so
+    general_tasks = {g.task for g in plan(cfg, ctx.root).general}
 
     def evaluate_fn(model_dir: Path, model=None) -> dict:
         res = evaluate(Path(model_dir), eval_tasks, ctx.ws, cfg.evaluate, model=model)
-        return {f"{t}/{m}": v for t, d in res.items() for m, v in d.items()
+        return {f"{'general:' if t in general_tasks and 'general' not in t else ''}{t}/{m}": v
+                for t, d in res.items() for m, v in d.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and m != "n" and not m.endswith("_stderr")}
 
     t0 = time.time()

@@ -1,7 +1,7 @@
 """gate — the forgetting guard: may a candidate replace its parent / the champion?
 
 Rules (params.yaml `gate:`):
-  1. target_improves: the stage's own target metric (evaluate.STAGE_TARGETS) beats the parent's.
+  1. target_improves: the stage's own target metric (`<stage>.target`, stagewise/evalsets.py) beats the parent's.
   2. general_no_drop: no accuracy-like general metric drops more than `general_max_drop_points`
      (points on a 0-100 scale) vs each of `gate.against`: the parent, the base (where fine-tuning
      started: pretrain output or model.base, so that forgetting spread over several stages still
@@ -22,7 +22,7 @@ from typing import Any
 from prefect import task
 
 from stagewise.config import GateConfig
-from tasks.evaluate import GENERAL_METRICS, RATIO_METRICS, STAGE_TARGETS
+from tasks.evaluate import RATIO_METRICS
 
 _LOWER_IS_BETTER = RATIO_METRICS | {"perplexity", "loss"}
 
@@ -163,24 +163,29 @@ def _describe(r: dict) -> str:
 
 
 def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None, cfg: GateConfig,
-         bootstrap_iters: int = 1000, seed: int = 0, base: dict | None = None) -> GateResult:
+         bootstrap_iters: int = 1000, seed: int = 0, base: dict | None = None, evals=None) -> GateResult:
     """Apply the forgetting guard to evaluate() results of a candidate, its parent, base and champion.
 
     `base`: the model fine-tuning started from, when it is not the parent itself (None otherwise).
+    `evals`: the run's stagewise.evalsets.EvalPlan (targets, general metrics); None: the demo world's.
     """
+    from stagewise.evalsets import demo_plan
+
+    evals = evals or demo_plan()
     rules: list[dict] = []
     notes: list[str] = []
     iters, conf = bootstrap_iters, cfg.confidence
+    target = evals.targets.get(stage)
 
-    if stage in STAGE_TARGETS and parent is not None:
-        t, m, hib = STAGE_TARGETS[stage]
+    if target is not None and parent is not None:
+        t, m, hib = target.task, target.metric, target.higher_is_better
         row = _compare("target_improves", t, m, hib, "parent", candidate, parent, 0.0, "improve", iters, conf,
                        enforced=cfg.require_target_improvement, decide_on=cfg.decide_on)
         if row is None:
             notes.append(f"target {t}.{m} not evaluated on the parent: improvement not checked")
         else:
             rules.append(row)
-    elif stage in STAGE_TARGETS:
+    elif target is not None:
         notes.append(f"no parent: {stage} is the first model, so its target has nothing to improve on")
     else:
         notes.append(f"stage {stage!r} has no target metric of its own: only the forgetting guard applies")
@@ -188,7 +193,8 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
     baselines = [(a, b) for a, b in (("parent", parent), ("base", base), ("champion", champion))
                  if a in cfg.against and b is not None]
     for against, ref in baselines:
-        for t, m, hib in GENERAL_METRICS:
+        for g in evals.general:
+            t, m, hib = g.task, g.metric, g.higher_is_better
             if relative(m, hib):
                 row = _compare("general_ppl_rise", t, m, hib, against, candidate, ref, cfg.perplexity_max_rise_pct,
                                "max_rise", iters, conf, enforced=True, decide_on=cfg.decide_on)
