@@ -167,8 +167,10 @@ def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: li
         stage_task = stage_tasks[stage].with_options(cache_key_fn=prefect_cache_key, persist_result=True)
         child, row = stage_task(ctx, cfg, parent, data["hashes"].get("decontaminate"),
                                 cache_only=stage not in selected)
-        lineage.append(child)
         rows.append(row)
+        if row.get("kept_parent"):
+            continue   # worse on its own target: registered as rejected, the chain goes on from the parent
+        lineage.append(child)
         parent = child
     return {"lineage": lineage, "rows": rows}
 
@@ -212,9 +214,11 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
         try:
             data = data_phase.with_options(task_runner=data_task_runner(cfg.ops))(cfg, ctx, selected)
             trained = train_phase(cfg, ctx, data, selected)
+            # a candidate exists once one trained stage was kept (lineage[0] is the untrained init or model.base)
+            candidate = len(trained["lineage"]) > 1
             compression = (compress_phase(cfg, ctx, trained)
-                           if "compress" in selected and cfg.compress.methods and trained["rows"] else None)
-            verdict = gate_phase(cfg, ctx, trained) if "gate" in selected and trained["rows"] else None
+                           if "compress" in selected and cfg.compress.methods and candidate else None)
+            verdict = gate_phase(cfg, ctx, trained) if "gate" in selected and candidate else None
         except BaseException:
             from stagewise.run import fail_run
 

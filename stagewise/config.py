@@ -180,6 +180,10 @@ class TrainConfig(Section):
     bf16: Literal["auto", True, False] = "auto"  # auto: on where the CPU supports it
     logging_steps: int = 10       # progress line (step, loss, tokens/s) every N optimizer steps
     accelerate_config: str = "configs/accelerate/cpu_2proc.yaml"  # launcher=accelerate; relative to the project root
+    # A stage whose child is worse than its parent on the stage's own target is registered (tagged
+    # rejected, never promoted) but the next stage trains on the parent's weights: a recipe that did not
+    # transfer to this data costs one stage, not the chain. false: always continue from the child.
+    keep_parent_on_regression: bool = True
 
 
 class PretrainConfig(Section):

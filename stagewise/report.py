@@ -376,6 +376,10 @@ def render_markdown(summary: dict) -> str:
     if gate.get("comparisons"):
         out += [f"{COMPARISON_TITLE}:", "", _md_table(COMPARISON_HEADERS, _comparison_rows(gate)), ""]
     out += ["## Stages (target metric along the lineage)", "", _md_table(STAGE_HEADERS, _stage_rows(summary)), ""]
+    from stagewise.summary import stage_notes
+
+    if stage_notes(summary):
+        out += [f"- {n}" for n in stage_notes(summary)] + [""]
     if summary.get("eval_sets"):
         out += ["## Evaluation sets behind these numbers", "", _md_table(EVAL_SET_HEADERS, _eval_set_rows(summary)), ""]
         out += [f"- {n}" for n in summary.get("eval_notes") or []] + ([""] if summary.get("eval_notes") else [])
@@ -448,6 +452,10 @@ def render_html(summary: dict) -> str:
     parts += ["<h2>Stages: target metric along the lineage</h2>",
               _html_table(STAGE_HEADERS, _stage_rows(summary), verdict_col=None),
               img(plot_lineage(summary), "target metric per stage")]
+    from stagewise.summary import stage_notes
+
+    if stage_notes(summary):
+        parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in stage_notes(summary)) + "</ul>")
     if summary.get("eval_sets"):
         parts += ["<h2>Evaluation sets behind these numbers</h2>", _html_table(EVAL_SET_HEADERS, _eval_set_rows(summary))]
         if summary.get("eval_notes"):

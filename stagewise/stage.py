@@ -277,6 +277,15 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
     lineage.parent_metrics = parent_metrics
     row.update(target_row(stage, child_metrics, parent_metrics, evals))
     row["eval_sets"] = used_sets
+    if row["improved"] is False and cfg.train.keep_parent_on_regression and parent.version is not None:
+        row["kept_parent"] = (f"{row['target_metric']} got worse ({row['baseline_value']:.4g} → {row['value']:.4g}): "
+                              f"version {row.get('model_version')} is registered as a rejected candidate and the "
+                              f"next stage trains on the parent's weights (version {parent.version}); "
+                              "train.keep_parent_on_regression")
+        log.warning("%s: %s", stage, row["kept_parent"])
+        if row.get("model_version"):
+            registry.client().set_model_version_tag(ctx.registered_model, row["model_version"], "rejected",
+                                                    row["kept_parent"][:500])
     row["seconds"] = round(time.time() - t0, 1)
     return lineage, row
 

@@ -109,6 +109,20 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def stage_notes(summary: dict) -> list[str]:
+    """What a stage's row cannot say in a cell: kept its parent, stopped early, warm-started."""
+    out = []
+    for r in summary.get("stages") or []:
+        for key, label in (("kept_parent", "kept its parent"), ("stopped_early", "stopped early")):
+            if r.get(key):
+                out.append(f"{r['name']}: {label}: {r[key]}")
+        warm = r.get("warm_start")
+        if warm and warm.get("ran"):
+            out.append(f"{r['name']}: warm start (SFT on {warm.get('problems')} reference answers): sampled solve "
+                       f"rate {warm['solve_rate_before']:.1%} → {warm.get('solve_rate_after', 0):.1%}")
+    return out
+
+
 def summary_table(summary: dict) -> str:
     """Plain-text table: one line per stage, then the verdict."""
     head = ("stage", "version", "target", "parent", "child", "improved", "cached", "seconds")
@@ -124,6 +138,7 @@ def summary_table(summary: dict) -> str:
     data = summary.get("data") or {}
     out.append(f"data steps: ran {', '.join(data.get('ran') or []) or 'none'}; "
                f"cached {', '.join(data.get('cached') or []) or 'none'}")
+    out += stage_notes(summary)
     for w in data.get("warnings") or []:
         out.append(f"WARNING: {w['message']}")
     sets = summary.get("eval_sets") or {}
