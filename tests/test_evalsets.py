@@ -21,6 +21,7 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def _user_params(tmp_path: Path, extra: str = "") -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     src = _jsonl(tmp_path / "src" / "corpus.jsonl", [{"text": f"document {i} " * 30} for i in range(50)])
     chat = _jsonl(tmp_path / "src" / "chat.jsonl", [
         {"messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]}
@@ -161,3 +162,43 @@ def test_removal_warning_names_top_reasons():
     w = removal_warnings(stats, 0.5)
     assert [(x["step"], x["kind"], x["removed"]) for x in w] == [("quality", "corpus", 66)]
     assert "gopher_short_doc 40, c4_too_few_sentences 20, gopher_below_alpha_threshold 5" in w[0]["message"]
+
+
+def test_an_appended_source_record_makes_ingest_stale_and_a_fresh_clone_commits(tmp_path, monkeypatch):
+    """dvc.yaml tracks data.sources through their content hashes (params.resolved.yaml `inputs:`), and a
+    workspace that never generated the demo world (no data/01_raw) can still record its data steps."""
+    import yaml
+
+    from conftest import make_workspace
+    from stagewise import dvcops
+    from stagewise.hashing import input_hashes
+    from stagewise.steps import data_steps, metrics_path
+    from stagewise.workspace import Workspace
+
+    ws_root = make_workspace(tmp_path / "ws")
+    _user_params(ws_root)          # params.yaml: two sources, one of them by a relative path
+    monkeypatch.chdir(ws_root)
+    cfg = load_config(ws_root / "params.yaml")
+    ws = Workspace.at(ws_root)
+
+    def resolve_and_run() -> None:
+        (ws_root / "params.resolved.yaml").write_text(
+            yaml.safe_dump({**cfg.to_dict(), "inputs": input_hashes(cfg, ws_root)}, sort_keys=False))
+        dvcops.ensure_repo(ws_root)
+        ws.raw.mkdir(parents=True, exist_ok=True)    # what start_run does when data.sources is set
+        task, kwargs = data_steps(cfg, ws)["ingest"]
+        stats = task.fn(**kwargs)
+        dvcops.commit(ws_root, "ingest", stats, metrics_path(ws, "ingest"))   # raised DependencyDoesNotExist
+
+    resolve_and_run()
+    assert "ingest" not in dvcops.stale_stages(ws_root)
+    src = tmp_path / "ws" / "src" / "chat.jsonl"      # declared relative to the workspace root
+    with src.open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "one more?"},
+                                         {"role": "assistant", "content": "Yes."}]}) + "\n")
+    (ws_root / "params.resolved.yaml").write_text(
+        yaml.safe_dump({**cfg.to_dict(), "inputs": input_hashes(cfg, ws_root)}, sort_keys=False))
+    assert "ingest" in dvcops.stale_stages(ws_root)
+    resolve_and_run()
+    assert "one more?" in (ws.ingested / "chat.jsonl").read_text()
+    assert "ingest" not in dvcops.stale_stages(ws_root)
