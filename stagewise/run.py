@@ -61,8 +61,10 @@ def start_run(root: Path, config_path: Path, profile: str | None, overrides: lis
     if cfg.data.sources:
         # dvc.yaml's ingest lists data/01_raw (the demo world's drop zone) as a dependency: with user
         # sources nothing writes it, and DVC refuses a missing dependency. The sources themselves are
-        # tracked through `inputs.sources` (their content hashes) in params.resolved.yaml.
+        # tracked through `inputs.sources` (their content hashes) in params.resolved.yaml; the same hashes
+        # here keep DVC from warning about an empty dependency on every commit.
         ws.raw.mkdir(parents=True, exist_ok=True)
+        (ws.raw / "sources.json").write_text(json.dumps(inputs["sources"], indent=1, sort_keys=True))
     tracking_uri = registry.setup_tracking(ws.root)
     # Under the workspace lock: whatever an earlier run left half-done was left by a dead process.
     clean_crash_leftovers(ws)
