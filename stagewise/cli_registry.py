@@ -80,7 +80,7 @@ def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Op
 
     from stagewise.evalsets import plan
     from stagewise.stage import eval_tasks_dir
-    from tasks.evaluate import evaluate
+    from stagewise.evaluation import evaluate
     from tasks.gate import gate
 
     ws = Workspace.at(root)

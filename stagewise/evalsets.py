@@ -19,6 +19,7 @@ otherwise the user's declared set of the stage's kind, or else a held-out share 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -27,16 +28,18 @@ from typing import Any
 
 import yaml
 
+from stagewise.metrics import higher_is_better
+
 # kind → accepted prompt-field names (first match in the file wins), other required fields, metrics
-# (name → higher is better; the first is the kind's default metric).
-KINDS: dict[str, dict[str, Any]] = {
-    "text": {"fields": ("text",), "metrics": {"word_perplexity": False, "bits_per_byte": False}},
-    "mc": {"fields": ("context", "choices", "gold"), "metrics": {"acc": True, "acc_norm": True}},
-    "qa": {"prompt": ("question", "prompt"), "fields": ("answer",), "metrics": {"token_f1": True, "exact_match": True}},
-    "pairs": {"fields": ("prompt", "chosen", "rejected"), "metrics": {"margin": True, "acc": True}},
-    "verifiable": {"prompt": ("prompt", "question"), "fields": ("answer",),
-                   "metrics": {"pass1": True, "exact_match": True}},
+# (the first is the kind's default; their directions are the one metrics table's, stagewise/metrics.py).
+_KINDS: dict[str, dict[str, Any]] = {
+    "text": {"fields": ("text",), "metrics": ("word_perplexity", "bits_per_byte")},
+    "mc": {"fields": ("context", "choices", "gold"), "metrics": ("acc", "acc_norm")},
+    "qa": {"prompt": ("question", "prompt"), "fields": ("answer",), "metrics": ("token_f1", "exact_match")},
+    "pairs": {"fields": ("prompt", "chosen", "rejected"), "metrics": ("margin", "acc")},
+    "verifiable": {"prompt": ("prompt", "question"), "fields": ("answer",), "metrics": ("pass1", "exact_match")},
 }
+KINDS = {k: {**v, "metrics": {m: higher_is_better(m) for m in v["metrics"]}} for k, v in _KINDS.items()}
 EXAMPLES = {
     "text": '{"text": "A held-out paragraph."}',
     "mc": '{"context": "The cat sat on the", "choices": ["mat.", "sky."], "gold": 0}',
@@ -64,12 +67,6 @@ DEMO_SETS: dict[str, tuple[str, str]] = {
 DEMO_TARGETS = {"pretrain": "sw_general_text.word_perplexity", "sft": "sw_instruct.token_f1",
                 "preference": "sw_preference.margin", "reasoning": "sw_arithmetic.pass1"}
 DEMO_GENERAL = ["sw_general_text.word_perplexity", "sw_general_mc.acc"]
-
-# Metric directions for tasks that are not declared sets (`evaluate.tasks`: harness or YAML tasks).
-KNOWN_METRICS = {"acc": True, "acc_norm": True, "exact_match": True, "f1": True, "token_f1": True, "mcc": True,
-                 "pass1": True, "margin": True, "bleu": True, "rouge1": True, "rougeL": True,
-                 "perplexity": False, "word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False,
-                 "loss": False}
 
 # The generated answer is read like the reasoning reward reads it: "The answer is N", else the last integer.
 ANSWER_REGEX = "(?s)The answer is (-?\\d+)|(-?\\d+)(?!.*\\d)"
@@ -138,8 +135,6 @@ class EvalPlan:
 
     def describe(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """name → {path, kind, origin, items, data_hash} of the sets behind the numbers (missing files: None)."""
-        from stagewise.hashing import file_hash
-
         out = {}
         for n in names or list(self.sets):
             if n not in self.sets:
@@ -148,12 +143,21 @@ class EvalPlan:
             exists = p.is_file()
             out[n] = {"path": str(p), "kind": s["kind"], "origin": s["origin"],
                       "items": sum(1 for line in p.open() if line.strip()) if exists else None,
-                      "data_hash": file_hash(p)[:16] if exists else None}
+                      "data_hash": _file_hash(p) if exists else None}
         return out
 
     def sets_of_tasks(self, tasks: list[str]) -> list[str]:
         owner = {t: n for n in self.sets for t in self.set_tasks(n)}
         return list(dict.fromkeys(owner[t] for t in tasks if t in owner))
+
+
+def _file_hash(path: Path) -> str:
+    # the same digest as stagewise.hashing.file_hash (which imports this module for input_hashes)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def task_name(entry: str) -> str:
@@ -175,7 +179,7 @@ def plan(cfg, root: Path) -> EvalPlan:
     ev, user_data = cfg.evaluate, bool(cfg.data.sources)
     notes: list[str] = []
     if ev.sets is None and not user_data:
-        sets = {n: {"path": str(root / DEMO_DIR / f), "kind": k, "origin": "demo"} for n, (f, k) in DEMO_SETS.items()}
+        sets = demo_plan(root).sets
     else:
         sets = {n: {"path": str(resolve_path(s.path, root)), "kind": s.kind, "origin": "declared"}
                 for n, s in (ev.sets or {}).items()}
@@ -224,11 +228,22 @@ def plan(cfg, root: Path) -> EvalPlan:
     return p
 
 
-def demo_plan() -> EvalPlan:
-    """The demo world's targets and general metrics (what callers without a config are judged on)."""
-    from stagewise.config import Config
+def decontamination_inputs(cfg, root: Path) -> dict[str, Any]:
+    """decontaminate's references (every declared or demo set; sorted like the folder glob they replace)
+    and the held-out shares it cuts for stages with no declared set."""
+    p = plan(cfg, root)
+    return {"benchmarks_dir": sorted({Path(s["path"]) for s in p.sets.values() if s["origin"] != "heldout"}),
+            "heldout": {"kinds": p.heldout_kinds(), "share": cfg.evaluate.holdout_share,
+                        "max": cfg.evaluate.holdout_max}}
 
-    return plan(Config(), Path("."))
+
+def demo_plan(root: Path = Path(".")) -> EvalPlan:
+    """The demo world's sets, targets and general metrics (what callers without a config are judged on)."""
+    p = EvalPlan(sets={n: {"path": str(Path(root).resolve() / DEMO_DIR / f), "kind": k, "origin": "demo"}
+                       for n, (f, k) in DEMO_SETS.items()})
+    p.targets = {stage: _metric(ref, p, f"{stage}.target") for stage, ref in DEMO_TARGETS.items()}
+    p.general = [_metric(g, p, "gate.general") for g in DEMO_GENERAL]
+    return p
 
 
 def _metric(ref: str, p: EvalPlan, key: str) -> Metric:
@@ -245,11 +260,8 @@ def _metric(ref: str, p: EvalPlan, key: str) -> Metric:
         task = f"{name}_sampled" if kind == "verifiable" and metric == "pass1" else name
         return Metric(name, metric, task, metrics[metric])
     known = [task_name(t) for t in p.tasks]
-    if name in known and metric:
-        if metric not in KNOWN_METRICS:
-            raise EvalSetError(f"{key}: {ref!r}: unknown direction for metric {metric!r}; "
-                               f"use one of {', '.join(sorted(KNOWN_METRICS))}")
-        return Metric(name, metric, name, KNOWN_METRICS[metric])
+    if name in known and metric:   # direction: the metrics table (unknown names: higher is better, lm-eval's default)
+        return Metric(name, metric, name, higher_is_better(metric))
     hint = f" (evaluate.tasks entries need a metric: {name}.acc)" if name in known else ""
     raise EvalSetError(f"{key}: {ref!r} is not a declared set ({', '.join(p.sets) or 'none declared'}) "
                        f"nor an evaluate.tasks entry{hint}; declare it under evaluate.sets")
@@ -415,9 +427,8 @@ def write_tasks(p: EvalPlan, out_dir: Path) -> Path:
 
 def compiled_dir(p: EvalPlan, root: Path) -> Path:
     """The compiled tasks of a plan, content-addressed under .cache/evalsets/ (shared by runs and the CLI)."""
-    from stagewise.config import hash_obj
-
-    key = hash_obj({"sets": p.sets, "helpers": helpers_source().read_text()})
+    key = hashlib.sha256(json.dumps({"sets": p.sets, "helpers": helpers_source().read_text()},
+                                    sort_keys=True).encode()).hexdigest()[:16]
     return write_tasks(p, Path(root) / ".cache" / "evalsets" / key)
 
 

@@ -172,7 +172,8 @@ def test_an_appended_source_record_makes_ingest_stale_and_a_fresh_clone_commits(
     from conftest import make_workspace
     from stagewise import dvcops
     from stagewise.hashing import input_hashes
-    from stagewise.steps import data_steps, metrics_path
+    import tasks
+    from stagewise.steps import metrics_path
     from stagewise.workspace import Workspace
 
     ws_root = make_workspace(tmp_path / "ws")
@@ -186,8 +187,7 @@ def test_an_appended_source_record_makes_ingest_stale_and_a_fresh_clone_commits(
             yaml.safe_dump({**cfg.to_dict(), "inputs": input_hashes(cfg, ws_root)}, sort_keys=False))
         dvcops.ensure_repo(ws_root)
         ws.raw.mkdir(parents=True, exist_ok=True)    # what start_run does when data.sources is set
-        task, kwargs = data_steps(cfg, ws)["ingest"]
-        stats = task.fn(**kwargs)
+        stats = tasks.prefect_task("ingest").fn(**tasks.step("ingest").args(cfg, ws))
         dvcops.commit(ws_root, "ingest", stats, metrics_path(ws, "ingest"))   # raised DependencyDoesNotExist
 
     resolve_and_run()

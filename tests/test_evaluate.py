@@ -18,7 +18,7 @@ import pytest
 
 from eval_fixtures import benchmark_chats, eval_workspace, make_model, make_tokenizer, memorize, save_model, texts_of
 from stagewise.config import EvaluateConfig, GateConfig
-from tasks.evaluate import EvaluationError, aggregate, evaluate
+from stagewise.evaluation import EvaluationError, aggregate, evaluate
 
 # the demo world's tasks (stagewise/evalsets.py:DEMO_SETS, compiled by eval_workspace)
 ALL_TASKS = ["sw_general_text", "sw_general_mc", "sw_instruct", "sw_preference", "sw_arithmetic",
