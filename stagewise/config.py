@@ -304,7 +304,7 @@ class ReasoningConfig(Section):
     zero_variance_steps: int = Field(20, ge=1)
     zero_variance_max: float = Field(0.95, gt=0.0, le=1.0)
     # Warm start (R1's cold start): if the parent solves fewer than warm_start_below of sampled replies on
-    # warm_start_probe training problems, SFT it first (sft_epochs, sft_learning_rate) on the reference
+    # warm_start_probe training problems, SFT it first (sft_epochs, at sft.learning_rate) on the reference
     # answers of warm_start_share of the problems. 0 disables. docs/training.md.
     warm_start_below: float = Field(0.05, ge=0.0, le=1.0)
     warm_start_share: float = Field(0.5, gt=0.0, le=1.0)
