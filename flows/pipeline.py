@@ -88,6 +88,23 @@ def curation_artifact_task(stats: dict[str, dict]) -> None:
                           + ", ".join(f"{k}={v}" for k, v in sorted(removed_counts(stats).items())))
 
 
+@task(name="data-report")
+def data_report_task(cfg: Config, ctx: RunContext, stats: dict[str, dict]) -> dict[str, Any]:
+    """Loud numbers (steps that removed most of a kind), the eval sets and the input hashes, for the summary."""
+    import logging
+
+    from stagewise.evalsets import plan
+    from stagewise.hashing import input_hashes
+    from stagewise.summary import removal_warnings
+
+    warnings = removal_warnings(stats, cfg.data.warn_removed_share)
+    for w in warnings:
+        logging.getLogger("stagewise").warning(w["message"])
+    evals = plan(cfg, ctx.root)
+    return {"warnings": warnings, "eval_sets": evals.describe(), "eval_notes": evals.notes,
+            "inputs": input_hashes(cfg, ctx.root)}
+
+
 @task(name="finish-run", retries=1)
 def finish_run_task(ctx: RunContext, summary: dict[str, Any]) -> str:
     """Write reports/<run_id>/summary.json and close the MLflow parent run."""
@@ -127,6 +144,7 @@ def data_phase(cfg: Config, ctx: RunContext, selected: list[str]) -> dict[str, A
             track_data_step_task(ctx, step, out["stats"][step], kwargs.get("out_dir"))
         out["hashes"][step] = dvc_out_hash(ctx.root, step)
     curation_artifact_task(out["stats"])
+    out.update(data_report_task(cfg, ctx, out["stats"]))
     return out
 
 
@@ -149,8 +167,10 @@ def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: li
                                                             persist_result=True)
         child, row = stage_task(ctx, cfg, parent, data["hashes"].get("decontaminate"),
                                 cache_only=stage not in selected)
-        lineage.append(child)
         rows.append(row)
+        if row.get("kept_parent"):
+            continue   # worse on its own target: registered as rejected, the chain goes on from the parent
+        lineage.append(child)
         parent = child
     return {"lineage": lineage, "rows": rows}
 
@@ -194,9 +214,11 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
         try:
             data = data_phase.with_options(task_runner=data_task_runner(cfg.ops))(cfg, ctx, selected)
             trained = train_phase(cfg, ctx, data, selected)
+            # a candidate exists once one trained stage was kept (lineage[0] is the untrained init or model.base)
+            candidate = len(trained["lineage"]) > 1
             compression = (compress_phase(cfg, ctx, trained)
-                           if "compress" in selected and cfg.compress.methods and trained["rows"] else None)
-            verdict = gate_phase(cfg, ctx, trained) if "gate" in selected and trained["rows"] else None
+                           if "compress" in selected and cfg.compress.methods and candidate else None)
+            verdict = gate_phase(cfg, ctx, trained) if "gate" in selected and candidate else None
         except BaseException:
             from stagewise.run import fail_run
 

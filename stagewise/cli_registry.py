@@ -76,15 +76,20 @@ def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Op
     """Evaluate candidate, its parent and the baseline (default: the champion) and apply the gate."""
     from stagewise import registry
     from stagewise.workspace import Workspace
-    from stagewise.stage import stage_evals
-    from stagewise.evaluation import ALL_TASKS, STAGE_TARGETS, evaluate
+    import functools
+
+    from stagewise.evalsets import plan
+    from stagewise.stage import eval_tasks_dir
+    from stagewise.evaluation import evaluate
     from tasks.gate import gate
 
     ws = Workspace.at(root)
     cache = ws.root / "models" / "_registry"
     cand_dir, cand = resolve(candidate, cache)
     stage = stage or cand.get("stage")
-    tasks = stage_evals(stage) if stage in STAGE_TARGETS else list(ALL_TASKS)
+    evals = plan(cfg, ws.root)
+    tasks = evals.stage_tasks(stage) if stage in evals.targets else evals.task_names()
+    evaluate = functools.partial(evaluate, tasks_dir=eval_tasks_dir(cfg, ws.root))
 
     name = cand.get("name") or cfg.run.registered_model
     if baseline is None and registry.alias_version(name, registry.CHAMPION) is not None:
@@ -106,7 +111,7 @@ def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Op
     parent = scores.get("parent", scores.get("baseline"))
     champion = scores.get("baseline") if "parent" in scores else None
     result = gate(stage or "", scores["candidate"], parent, champion, cfg.gate,
-                  bootstrap_iters=cfg.evaluate.bootstrap_iters)
+                  bootstrap_iters=cfg.evaluate.bootstrap_iters, evals=evals)
     if cand.get("version"):
         registry.client().set_model_version_tag(cand["name"], cand["version"], "gate",
                                                 "passed" if result.passed else "failed")

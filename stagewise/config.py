@@ -52,6 +52,9 @@ class DataConfig(Section):
     # Empty → the built-in demo world (`generate`). Otherwise name → source; one source per kind.
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
     on_bad_rows: Literal["fail", "quarantine"] = "fail"
+    # A data step that removes more than this share of a kind's records warns (top reasons) and the gate
+    # report says so: a filter tuned on other data can silently eat most of yours.
+    warn_removed_share: float = Field(0.5, ge=0.0, le=1.0)
 
 
 # ---------------------------------------------------------------- data steps
@@ -177,6 +180,10 @@ class TrainConfig(Section):
     bf16: Literal["auto", True, False] = "auto"  # auto: on where the CPU supports it
     logging_steps: int = 10       # progress line (step, loss, tokens/s) every N optimizer steps
     accelerate_config: str = "configs/accelerate/cpu_2proc.yaml"  # launcher=accelerate; relative to the project root
+    # A stage whose child is worse than its parent on the stage's own target is registered (tagged
+    # rejected, never promoted) but the next stage trains on the parent's weights: a recipe that did not
+    # transfer to this data costs one stage, not the chain. false: always continue from the child.
+    keep_parent_on_regression: bool = True
 
 
 class PretrainConfig(Section):
@@ -191,6 +198,10 @@ class PretrainConfig(Section):
     eval_fraction: float = 0.05   # corpus documents held out for the periodic eval loss
     max_eval_blocks: int = 64     # cap on eval blocks: periodic eval stays cheap
     heldout_limit: int | None = None  # benchmark general_text items for the before/after perplexity
+    # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
+    # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
+    # held-out share of the stage's own data). docs/evaluation.md.
+    target: str | None = None
 
 
 class LoraConfigSection(Section):
@@ -218,6 +229,10 @@ class SFTConfig(Section):
     replay_ratio: float = Field(0.0, ge=0.0)
     save_steps: int = 50
     eval_limit: int | None = 60        # held-out instruct/arithmetic items for the before/after self-check
+    # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
+    # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
+    # held-out share of the stage's own data). docs/evaluation.md.
+    target: str | None = None
 
 
 class RewardModelConfig(Section):
@@ -255,6 +270,10 @@ class PreferenceConfig(Section):
     peft: Literal["none", "lora"] = "none"   # dpo with LoRA (sft.lora settings); merged before saving
     save_steps: int = 50
     eval_limit: int | None = 60   # held-out preference items for the before/after self-check
+    # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
+    # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
+    # held-out share of the stage's own data). docs/evaluation.md.
+    target: str | None = None
     reward: RewardModelConfig = Field(default_factory=RewardModelConfig)
     ppo: PPOConfigSection = Field(default_factory=PPOConfigSection)
 
@@ -280,6 +299,20 @@ class ReasoningConfig(Section):
     # The SFT-on-solutions baseline for the SFT-vs-RFT table: same parent, same problems.
     sft_epochs: float = 2.0
     sft_learning_rate: float = 5e-4
+    # Stop early when, over the first zero_variance_steps steps, this share (or more) of the reward groups
+    # had zero variance on average: nothing to learn from (tasks/reasoning.py:zero_variance_stop).
+    zero_variance_steps: int = Field(20, ge=1)
+    zero_variance_max: float = Field(0.95, gt=0.0, le=1.0)
+    # Warm start (R1's cold start): if the parent solves fewer than warm_start_below of sampled replies on
+    # warm_start_probe training problems, SFT it first (sft_epochs, at sft.learning_rate) on the reference
+    # answers of warm_start_share of the problems. 0 disables. docs/training.md.
+    warm_start_below: float = Field(0.05, ge=0.0, le=1.0)
+    warm_start_share: float = Field(0.5, gt=0.0, le=1.0)
+    warm_start_probe: int = Field(32, ge=1)
+    # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
+    # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
+    # held-out share of the stage's own data). docs/evaluation.md.
+    target: str | None = None
 
 
 CompressMethod = Literal["nf4", "int8", "dynamic_int8", "prune_magnitude", "prune_2of4", "prune_structured",
@@ -355,7 +388,23 @@ class CompressConfig(Section):
     eval_texts: int = 64               # built-in check (no evaluate_fn): held-out texts per NLL
 
 
+class EvalSetConfig(Section):
+    """One declared evaluation set: a JSONL file of one kind (stagewise/evalsets.py lists the fields)."""
+    path: str                    # relative paths resolve against the workspace root (the folder of params.yaml)
+    kind: Literal["text", "mc", "qa", "pairs", "verifiable"]
+
+
 class EvaluateConfig(Section):
+    # name → set; each compiles into an lm-eval task (reports/<run>/evals/<name>.yaml). null: the demo
+    # world's sets when data.sources is empty, none otherwise (held-out shares stand in: docs/evaluation.md).
+    sets: dict[str, EvalSetConfig] | None = None
+    # Existing lm-eval tasks: harness names (hellaswag; need network) or task YAML paths (evals/x.yaml).
+    tasks: list[str] = Field(default_factory=list)
+    # With data.sources and no declared set for a stage: this share of that stage's curated data (by a
+    # hash of the record id, so appending records never reshuffles it), at most holdout_max records,
+    # becomes its eval set and is kept out of training.
+    holdout_share: float = Field(0.1, gt=0.0, lt=1.0)
+    holdout_max: int = Field(200, ge=1)
     batch_size: int = 16
     limit: int | None = None       # items per eval task; None = all
     bootstrap_iters: int = 1000
@@ -367,6 +416,9 @@ class EvaluateConfig(Section):
 
 
 class GateConfig(Section):
+    # The forgetting guard's metrics: `set` or `set.metric` entries of evaluate.sets / evaluate.tasks.
+    # null: the demo world's general text and multiple choice, or every declared text/mc set.
+    general: list[str] | None = None
     require_target_improvement: bool = True
     general_max_drop_points: float = 3.0      # accuracy-like metrics, in points (0-100 scale)
     perplexity_max_rise_pct: float = 10.0     # perplexity-like metrics, relative
@@ -515,8 +567,13 @@ def load_config(
     path: str | Path = "params.yaml",
     profile: str | None = None,
     overrides: list[str] | None = None,
+    root: str | Path | None = None,
 ) -> Config:
-    """Read params.yaml, merge a profile and `--set` overrides, validate."""
+    """Read params.yaml, merge a profile and `--set` overrides, validate.
+
+    `root` is the workspace that relative paths (evaluate.sets, data.sources) resolve against; default:
+    the params file's folder. Declared evaluation sets are checked here (file and line of the problem).
+    """
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such config file (run from the project root or pass --config)")
@@ -530,6 +587,7 @@ def load_config(
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     profiles = raw.pop("profiles", {}) or {}
     raw.pop("profile", None)
+    raw.pop("inputs", None)   # params.resolved.yaml: content hashes of the run's inputs, for dvc.yaml
     if profile:
         if profile not in profiles:
             raise ConfigError(f"{path}: unknown profile {profile!r}; defined: {', '.join(sorted(profiles)) or 'none'}")
@@ -537,9 +595,52 @@ def load_config(
     for assignment in overrides or []:
         _apply_set(raw, assignment)
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, str(path))) from None
+    check_evaluation(cfg, Path(root) if root is not None else path.resolve().parent, path)
+    return cfg
+
+
+def _line_of(path: Path, keys: list[str]) -> int | None:
+    """1-based line of a nested key in a YAML file (None when it is not there, e.g. set with --set)."""
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return None
+    for k in keys:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        hit = next(((kn, vn) for kn, vn in node.value if kn.value == k), None)
+        if hit is None:
+            return None
+        line, node = hit[0].start_mark.line + 1, hit[1]
+    return line
+
+
+def check_evaluation(cfg: Config, root: Path, path: Path) -> None:
+    """Declared sets exist and hold their kind's fields; targets and gate.general name something real."""
+    from stagewise.evalsets import EvalSetError, check_file, plan, resolve_path
+
+    problems = []
+    for name, s in (cfg.evaluate.sets or {}).items():
+        problem = check_file(name, resolve_path(s.path, root), s.kind)
+        if problem:
+            line = _line_of(path, ["evaluate", "sets", name])
+            problems.append(f"{path}:{line}: {problem}" if line else f"{path}: {problem}")
+    for t in cfg.evaluate.tasks:
+        if t.endswith((".yaml", ".yml")) and not resolve_path(t, root).is_file():
+            line = _line_of(path, ["evaluate", "tasks"])
+            problems.append(f"{path}{f':{line}' if line else ''}: evaluate.tasks: {t}: no such task YAML "
+                            "(relative paths resolve against the workspace root)")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    try:
+        plan(cfg, root)
+    except EvalSetError as e:
+        key = str(e).split(":", 1)[0].split(".")
+        line = _line_of(path, key)
+        raise ConfigError(f"{path}{f':{line}' if line else ''}: {e}") from None
 
 
 def profiles_in(path: str | Path = "params.yaml") -> list[str]:

@@ -1,8 +1,9 @@
-"""Evaluation — score a model on the lm-eval task YAMLs in `evals/` (plus optional harness tasks).
+"""Evaluation — score a model on lm-eval task YAMLs: the compiled `evaluate.sets` (stagewise/evalsets.py)
+plus `evaluate.tasks` (harness names or YAML paths).
 
 The evaluations are plain lm-eval tasks: `lm_eval --model hf --model_args pretrained=<model folder>
---include_path evals --tasks sw_instruct --apply_chat_template` run from the workspace root gives
-the same numbers as this function (docs/evaluation.md). Here we only add what the gate needs on
+--include_path reports/<run>/evals --tasks sw_instruct --apply_chat_template` gives the same numbers
+as this function (docs/evaluation.md). Here we only add what the gate needs on
 top of `lm_eval.simple_evaluate`: per-item scores (for bootstrap confidence intervals), a bootstrap
 stderr for metrics lm-eval gives none for (perplexities), and an on-disk cache keyed by content.
 
@@ -25,35 +26,9 @@ from stagewise.metrics import higher_is_better
 from stagewise.metrics import metric as metric_info
 from stagewise.workspace import Workspace
 
-# stage -> (task, metric, higher_is_better): what each training stage is supposed to move (the
-# direction comes from the one metrics table, stagewise/metrics.py).
-STAGE_TARGETS: dict[str, tuple[str, str, bool]] = {
-    "pretrain": ("sw_general_text", "word_perplexity", higher_is_better("word_perplexity")),
-    # token_f1, not exact_match: on held-out facts a small SFT model first learns the answer's form
-    # ("The swan is black." for "The gecko is black.": F1 0.75, EM 0). Measured on the smoke profile:
-    # EM 0.0 → 0.0, F1 0.19 → 0.41 (pretrain → sft). exact_match is still scored and reported.
-    "sft": ("sw_instruct", "token_f1", higher_is_better("token_f1")),
-    # margin, not acc: on the demo world the SFT parent already prefers the chosen answer for ~97% of
-    # held-out pairs, so acc has no room; the chosen-minus-rejected log-likelihood margin is what
-    # DPO/PPO move (issue #4's "chosen-vs-rejected log-likelihood margin").
-    "preference": ("sw_preference", "margin", higher_is_better("margin")),
-    # sampled pass@1 (k=8 at T=1), not greedy exact match: what GRPO maximizes. At the demo's size GRPO
-    # sharpens the answer distribution: sampled pass@1 rises in every setting measured, greedy exact
-    # match moves by -1 to +11 problems of 100 with CIs that include 0. Greedy is scored beside it
-    # (STAGE_CONTEXT). docs/evaluation.md.
-    "reasoning": ("sw_arithmetic_sampled", "pass1", higher_is_better("pass1")),
-}
-# Scored with a stage's target and shown in its report rows; not a gate rule.
-STAGE_CONTEXT: dict[str, list[str]] = {"reasoning": ["sw_arithmetic", "sw_instruct"]}
-# The forgetting guard: metrics no stage may trade away.
-GENERAL_METRICS: list[tuple[str, str, bool]] = [
-    ("sw_general_text", "word_perplexity", higher_is_better("word_perplexity")),
-    ("sw_general_mc", "acc", higher_is_better("acc")),
-]
-# Every task in evals/ (what `stagewise gate` evaluates by default).
-ALL_TASKS = ["sw_general_text", "sw_general_mc", "sw_instruct", "sw_preference", "sw_arithmetic",
-             "sw_arithmetic_unseen", "sw_arithmetic_sampled"]
-
+# What each stage is judged on and the forgetting guard's metrics are declared in params.yaml
+# (`<stage>.target`, `gate.general`, `evaluate.sets`) and resolved by stagewise/evalsets.py:plan;
+# the sets compile into the lm-eval YAMLs this module scores (stagewise/evalsets.py:compiled_dir).
 
 _CWD_LOCK = threading.Lock()  # chdir is process-wide: one evaluation at a time per process
 
@@ -159,26 +134,35 @@ def _in_dir(path: Path):
 
 # ---------------------------------------------------------------- the step
 def evaluate(model_dir: Path, tasks: list[str], ws: Workspace, cfg: EvaluateConfig, model=None,
-             tokenizer=None) -> dict[str, dict[str, Any]]:
+             tokenizer=None, tasks_dir: Path | None = None) -> dict[str, dict[str, Any]]:
     """Run lm-eval tasks on a saved model folder (or an in-memory model) → per-task metrics + per-item samples.
 
     Returns {task: {metric: value, f"{metric}_stderr": float|None, "n": int, "doc_ids": [...],
     "samples": {metric: [per-item score]}}}. Per-item scores are floats, or [loglikelihood, count]
     pairs for perplexity-like metrics. `model` (and `tokenizer`, else read from `model_dir`) skips loading
     the weights: in-process use, e.g. a dynamically quantized candidate that exists only in memory.
+    `tasks_dir`: the folder of task YAMLs (the compiled `evaluate.sets`, stagewise/evalsets.py:compiled_dir;
+    default the workspace's evals/); `evaluate.tasks` YAML paths are added to it, harness names run
+    from lm-eval's own task index.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from stagewise.evalsets import resolve_path
+
     model_dir = Path(model_dir)
-    extra = [t for t in tasks if t in cfg.extra_tasks]
+    tasks_dir = Path(tasks_dir) if tasks_dir is not None else ws.evals
+    yamls = [resolve_path(t, ws.root) for t in cfg.tasks if t.endswith((".yaml", ".yml"))]
+    harness = set(cfg.extra_tasks) | {t for t in cfg.tasks if not t.endswith((".yaml", ".yml"))}
+    include = list(dict.fromkeys([str(tasks_dir), *(str(p.parent) for p in yamls)]))
+    tm_local = TaskManager(include_path=include if len(include) > 1 else include[0], include_defaults=False)
+    extra = [t for t in tasks if t in harness and t not in tm_local.task_index]
     local = [t for t in tasks if t not in extra]
-    tm_local = TaskManager(include_path=str(ws.evals), include_defaults=False)
     unknown = [t for t in local if t not in tm_local.task_index]
     if unknown:
         raise EvaluationError(
-            f"unknown eval task(s) {unknown}: not defined in {ws.evals}/*.yaml and not listed in "
-            f"evaluate.extra_tasks (params.yaml). Local tasks: {sorted(tm_local.all_subtasks)}")
+            f"unknown eval task(s) {unknown}: not declared under evaluate.sets nor listed in evaluate.tasks "
+            f"(params.yaml). Known local tasks: {sorted(tm_local.all_subtasks)}")
 
     if model is not None and tokenizer is None:
         from transformers import AutoTokenizer
@@ -189,7 +173,7 @@ def evaluate(model_dir: Path, tasks: list[str], ws: Workspace, cfg: EvaluateConf
     cache_dir = ws.root / cfg.cache_dir / mhash
     keys: dict[str, str] = {}
     # `!function` helpers (evals/*.py) shape the scores too: their source is part of every local key.
-    helpers = {p.name: _hash_file(p) for p in sorted(ws.evals.glob("*.py"))}
+    helpers = {p.name: _hash_file(p) for d in include for p in sorted(Path(d).glob("*.py"))}
     for t in local:
         entry = tm_local.task_index[t]
         keys[t] = hash_obj({"task": task_hash(entry.cfg or {}, entry.yaml_path, ws.root), "limit": cfg.limit,

@@ -27,6 +27,35 @@ def dir_hash(path: Path, pattern: str = "**/*") -> str:
     return h.hexdigest()[:16]
 
 
+def path_hash(path: Path) -> str | None:
+    """Content hash of a file, or of every file below a folder (names + contents); None if missing."""
+    path = Path(path)
+    if path.is_file():
+        return file_hash(path)[:16]
+    if path.is_dir():
+        return dir_hash(path)
+    return None
+
+
+def input_hashes(cfg, root: Path) -> dict:
+    """Content hashes of what the data steps read from outside the data layers: each `data.sources` entry
+    and each declared eval set (relative paths resolve against the workspace root), plus the held-out
+    shares the plan asks decontaminate for. Written into params.resolved.yaml (`inputs:`), which dvc.yaml's
+    ingest and decontaminate stages list as params: an edited, added or removed file re-runs them."""
+    from stagewise.evalsets import plan, resolve_path
+
+    sources = {}
+    for name, s in sorted(cfg.data.sources.items()):
+        # a hub dataset has no local content to hash: its name (and split) is what we know
+        sources[name] = (f"hub:{s.path}:{s.split}" if s.format == "hf_hub"
+                         else path_hash(resolve_path(s.path, root)) or "missing")
+    p = plan(cfg, root)
+    sets = {n: path_hash(Path(s["path"])) or "missing" for n, s in sorted(p.sets.items()) if s["origin"] == "declared"}
+    return {"sources": sources, "eval_sets": sets,
+            "heldout": {"kinds": p.heldout_kinds(), "share": cfg.evaluate.holdout_share,
+                        "max": cfg.evaluate.holdout_max}}
+
+
 def git_commit(cwd: Path | None = None) -> str:
     """The code version for lineage: commit of the Stagewise source tree (+ '-dirty')."""
     here = Path(__file__).resolve().parent

@@ -314,8 +314,18 @@ def final_metrics(trainer, out) -> dict:
 
 
 def benchmarks_dir(curated_dir: Path) -> Path | None:
-    """Held-out benchmarks next to the data layers (data/01_raw/benchmarks), or inside a raw folder."""
+    """Held-out benchmarks next to the data layers (data/01_raw/benchmarks), or inside a raw folder.
+
+    Only when the curated data was decontaminated against them (decontaminate's stats.json lists its
+    references): demo benchmark files left in a workspace that now trains on data.sources are not
+    this data's eval sets, and a stage self-check must not score a user's model on the demo world.
+    """
     curated_dir = Path(curated_dir)
+    stats = curated_dir / "stats.json"
+    if stats.is_file():
+        refs = json.loads(stats.read_text()).get("references")
+        if refs is not None and not any("01_raw/benchmarks/" in r or r.startswith("benchmarks/") for r in refs):
+            return None
     for cand in (curated_dir / "benchmarks", curated_dir.parent / "01_raw" / "benchmarks"):
         if cand.is_dir():
             return cand

@@ -351,6 +351,14 @@ def plot_pareto(summary: dict) -> str | None:
 
 
 # ---------------------------------------------------------------- writers
+EVAL_SET_HEADERS = ["set", "kind", "origin", "items", "data hash", "path"]
+
+
+def _eval_set_rows(summary: dict) -> list[list[str]]:
+    return [[n, s.get("kind"), s.get("origin"), str(s.get("items")), s.get("data_hash") or "missing", s.get("path")]
+            for n, s in (summary.get("eval_sets") or {}).items()]
+
+
 def render_markdown(summary: dict) -> str:
     passed, verdict, why = headline(summary)
     gate = summary.get("gate") or {}
@@ -370,6 +378,16 @@ def render_markdown(summary: dict) -> str:
     if gate.get("comparisons"):
         out += [f"{COMPARISON_TITLE}:", "", _md_table(COMPARISON_HEADERS, _comparison_rows(gate)), ""]
     out += ["## Stages (target metric along the lineage)", "", _md_table(STAGE_HEADERS, _stage_rows(summary)), ""]
+    from stagewise.summary import stage_notes
+
+    if stage_notes(summary):
+        out += [f"- {n}" for n in stage_notes(summary)] + [""]
+    if summary.get("eval_sets"):
+        out += ["## Evaluation sets behind these numbers", "", _md_table(EVAL_SET_HEADERS, _eval_set_rows(summary)), ""]
+        out += [f"- {n}" for n in summary.get("eval_notes") or []] + ([""] if summary.get("eval_notes") else [])
+    warnings = (summary.get("data") or {}).get("warnings") or []
+    if warnings:
+        out += ["## Data warnings", ""] + [f"- **{w['message']}**" for w in warnings] + [""]
     general = [(s.get("name"), g, v) for s in summary.get("stages") or [] for g, v in (s.get("general") or {}).items()]
     if general:
         out += ["General metrics (forgetting guard):", "",
@@ -436,6 +454,18 @@ def render_html(summary: dict) -> str:
     parts += ["<h2>Stages: target metric along the lineage</h2>",
               _html_table(STAGE_HEADERS, _stage_rows(summary), verdict_col=None),
               img(plot_lineage(summary), "target metric per stage")]
+    from stagewise.summary import stage_notes
+
+    if stage_notes(summary):
+        parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in stage_notes(summary)) + "</ul>")
+    if summary.get("eval_sets"):
+        parts += ["<h2>Evaluation sets behind these numbers</h2>", _html_table(EVAL_SET_HEADERS, _eval_set_rows(summary))]
+        if summary.get("eval_notes"):
+            parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in summary["eval_notes"]) + "</ul>")
+    warnings = (summary.get("data") or {}).get("warnings") or []
+    if warnings:
+        parts += ["<h2 id='data-warnings'>Data warnings</h2>",
+                  "<ul>" + "".join(f"<li><b>{e(w['message'])}</b></li>" for w in warnings) + "</ul>"]
     cur = summary.get("curation") or {}
     if cur.get("funnel") or cur.get("removed"):
         parts.append("<h2>Data curation funnel</h2>")

@@ -38,18 +38,32 @@ def start_run(root: Path, config_path: Path, profile: str | None, overrides: lis
     from stagewise import dvcops, registry
     from stagewise.hashing import git_commit
 
-    cfg = load_config(config_path, profile, overrides)
+    cfg = load_config(config_path, profile, overrides, root=root)
     ws = Workspace.at(root)
     run_id = run_id or new_run_id()
     # dvc.yaml reads stage params from here, so `dvc status` compares against what actually ran.
     resolved = cfg.to_dict()
+    from stagewise.hashing import input_hashes
+
+    inputs = input_hashes(cfg, ws.root)
     tmp = ws.resolved_params.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    tmp.write_text(yaml.safe_dump({**resolved, "inputs": inputs}, sort_keys=False))
     tmp.replace(ws.resolved_params)
     run_dir = ws.reports / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    from stagewise.evalsets import copy_to_report, plan
+
+    # the lm-eval YAMLs this run scores with (absolute data paths): `lm_eval --include_path <run>/evals`
+    copy_to_report(plan(cfg, ws.root), ws.root, run_dir)
     dvcops.ensure_repo(ws.root)
+    if cfg.data.sources:
+        # dvc.yaml's ingest lists data/01_raw (the demo world's drop zone) as a dependency: with user
+        # sources nothing writes it, and DVC refuses a missing dependency. The sources themselves are
+        # tracked through `inputs.sources` (their content hashes) in params.resolved.yaml; the same hashes
+        # here keep DVC from warning about an empty dependency on every commit.
+        ws.raw.mkdir(parents=True, exist_ok=True)
+        (ws.raw / "sources.json").write_text(json.dumps(inputs["sources"], indent=1, sort_keys=True))
     tracking_uri = registry.setup_tracking(ws.root)
     # Under the workspace lock: whatever an earlier run left half-done was left by a dead process.
     clean_crash_leftovers(ws)

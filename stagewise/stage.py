@@ -174,12 +174,18 @@ def numeric_metrics(evals: dict) -> dict[str, float]:
     return out
 
 
-def stage_evals(stage: str) -> list[str]:
+def stage_evals(stage: str, cfg: Config, root: Path) -> list[str]:
     """The stage's target eval, its context evals and every general eval (the forgetting guard's view)."""
-    from stagewise.evaluation import GENERAL_METRICS, STAGE_CONTEXT, STAGE_TARGETS
+    from stagewise.evalsets import plan
 
-    tasks = [STAGE_TARGETS[stage][0], *STAGE_CONTEXT.get(stage, [])] + [t for t, _, _ in GENERAL_METRICS]
-    return list(dict.fromkeys(tasks))
+    return plan(cfg, root).stage_tasks(stage)
+
+
+def eval_tasks_dir(cfg: Config, root: Path) -> Path:
+    """The compiled lm-eval YAMLs of the run's declared (or demo, or held-out) evaluation sets."""
+    from stagewise.evalsets import compiled_dir, plan
+
+    return compiled_dir(plan(cfg, root), root)
 
 
 def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: Lineage,
@@ -190,15 +196,21 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
     any other section raises, so the cache key cannot miss a setting the model depends on.
     """
     stage = step.name
-    eval_tasks = stage_evals(stage)
     data_dir = ctx.ws.curated
+    import functools
+
     import mlflow
 
     from stagewise import registry
+    from stagewise.evalsets import plan
     from stagewise.hashing import dir_hash
     from stagewise.evaluation import evaluate
 
     ws = ctx.ws
+    evals = plan(cfg, ws.root)
+    eval_tasks = evals.stage_tasks(stage)
+    evaluate = functools.partial(evaluate, tasks_dir=eval_tasks_dir(cfg, ws.root))
+    used_sets = evals.describe(evals.sets_of_tasks(eval_tasks))
     out_dir = ws.model_dir(stage)
     key = stage_key(step, cfg, parent, data_hash)
     t0 = time.time()
@@ -227,6 +239,9 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
             for s in step.reads:
                 params.update(flat_params(s, cfg.section(s).model_dump(mode="json")))
             mlflow.log_params(params)
+            # the sets behind every number this run logs: path, kind, origin, items, content hash
+            mlflow.log_params({f"eval_set.{n}": f"{d['kind']} {d['origin']} {d['items']} items "
+                               f"{d['data_hash']} {d['path']}"[:500] for n, d in used_sets.items()})
             claim_checkpoints(out_dir, key)
             result = train(StepConfig(cfg, step.name, step.reads), Path(parent.model_dir), data_dir, out_dir,
                            report_to="mlflow")
@@ -252,25 +267,39 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
                 trust_remote_code=cfg.model.trust_remote_code,
             )
             row.update(model_version=version, steps=result.get("steps"),
-                       resumed_from_step=result.get("resumed_from_step"))
+                       resumed_from_step=result.get("resumed_from_step"),
+                       **{k: result[k] for k in ("stopped_early", "warm_start") if result.get(k) is not None})
             lineage = Lineage(stage, str(out_dir), key, version, data_hash, child_metrics, weights_hash=weights)
     lineage.parent_metrics = parent_metrics
-    row.update(target_row(stage, child_metrics, parent_metrics))
+    row.update(target_row(stage, child_metrics, parent_metrics, evals))
+    row["eval_sets"] = used_sets
+    if row["improved"] is False and cfg.train.keep_parent_on_regression and parent.version is not None:
+        row["kept_parent"] = (f"{row['target_metric']} got worse ({row['baseline_value']:.4g} → {row['value']:.4g}): "
+                              f"version {row.get('model_version')} is registered as a rejected candidate and the "
+                              f"next stage trains on the parent's weights (version {parent.version}); "
+                              "train.keep_parent_on_regression")
+        log.warning("%s: %s", stage, row["kept_parent"])
+        if row.get("model_version"):
+            registry.client().set_model_version_tag(ctx.registered_model, row["model_version"], "rejected",
+                                                    row["kept_parent"][:500])
     row["seconds"] = round(time.time() - t0, 1)
     return lineage, row
 
 
-def target_row(stage: str, child: dict, parent: dict) -> dict[str, Any]:
-    """The stage's target metric vs its parent, and every general metric vs its parent."""
-    from stagewise.evaluation import GENERAL_METRICS, STAGE_TARGETS
-
-    task, metric, higher = STAGE_TARGETS[stage]
-    value = child.get(task, {}).get(metric)
-    base = parent.get(task, {}).get(metric)
-    improved = None if value is None or base is None else (value > base if higher else value < base)
+def target_row(stage: str, child: dict, parent: dict, evals) -> dict[str, Any]:
+    """The stage's target metric vs its parent, and every general metric vs its parent (`evals`: the
+    run's stagewise.evalsets.EvalPlan)."""
     general = {
-        f"{t}.{m}": {"value": child.get(t, {}).get(m), "baseline": parent.get(t, {}).get(m), "higher_is_better": h}
-        for t, m, h in GENERAL_METRICS
+        g.label: {"value": child.get(g.task, {}).get(g.metric), "baseline": parent.get(g.task, {}).get(g.metric),
+                  "higher_is_better": g.higher_is_better, "set": g.set}
+        for g in evals.general
     }
-    return {"target_metric": f"{task}.{metric}", "value": value, "baseline_value": base,
-            "higher_is_better": higher, "improved": improved, "general": general}
+    t = evals.targets.get(stage)
+    if t is None:
+        return {"target_metric": None, "value": None, "baseline_value": None, "higher_is_better": None,
+                "improved": None, "general": general}
+    value = child.get(t.task, {}).get(t.metric)
+    base = parent.get(t.task, {}).get(t.metric)
+    improved = None if value is None or base is None else (value > base if t.higher_is_better else value < base)
+    return {"target_metric": t.label, "target_set": t.set, "value": value, "baseline_value": base,
+            "higher_is_better": t.higher_is_better, "improved": improved, "general": general}

@@ -23,6 +23,9 @@ class Step:
     reads: tuple[str, ...]         # params sections its result depends on: cache key, lineage, dvc params
     inputs: tuple[str, ...] = ()   # Workspace attributes it reads (data steps: dvc deps)
     outputs: tuple[str, ...] = ()  # Workspace attributes it writes (data steps: dvc outs)
+    # data steps: content hashes of inputs outside the data layers (user sources, declared eval sets),
+    # `inputs.<name>` in params.resolved.yaml (stagewise/hashing.py:input_hashes): extra dvc params
+    hashes: tuple[str, ...] = ()
     # data steps: the keyword arguments of the step's function, from the config and the workspace
     args: Callable[[Any, Workspace], dict[str, Any]] | None = None
 

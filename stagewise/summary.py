@@ -31,6 +31,33 @@ def removed_counts(stats: dict[str, dict]) -> dict[str, int]:
     return out
 
 
+# Removals that are the pipeline's own doing, not a filter's verdict on the data.
+_PLANNED = {"heldout_eval"}
+
+
+def removal_warnings(stats: dict[str, dict], max_share: float) -> list[dict]:
+    """Data steps that removed more than `max_share` of a kind's records, with their top three reasons.
+
+    A filter tuned on other data can eat most of a user's corpus without failing anything; this makes
+    it loud (log, summary, gate report) instead of leaving it to a stats.json nobody opens.
+    """
+    out = []
+    for step in ("ingest", "quality", "dedup", "decontaminate"):
+        s = stats.get(step) or {}
+        for kind, n_in in (s.get("input") or {}).items():
+            reasons = {r: n for r, n in ((s.get("removed_by_kind") or {}).get(kind) or {}).items() if r not in _PLANNED}
+            removed = sum(reasons.values())
+            if n_in and removed / n_in > max_share:
+                top = sorted(reasons.items(), key=lambda x: (-x[1], x[0]))[:3]
+                out.append({"step": step, "kind": kind, "input": n_in, "removed": removed,
+                            "share": round(removed / n_in, 4), "top_reasons": [{"reason": r, "n": n} for r, n in top],
+                            "message": (f"{step} removed {removed} of {n_in} {kind} records ({removed / n_in:.0%}, "
+                                        f"more than data.warn_removed_share={max_share:g}); top reasons: "
+                                        + ", ".join(f"{r} {n}" for r, n in top)
+                                        + f" — see data/*/removed/ and docs/data.md")})
+    return out
+
+
 def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dict, verdict: dict | None,
                   compression: dict | None, seconds: float) -> dict[str, Any]:
     from stagewise.run import _prefect_flow_run_id
@@ -49,7 +76,13 @@ def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dic
         "registered_model": ctx.registered_model,
         "data": {"cached": data.get("cached", []),
                  "ran": [step for step in stats if step not in data.get("cached", [])],
-                 "hashes": data.get("hashes", {})},
+                 "hashes": data.get("hashes", {}),
+                 "inputs": data.get("inputs", {}),
+                 "warnings": data.get("warnings", [])},
+        # Every set a number in this summary was measured on: path, kind, origin (declared | demo |
+        # heldout), item count and content hash; `eval_notes` says what was resolved implicitly.
+        "eval_sets": data.get("eval_sets", {}),
+        "eval_notes": data.get("eval_notes", []),
         "curation": {
             "funnel": curation_funnel(stats),
             "removed": removed_counts(stats),
@@ -76,6 +109,20 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def stage_notes(summary: dict) -> list[str]:
+    """What a stage's row cannot say in a cell: kept its parent, stopped early, warm-started."""
+    out = []
+    for r in summary.get("stages") or []:
+        for key, label in (("kept_parent", "kept its parent"), ("stopped_early", "stopped early")):
+            if r.get(key):
+                out.append(f"{r['name']}: {label}: {r[key]}")
+        warm = r.get("warm_start")
+        if warm and warm.get("ran"):
+            out.append(f"{r['name']}: warm start (SFT on {warm.get('problems')} reference answers): sampled solve "
+                       f"rate {warm['solve_rate_before']:.1%} → {warm.get('solve_rate_after', 0):.1%}")
+    return out
+
+
 def summary_table(summary: dict) -> str:
     """Plain-text table: one line per stage, then the verdict."""
     head = ("stage", "version", "target", "parent", "child", "improved", "cached", "seconds")
@@ -91,6 +138,16 @@ def summary_table(summary: dict) -> str:
     data = summary.get("data") or {}
     out.append(f"data steps: ran {', '.join(data.get('ran') or []) or 'none'}; "
                f"cached {', '.join(data.get('cached') or []) or 'none'}")
+    out += stage_notes(summary)
+    for w in data.get("warnings") or []:
+        out.append(f"WARNING: {w['message']}")
+    sets = summary.get("eval_sets") or {}
+    if sets:
+        out.append("eval sets: " + ", ".join(
+            f"{n} ({s['kind']}, {s['origin']}, {s['items'] if s['items'] is not None else '?'} items, "
+            f"{s['data_hash'] or 'missing'})" for n, s in sets.items()))
+    for note in summary.get("eval_notes") or []:
+        out.append(f"eval: {note}")
     comp = summary.get("compression")
     if comp:
         out.append(f"compress: {'cached' if comp.get('cached') else 'ran'}, chose {comp.get('chosen') or 'nothing'}")

@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import importlib
 
+from stagewise.evalsets import decontamination_inputs
 from stagewise.steps import Step
 
 STEPS: tuple[Step, ...] = (
     Step("generate", "data", reads=("generate",), outputs=("raw",),
          args=lambda cfg, ws: dict(cfg=cfg.generate, out_dir=ws.raw)),
-    Step("ingest", "data", reads=("data", "ingest"), inputs=("raw",), outputs=("ingested",),
+    Step("ingest", "data", reads=("data", "ingest"), inputs=("raw",), outputs=("ingested",), hashes=("sources",),
          args=lambda cfg, ws: dict(data_cfg=cfg.data, cfg=cfg.ingest, raw_dir=ws.raw, out_dir=ws.ingested,
                                    root=ws.root)),
     Step("quality", "data", reads=("quality",), inputs=("ingested",), outputs=("filtered",),
          args=lambda cfg, ws: dict(cfg=cfg.quality, in_dir=ws.ingested, out_dir=ws.filtered)),
     Step("dedup", "data", reads=("dedup",), inputs=("filtered",), outputs=("deduped",),
          args=lambda cfg, ws: dict(cfg=cfg.dedup, in_dir=ws.filtered, out_dir=ws.deduped)),
+    # every eval set the run scores on is a reference (stagewise/evalsets.py), held-out shares are cut here
     Step("decontaminate", "data", reads=("decontaminate",), inputs=("deduped", "raw"), outputs=("curated",),
-         args=lambda cfg, ws: dict(cfg=cfg.decontaminate, in_dir=ws.deduped, benchmarks_dir=ws.benchmarks,
-                                   out_dir=ws.curated)),
+         hashes=("eval_sets", "heldout"),
+         args=lambda cfg, ws: dict(cfg=cfg.decontaminate, in_dir=ws.deduped, out_dir=ws.curated,
+                                   **decontamination_inputs(cfg, ws.root))),
     Step("validate", "data", reads=("validate",), inputs=("curated",), outputs=("validated",),
          args=lambda cfg, ws: dict(cfg=cfg.validate_, in_dir=ws.curated, out_dir=ws.validated)),
     Step("tokenizer", "data", reads=("tokenizer",), inputs=("curated",), outputs=("tokenizer",),

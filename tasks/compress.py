@@ -35,7 +35,7 @@ from stagewise.compression.data import curated_texts, lm_blocks, task_examples
 from stagewise.compression.measure import load_candidate, measure, quiet_bnb_warnings, sparsity, tokens_per_s
 from stagewise.config import Config, StepConfig, hash_obj
 from stagewise.metrics import metric as metric_info
-from stagewise.stage import Lineage, RunContext, flat_params, stage_evals, stage_key
+from stagewise.stage import Lineage, RunContext, eval_tasks_dir, flat_params, stage_key
 from stagewise.workspace import Workspace
 from tasks import step
 
@@ -357,22 +357,30 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
     import mlflow
 
     from stagewise import registry
+    from stagewise.evalsets import plan
     from stagewise.evaluation import evaluate
     from stagewise.hashing import dir_hash
 
     parent = lineage[-1]
     out_root = ctx.ws.model_dir("compress")
-    key = stage_key(step("compress"), cfg, parent, parent.data_hash)
+    evals = plan(cfg, ctx.root)
+    # the candidates are judged on the eval sets' contents too (their paths and kinds are in `evaluate`)
+    key = hash_obj({"step": stage_key(step("compress"), cfg, parent, parent.data_hash),
+                    "eval_sets": {n: d["data_hash"] for n, d in evals.describe().items()}})
     marker, result_file = out_root / "cache_key", out_root / "compress.json"
     if not ctx.forced("compress") and marker.exists() and marker.read_text() == key and result_file.exists():
         result = json.loads(result_file.read_text())
         return _compress_summary(result, cached=True)
 
-    eval_tasks = stage_evals(parent.stage)
+    eval_tasks = evals.stage_tasks(parent.stage)
+    tasks_dir = eval_tasks_dir(cfg, ctx.root)
+    # check() guards every metric whose name says *general*: name the declared general sets so
+    general_tasks = {g.task for g in evals.general}
 
     def evaluate_fn(model_dir: Path, model=None) -> dict:
-        res = evaluate(Path(model_dir), eval_tasks, ctx.ws, cfg.evaluate, model=model)
-        return {f"{t}/{m}": v for t, d in res.items() for m, v in d.items()
+        res = evaluate(Path(model_dir), eval_tasks, ctx.ws, cfg.evaluate, model=model, tasks_dir=tasks_dir)
+        return {f"{'general:' if t in general_tasks and 'general' not in t else ''}{t}/{m}": v
+                for t, d in res.items() for m, v in d.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and m != "n" and not m.endswith("_stderr")}
 
     t0 = time.time()

@@ -47,9 +47,20 @@ class GramIndex:
         return gi, self.owners[idx]
 
 
-def decontaminate(cfg: DecontaminateConfig, in_dir: Path, benchmarks_dir: Path | list[Path], out_dir: Path) -> dict:
-    """Drop (or excise) records overlapping benchmarks; stats["contaminated"][kind][id] = "bench:item"."""
-    files = _benchmark_files(benchmarks_dir)
+def decontaminate(cfg: DecontaminateConfig, in_dir: Path, benchmarks_dir: Path | list[Path], out_dir: Path,
+                  heldout: dict[str, Any] | None = None) -> dict:
+    """Drop (or excise) records overlapping benchmarks; stats["contaminated"][kind][id] = "bench:item".
+
+    `heldout` ({"kinds": [...], "share": f, "max": n}): first move that share of each listed kind into
+    out_dir/heldout/<kind>.jsonl (eval-set shape, stagewise/evalsets.py) — the eval set of a stage the user
+    declared none for — and decontaminate the rest against it like against any declared set.
+    """
+    out = StepOutput("decontaminate", out_dir)
+    import shutil
+
+    shutil.rmtree(out.out_dir / "heldout", ignore_errors=True)   # a share no longer asked for must not linger
+    held = _hold_out(in_dir, out, heldout) if heldout and heldout.get("kinds") else {}
+    files = _benchmark_files([*_as_list(benchmarks_dir), *held.values()])
     hasher = WordHasher()
     items: list[tuple[str, set[str]]] = []        # (<benchmark>:<item id>, its field names)
     texts = list(_benchmark_texts(files, cfg, items))   # (item number, text, is a prompt field)
@@ -65,12 +76,14 @@ def decontaminate(cfg: DecontaminateConfig, in_dir: Path, benchmarks_dir: Path |
         if short:
             short_index[n] = _index(short, n, hasher, min_words=n)
 
-    out = StepOutput("decontaminate", out_dir)
     contaminated: dict[str, dict[str, str]] = {}
     excised: dict[str, dict[str, list[str]]] = {}
     for kind in input_kinds(in_dir):
         rows = list(read_jsonl(Path(in_dir) / f"{kind}.jsonl"))
         out.input[kind] = len(rows)
+        if kind in held:
+            taken = {r["id"] for r in read_jsonl(held[kind])}
+            rows = [r for r in rows if r["id"] not in taken]
         hits = contaminated.setdefault(kind, {})
         kept = []
         if kind == "corpus":
@@ -100,8 +113,76 @@ def decontaminate(cfg: DecontaminateConfig, in_dir: Path, benchmarks_dir: Path |
                 out.remove(kind, rec, "contaminated", matched=names[owner], rule=rule, coverage=round(coverage, 3))
         out.keep(kind, kept)
     return out.finish(contaminated=contaminated, excised=excised, mode=cfg.mode,
+                      heldout={k: str(Path(v).relative_to(out.out_dir)) for k, v in held.items()},
                       benchmarks={f.stem: sum(1 for _ in read_jsonl(f)) for f in files},
+                      references=[_shown(f, Path(in_dir).resolve().parent.parent) for f in files],
                       benchmark_grams={"document": len(doc_index), "prompt": len(prompt_index)})
+
+
+def _shown(f: Path, root: Path) -> str:
+    # relative to the workspace when inside it: stats.json is a DVC output and must hash the same in any clone
+    try:
+        return Path(f).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(f)
+
+
+# ---------------------------------------------------------------- held-out shares
+def _as_list(benchmarks: Path | list[Path]) -> list[Path]:
+    if isinstance(benchmarks, (list, tuple)):
+        return [Path(p) for p in benchmarks]
+    b = Path(benchmarks)
+    return sorted(b.glob("*.jsonl")) if b.is_dir() else [b]
+
+
+def _eval_row(kind: str, rec: dict) -> dict | None:
+    """A curated record in its eval-set shape (stagewise/evalsets.py); None when it has no such shape."""
+    if kind == "corpus":
+        return {"id": rec["id"], "text": rec["text"]}
+    if kind == "chat":   # the first user turn and the reply to it
+        msgs = rec["messages"]
+        for i, m in enumerate(msgs[:-1]):
+            if m["role"] == "user" and msgs[i + 1]["role"] == "assistant":
+                return {"id": rec["id"], "question": m["content"], "answer": msgs[i + 1]["content"]}
+        return None
+    if kind == "preference":
+        return {"id": rec["id"], "prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]}
+    return {"id": rec["id"], "prompt": rec["prompt"], "answer": rec["answer"]}
+
+
+def heldout_ids(ids: list[str], share: float, limit: int) -> list[str]:
+    """The held-out ids: those whose hash falls below `share`, at most `limit` (smallest hashes first).
+
+    A hash of the id, not a shuffle: appending or removing other records never moves a record in or
+    out of the held-out set, so an eval set stays comparable across data edits.
+    """
+    import xxhash
+
+    scored = sorted((xxhash.xxh64_intdigest(i.encode()) / 2.0 ** 64, i) for i in ids)
+    return [i for h, i in scored if h < share][:limit]
+
+
+def _hold_out(in_dir: Path, out: StepOutput, spec: dict[str, Any]) -> dict[str, Path]:
+    from stagewise.records import write_jsonl
+
+    files = {}
+    for kind in spec["kinds"]:
+        src = Path(in_dir) / f"{kind}.jsonl"
+        if not src.exists():
+            continue
+        rows = {r["id"]: r for r in read_jsonl(src)}
+        chosen = [rows[i] for i in heldout_ids(list(rows), spec["share"], spec["max"])]
+        evals = [(r, _eval_row(kind, r)) for r in chosen]
+        evals = [(r, e) for r, e in evals if e is not None]
+        if not evals:
+            raise BadInput(src, None, f"no {kind} record could be held out as an eval set "
+                           f"({len(rows)} records, evaluate.holdout_share={spec['share']})",
+                           "declare an eval set for this stage under evaluate.sets, or raise evaluate.holdout_share")
+        for r, _ in evals:
+            out.remove(kind, r, "heldout_eval", eval_set=f"heldout_{kind}")
+        files[kind] = out.out_dir / "heldout" / f"{kind}.jsonl"
+        write_jsonl(files[kind], [e for _, e in evals])
+    return files
 
 
 # ---------------------------------------------------------------- benchmarks
@@ -229,6 +310,7 @@ def _excise(text: str, index: GramIndex, cfg: DecontaminateConfig, hasher: WordH
 
 
 @task(name="decontaminate", retries=1)
-def decontaminate_task(cfg: DecontaminateConfig, in_dir: Path, benchmarks_dir: Path, out_dir: Path) -> dict:
-    """Remove (or excise) training records that overlap the gate's eval sets."""
-    return decontaminate(cfg, in_dir, benchmarks_dir, out_dir)
+def decontaminate_task(cfg: DecontaminateConfig, in_dir: Path, benchmarks_dir: Path | list[Path], out_dir: Path,
+                       heldout: dict[str, Any] | None = None) -> dict:
+    """Hold out eval shares where none is declared; remove (or excise) training records overlapping any eval set."""
+    return decontaminate(cfg, in_dir, benchmarks_dir, out_dir, heldout)

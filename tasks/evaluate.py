@@ -16,6 +16,7 @@ from stagewise.workspace import Workspace
 
 
 @task(name="evaluate", retries=0)
-def evaluate_task(model_dir: Path, tasks: list[str], ws: Workspace, cfg: EvaluateConfig) -> dict:
-    """Score a saved model on the lm-eval tasks in evals/ (cached by content)."""
-    return evaluate(model_dir, tasks, ws, cfg)
+def evaluate_task(model_dir: Path, tasks: list[str], ws: Workspace, cfg: EvaluateConfig,
+                  tasks_dir: Path | None = None) -> dict:
+    """Score a saved model on lm-eval tasks (the compiled evaluate.sets in tasks_dir; cached by content)."""
+    return evaluate(model_dir, tasks, ws, cfg, tasks_dir=tasks_dir)

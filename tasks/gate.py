@@ -1,7 +1,7 @@
 """gate — the forgetting guard: may a candidate replace its parent / the champion?
 
 Rules (params.yaml `gate:`):
-  1. target_improves: the stage's own target metric (evaluate.STAGE_TARGETS) beats the parent's.
+  1. target_improves: the stage's own target metric (`<stage>.target`, stagewise/evalsets.py) beats the parent's.
   2. general_no_drop: no accuracy-like general metric drops more than `general_max_drop_points`
      (points on a 0-100 scale) vs each of `gate.against`: the parent, the base (where fine-tuning
      started: pretrain output or model.base, so that forgetting spread over several stages still
@@ -23,10 +23,10 @@ from prefect import task
 
 from stagewise import registry
 from stagewise.config import Config, GateConfig
-from stagewise.evaluation import GENERAL_METRICS, STAGE_TARGETS, evaluate
+from stagewise.evaluation import evaluate
 from stagewise.metrics import metric as metric_info
 from stagewise.hashing import dir_hash
-from stagewise.stage import Lineage, RunContext, stage_evals
+from stagewise.stage import Lineage, RunContext, eval_tasks_dir, stage_evals
 
 @dataclass
 class GateResult:
@@ -164,24 +164,29 @@ def _describe(r: dict) -> str:
 
 
 def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None, cfg: GateConfig,
-         bootstrap_iters: int = 1000, seed: int = 0, base: dict | None = None) -> GateResult:
+         bootstrap_iters: int = 1000, seed: int = 0, base: dict | None = None, evals=None) -> GateResult:
     """Apply the forgetting guard to evaluate() results of a candidate, its parent, base and champion.
 
     `base`: the model fine-tuning started from, when it is not the parent itself (None otherwise).
+    `evals`: the run's stagewise.evalsets.EvalPlan (targets, general metrics); None: the demo world's.
     """
+    from stagewise.evalsets import demo_plan
+
+    evals = evals or demo_plan()
     rules: list[dict] = []
     notes: list[str] = []
     iters, conf = bootstrap_iters, cfg.confidence
+    target = evals.targets.get(stage)
 
-    if stage in STAGE_TARGETS and parent is not None:
-        t, m, hib = STAGE_TARGETS[stage]
+    if target is not None and parent is not None:
+        t, m, hib = target.task, target.metric, target.higher_is_better
         row = _compare("target_improves", t, m, hib, "parent", candidate, parent, 0.0, "improve", iters, conf,
                        enforced=cfg.require_target_improvement, decide_on=cfg.decide_on)
         if row is None:
             notes.append(f"target {t}.{m} not evaluated on the parent: improvement not checked")
         else:
             rules.append(row)
-    elif stage in STAGE_TARGETS:
+    elif target is not None:
         notes.append(f"no parent: {stage} is the first model, so its target has nothing to improve on")
     else:
         notes.append(f"stage {stage!r} has no target metric of its own: only the forgetting guard applies")
@@ -189,7 +194,8 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
     baselines = [(a, b) for a, b in (("parent", parent), ("base", base), ("champion", champion))
                  if a in cfg.against and b is not None]
     for against, ref in baselines:
-        for t, m, hib in GENERAL_METRICS:
+        for g in evals.general:
+            t, m, hib = g.task, g.metric, g.higher_is_better
             if relative(m, hib):
                 row = _compare("general_ppl_rise", t, m, hib, against, candidate, ref, cfg.perplexity_max_rise_pct,
                                "max_rise", iters, conf, enforced=True, decide_on=cfg.decide_on)
@@ -251,7 +257,7 @@ def champion_metrics(ctx: RunContext, cfg: Config, tasks: list[str], candidate_v
     want = registry.version_tags(ctx.registered_model, version).get("weights_hash")
     if not folder.exists() or dir_hash(folder, "*.safetensors") != want:
         registry.download_model(ctx.registered_model, version, folder)
-    return version, evaluate(folder, tasks, ctx.ws, cfg.evaluate)
+    return version, evaluate(folder, tasks, ctx.ws, cfg.evaluate, tasks_dir=eval_tasks_dir(cfg, ctx.root))
 
 
 def fine_tuning_base(lineage: list[Lineage]) -> tuple[Lineage, dict] | None:
@@ -273,11 +279,13 @@ def gate_and_promote(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> di
     aliases: `challenger` always points at the newest gated candidate; `champion` moves only on a pass
     (the old champion keeps `previous-champion`)."""
     candidate = lineage[-1]
-    champ_version, champ = champion_metrics(ctx, cfg, stage_evals(candidate.stage), candidate.version)
+    from stagewise.evalsets import plan
+
+    champ_version, champ = champion_metrics(ctx, cfg, stage_evals(candidate.stage, cfg, ctx.root), candidate.version)
     base = fine_tuning_base(lineage)
     result = gate(candidate.stage, candidate.metrics, candidate.parent_metrics, champ, cfg.gate,
                   bootstrap_iters=cfg.evaluate.bootstrap_iters, seed=cfg.run.seed,
-                  base=base[1] if base else None)
+                  base=base[1] if base else None, evals=plan(cfg, ctx.root))
     name = ctx.registered_model
     registry.set_challenger(name, candidate.version)
     moved = registry.promote(name, candidate.version, result.passed)

@@ -31,7 +31,7 @@ def ingest(data_cfg: DataConfig, cfg: IngestConfig, raw_dir: Path, out_dir: Path
     they lie inside it: the outputs are DVC-tracked, and the same data must hash the same in any clone.
     """
     raw_dir, out = Path(raw_dir), StepOutput("ingest", out_dir)
-    sources = _sources(data_cfg, raw_dir)
+    sources = _sources(data_cfg, raw_dir, root)
     quarantine: dict[str, list[dict]] = {}
     files: dict[str, list[str]] = {}
     blank_lines = 0
@@ -92,9 +92,16 @@ def _shown(file: str, root: Path | None) -> str:
         return file
 
 
-def _sources(data_cfg: DataConfig, raw_dir: Path) -> list[tuple[str, SourceConfig]]:
+def _sources(data_cfg: DataConfig, raw_dir: Path, root: Path | None = None) -> list[tuple[str, SourceConfig]]:
     if data_cfg.sources:
-        return [(s.kind, s) for s in data_cfg.sources.values()]
+        # relative paths resolve against the workspace root (the folder of params.yaml), not the cwd
+        def resolved(s: SourceConfig) -> SourceConfig:
+            p = Path(s.path).expanduser()
+            if root is None or s.format == "hf_hub" or p.is_absolute():
+                return s
+            return s.model_copy(update={"path": str(Path(root) / p)})
+
+        return [(s.kind, resolved(s)) for s in data_cfg.sources.values()]
     found = [(k, SourceConfig(path=str(raw_dir / f"{k}.jsonl"), kind=k)) for k in KINDS
              if (raw_dir / f"{k}.jsonl").exists()]
     if not found:

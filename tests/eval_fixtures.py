@@ -7,7 +7,6 @@ the model a LlamaForCausalLM built from a small config.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from stagewise.config import GenerateConfig
@@ -20,11 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def eval_workspace(root: Path, n_eval: int = 30) -> Workspace:
-    """A workspace with generated benchmarks and a copy of the repo's evals/ YAMLs."""
+    """A workspace with generated benchmarks and the demo sets compiled into its evals/ (what
+    `evaluate()` reads without a `tasks_dir`)."""
+    from stagewise.config import Config
+    from stagewise.evalsets import plan, write_tasks
+
     ws = Workspace.at(root)
     generate(GenerateConfig(n_eval=n_eval, n_docs=40, n_junk=6, n_exact_dup=2, n_near_dup=2, n_leaks=2,
                             n_chat=40, n_preference=30, n_verifiable=40), ws.raw)
-    shutil.copytree(REPO / "evals", ws.evals, dirs_exist_ok=True)
+    write_tasks(plan(Config(), ws.root), ws.evals)
     return ws
 
 

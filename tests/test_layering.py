@@ -139,6 +139,6 @@ def test_the_registry_matches_the_config_and_dvc_yaml():
     for s in data:
         stage = dvc[s.name]
         assert stage["cmd"] == f"stagewise step {s.name}"
-        assert stage["params"] == [{"params.resolved.yaml": list(s.reads)}], s.name
+        assert stage["params"] == [{"params.resolved.yaml": list(s.reads) + [f"inputs.{h}" for h in s.hashes]}], s.name
         assert sorted(stage.get("deps", [])) == sorted(rel(a) for a in s.inputs), s.name
         assert [o for o in stage["outs"]] == [rel(a) for a in s.outputs], s.name

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from stagewise.evaluation import GENERAL_METRICS, STAGE_TARGETS, aggregate
+from stagewise.evalsets import KINDS, demo_plan
+from stagewise.evaluation import aggregate
 from stagewise.metrics import metric
 from tasks.compress import _delta, lower_is_better
 from tasks.gate import relative
@@ -25,8 +26,12 @@ def test_gate_compress_and_evaluation_read_the_same_directions():
         assert relative(name, m.higher_is_better) is m.relative, name
     # nll: compress compared it as a loss, the gate as an accuracy before the table (issue #14)
     assert relative("nll", metric("nll").higher_is_better) and lower_is_better("general_nll")
-    for _, name, hib in list(STAGE_TARGETS.values()) + GENERAL_METRICS:
-        assert hib is metric(name).higher_is_better
+    p = demo_plan()
+    for m in [*p.targets.values(), *p.general]:
+        assert m.higher_is_better is metric(m.metric).higher_is_better
+    for kind in KINDS.values():                 # every metric a declared set can be judged on
+        for name, hib in kind["metrics"].items():
+            assert hib is metric(name).higher_is_better, name
 
 
 def test_units_of_a_change_follow_the_kind():

@@ -1,0 +1,97 @@
+"""A second world, end to end: real English from the installed packages (tests/realtext_world.py),
+wired in only through params.yaml — `data.sources`, declared `evaluate.sets`, `<stage>.target`,
+`gate.general` — in a fresh workspace where no demo world was ever generated.
+
+Asserts what a user who brings their own data and evaluations needs: the run goes end to end, each
+stage is judged on the user's declared set (and improves it), nothing is scored on the demo world,
+and appending one record to a source file re-runs ingest and everything after it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_workspace
+from realtext_world import build
+from test_e2e import run_cli
+
+# two smoke runs of a world bigger than the demo's smoke one: minutes each on 2 shared cores
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(5400)]
+
+TARGETS = {"pretrain": "my_text", "sft": "my_qa", "preference": "my_pairs", "reasoning": "my_verifiable"}
+
+
+def user_params(ws: Path, world: dict) -> None:
+    """What a user edits in params.yaml: sources, declared sets, targets, general metrics (absolute paths)."""
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["data"]["sources"] = {k: {"path": p, "kind": k} for k, p in world["sources"].items()}
+    params["evaluate"]["sets"] = {f"my_{k}": {"path": p, "kind": k} for k, p in world["sets"].items()}
+    for stage, name in TARGETS.items():
+        params[stage]["target"] = name
+    params["gate"]["general"] = ["my_text"]
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def realtext_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("realtext")
+    world = build(root / "world")
+    ws = make_workspace(root / "ws")
+    user_params(ws, world)
+    proc = run_cli(ws, "run", "--profile", "smoke", timeout=1800)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+    return ws, world, proc, json.loads((ws / "reports" / "latest" / "summary.json").read_text())
+
+
+def test_each_stage_improves_its_declared_target(realtext_run):
+    _, _, proc, s = realtext_run
+    rows = {r["name"]: r for r in s["stages"]}
+    assert set(rows) == set(TARGETS)
+    table = []
+    for stage, name in TARGETS.items():
+        r = rows[stage]
+        assert r["target_metric"].split(".")[0] in (name, f"{name}_sampled"), r["target_metric"]
+        table.append(f"{stage:<10} {r['target_metric']:<30} {r['baseline_value']:.4g} -> {r['value']:.4g}")
+    print("\n".join(table))
+    for stage in TARGETS:
+        assert rows[stage]["improved"] is True, (stage, rows[stage])
+    assert "my_qa" in proc.stdout and "eval sets:" in proc.stdout
+
+
+def test_nothing_is_scored_on_the_demo_world(realtext_run):
+    ws, world, _, s = realtext_run
+    assert not (ws / "data" / "01_raw" / "benchmarks").exists()
+    assert set(s["eval_sets"]) == {f"my_{k}" for k in world["sets"]}
+    assert all(v["origin"] == "declared" and v["data_hash"] and v["items"] for v in s["eval_sets"].values())
+    general = {r["metric"] for r in s["gate"]["rules"] if r["rule"] != "target_improves"}
+    assert general == {"my_text.word_perplexity"}
+    # the compiled tasks are in the run's reports, with absolute data paths, for lm_eval re-runs
+    compiled = ws / "reports" / s["run_id"] / "evals" / "my_qa.yaml"
+    assert world["sets"]["qa"] in compiled.read_text()
+    # every declared set was a decontamination reference
+    refs = json.loads((ws / "data" / "05_curated" / "stats.json").read_text())["references"]
+    assert sorted(refs) == sorted(world["sets"].values())
+    assert "Evaluation sets behind these numbers" in (ws / "reports" / s["run_id"] / "gate.md").read_text()
+
+
+def test_appending_a_record_to_a_source_reruns_ingest_and_what_follows(realtext_run):
+    ws, world, _, first = realtext_run
+    chat = Path(world["sources"]["chat"])
+    with chat.open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "What does textwrap.dedent do?"},
+                                         {"role": "assistant", "content": "Remove any common leading whitespace."}]})
+                + "\n")
+    proc = run_cli(ws, "run", "--profile", "smoke", "--stages",
+                   "ingest,quality,dedup,decontaminate,validate,tokenizer,pretrain,sft", timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = json.loads((ws / "reports" / "latest" / "summary.json").read_text())
+    assert {"ingest", "quality", "dedup", "decontaminate"} <= set(s["data"]["ran"])
+    assert s["data"]["inputs"]["sources"]["chat"] != first["data"]["inputs"]["sources"]["chat"]
+    ingested = (ws / "data" / "02_ingested" / "chat.jsonl").read_text()
+    assert "textwrap.dedent" in ingested
+    rows = {r["name"]: r for r in s["stages"]}
+    assert rows["sft"]["cached"] is False          # new curated data: a new model
