@@ -146,7 +146,8 @@ def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: li
         if stage == "pretrain" and cfg.model.base:
             continue  # a given base model replaces pretraining
         # Prefect's cache keyed by the stage's content key, valid only while its model version exists.
-        stage_task = stage_tasks[stage].with_options(cache_key_fn=prefect_cache_key, persist_result=True)
+        stage_task = stage_tasks[stage].with_options(cache_key_fn=prefect_cache_key, persist_result=True,
+                                                   result_serializer="json")  # never unpickle from disk
         child, row = stage_task(ctx, cfg, parent, data["hashes"].get("decontaminate"),
                                 cache_only=stage not in selected)
         lineage.append(child)
@@ -197,10 +198,10 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
             compression = (compress_phase(cfg, ctx, trained)
                            if "compress" in selected and cfg.compress.methods and trained["rows"] else None)
             verdict = gate_phase(cfg, ctx, trained) if "gate" in selected and trained["rows"] else None
-        except BaseException:
+        except BaseException as e:
             from stagewise.run import fail_run
 
-            fail_run(ctx)
+            fail_run(ctx, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
         summary = build_summary(ctx, profile, data, trained, verdict, compression, seconds=time.time() - t0)
         gate_report_task(ctx, summary)

@@ -21,10 +21,12 @@ from typing import Optional
 
 import typer
 
+from stagewise.errors import UserError
+
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A problem the user can fix: printed without a traceback, exit code 2."""
 
 

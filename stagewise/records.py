@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from stagewise.errors import UserError
 from stagewise.workspace import KINDS
 
 # The fields each kind needs (id is optional on input, always a string on output).
@@ -38,7 +39,7 @@ ROLES = {"system", "user", "assistant", "tool"}
 
 
 # ---------------------------------------------------------------- errors
-class BadInput(ValueError):
+class BadInput(UserError, ValueError):
     """Input the pipeline cannot read, phrased for the person who has to fix it: file, line, fix."""
 
     def __init__(self, file: str | Path, line: int | None, problem: str, fix: str, code: str = "bad_input"):
