@@ -27,14 +27,17 @@ class _OneErrorPath(TyperGroup):
     """
 
     def invoke(self, ctx):  # noqa: D401
-        import click
+        import typer.exceptions
 
         from stagewise.errors import one_line, set_verbose, user_facing, verbose
 
+        # typer's own control flow (Exit, Abort, usage errors) passes through untouched
+        passthrough = tuple(getattr(typer, n) for n in ("Exit", "Abort") if hasattr(typer, n)) + (
+            typer.exceptions.TyperException,)
         set_verbose("--verbose" in sys.argv[1:] or "-v" in sys.argv[1:])
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except passthrough:
             raise
         except BaseException as e:  # noqa: BLE001 - the one place failures become exit codes
             if isinstance(e, SystemExit):

@@ -56,7 +56,8 @@ class SourceConfig(Section):
     path: str                    # a file or a folder (all *.jsonl / *.parquet / *.txt files in it)
     # text: one corpus document per file; hf_disk: datasets.save_to_disk folder; hf_hub: a hub
     # dataset name (needs network)
-    format: Literal["jsonl", "parquet", "text", "hf_disk", "hf_hub"] = "jsonl"
+    # auto: a folder of mixed files, each read by its suffix (.jsonl/.json/.ndjson, .parquet, .txt/.md)
+    format: Literal["jsonl", "parquet", "text", "auto", "hf_disk", "hf_hub"] = "jsonl"
     kind: Literal["corpus", "chat", "preference", "verifiable"]
     columns: dict[str, str] = Field(default_factory=dict)  # our field -> your field, e.g. {text: content}
     split: str | None = None     # hf_disk / hf_hub: which split (None: all splits of a DatasetDict; hub: train)

@@ -100,7 +100,7 @@ def _check_messages(value: Any) -> None:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise BadRow("wrong_type" if not isinstance(m, dict) else "missing_field",
                          f"messages[{i}] must be an object with 'role' and 'content', got {_short(m)}", fix)
-        if m["role"] not in ROLES:
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
             raise BadRow("wrong_type", f"messages[{i}].role is {m['role']!r}, not one of {sorted(ROLES)}", fix)
         if not isinstance(m["content"], str):
             raise BadRow("wrong_type", f"messages[{i}].content must be a string, got {type(m['content']).__name__}", fix)
