@@ -199,9 +199,10 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
                            if "compress" in selected and cfg.compress.methods and trained["rows"] else None)
             verdict = gate_phase(cfg, ctx, trained) if "gate" in selected and trained["rows"] else None
         except BaseException as e:
+            from stagewise.errors import is_interrupt
             from stagewise.run import fail_run
 
-            fail_run(ctx, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            fail_run(ctx, "KILLED" if is_interrupt(e) else "FAILED")
             raise
         summary = build_summary(ctx, profile, data, trained, verdict, compression, seconds=time.time() - t0)
         gate_report_task(ctx, summary)

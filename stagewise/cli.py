@@ -42,7 +42,9 @@ class _OneErrorPath(TyperGroup):
         except BaseException as e:  # noqa: BLE001 - the one place failures become exit codes
             if isinstance(e, SystemExit):
                 raise
-            known = user_facing(e)
+            from stagewise.signals import stop_reason
+
+            known = stop_reason() or user_facing(e)
             if known is None and isinstance(e, KeyboardInterrupt):
                 known = ("interrupted", 130)
             if known is None:
@@ -53,6 +55,9 @@ class _OneErrorPath(TyperGroup):
                 traceback.print_exception(e)
             message, code = known
             typer.echo(f"error: {one_line(message)}", err=True)
+            from stagewise.signals import leave_now
+
+            leave_now(e, code)
             raise typer.Exit(code) from None
 
 

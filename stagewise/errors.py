@@ -47,14 +47,17 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _chain(exc: BaseException | None):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        if isinstance(exc, BaseExceptionGroup):
-            for sub in exc.exceptions:
-                yield from _chain(sub)
-        exc = exc.__cause__ or exc.__context__
+    """exc, then what it was raised from or during (both links), and exception-group members."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend([e.__cause__, e.__context__])
 
 
 def user_facing(exc: BaseException) -> tuple[str, int] | None:
@@ -82,6 +85,11 @@ def user_facing(exc: BaseException) -> tuple[str, int] | None:
 import errno as _errno  # noqa: E402
 
 _DISK_ERRNOS = {_errno.ENOSPC, _errno.EROFS, _errno.EACCES, _errno.EDQUOT, _errno.EPERM}
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """A signal stopped the run (Ctrl-C, SIGTERM — Prefect may wrap ours in its TerminationSignal)."""
+    return any(isinstance(e, KeyboardInterrupt) or type(e).__name__ == "TerminationSignal" for e in _chain(exc))
 
 
 def one_line(message: str) -> str:
@@ -116,6 +124,8 @@ class _DropOwnErrors(logging.Filter):
             return user_facing(exc) is None
         # "Finished in state Failed('Task run encountered an exception BadInput: ...')" has no exc_info
         msg = record.getMessage()
+        if "aborted by an interrupt signal" in msg:   # Ctrl-C/SIGTERM: the CLI says it once
+            return False
         return not any(f"exception {n}" in msg or f"{n}(" in msg for n in _OWN_NAMES)
 
 

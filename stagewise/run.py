@@ -332,18 +332,25 @@ def local_prefect(preload: tuple[str, ...] = RUN_IMPORTS):
     server = SubprocessASGIServer()
     _detach(server)
 
+    started = threading.Event()
+
     def start() -> None:
         try:
             server.start()
         except Exception as e:  # noqa: BLE001 - the flow call starts it again and reports the error
             log.debug("early start of Prefect's temporary server failed: %s", e)
+        finally:
+            started.set()
+        # The server's parent-death signal fires when the *thread* that started it ends (see _detach):
+        # this daemon thread lives as long as the process.
+        threading.Event().wait()
 
-    # `start()` marks the server running before it answers: the flow may only be called after join().
+    # `start()` marks the server running before it answers: the flow may only be called once it returned.
     thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
     thread.start()
     for name in preload:
         importlib.import_module(name)
-    thread.join()
+    started.wait()
     from stagewise.signals import watch_server
 
     watching = watch_server(server.server_process) if server.server_process is not None else None
@@ -355,14 +362,27 @@ def local_prefect(preload: tuple[str, ...] = RUN_IMPORTS):
             watching.set()
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    _PRCTL(1, 15)   # PR_SET_PDEATHSIG = SIGTERM: a kill -9 of the run takes the server with it
+
+
+try:  # resolved before any fork: the child only calls it
+    import ctypes
+
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
+
+
 def _detach(server) -> None:
     """Start Prefect's temporary server in its own session, out of the terminal's process group.
 
     Ctrl-C reaches every process of the foreground group: the server died of the same SIGINT as the
     run and every report of the interruption then failed against a dead API (148 s of retries,
     4 tracebacks). In its own session it keeps serving while the run unwinds and is stopped by
-    Prefect's own atexit hook. Prefect builds the command itself, so only Popen's session flag is
-    added, for the duration of that one call.
+    Prefect's own atexit hook; on Linux a parent-death signal stops it when the run is killed -9
+    (it is no longer in the run's process group). Prefect builds the command itself, so only Popen's
+    session flags are added, for the duration of that one call.
     """
     import subprocess
 
@@ -375,6 +395,8 @@ def _detach(server) -> None:
 
         def popen_new_session(*args, **kwargs):
             kwargs.setdefault("start_new_session", True)
+            if _PRCTL is not None:
+                kwargs.setdefault("preexec_fn", _die_with_parent)
             return popen(*args, **kwargs)
 
         subprocess.Popen = popen_new_session
