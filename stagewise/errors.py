@@ -75,6 +75,15 @@ def user_facing(exc: BaseException) -> tuple[str, int] | None:
         if isinstance(e, Timeout):
             return f"{e} is held by another process; wait for it to finish", STORE
     for e in _chain(exc):
+        # SQLite behind MLflow/Prefect reports a read-only or full disk in its own words
+        text = str(e).lower()
+        if type(e).__module__.split(".")[0] in ("sqlalchemy", "sqlite3", "mlflow") and any(
+                m in text for m in ("readonly database", "disk is full", "disk i/o error", "unable to open database")):
+            from stagewise.redact import redact
+
+            first = redact(str(e)).strip().splitlines()[0][:200]
+            return (f"the tracking store cannot be written ({first}) — free space or make the workspace "
+                    "writable, then re-run (finished stages are reused from the cache)"), STORE
         if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
             where = e.filename or "the workspace"
             return (f"{where}: {os.strerror(e.errno)} — free space or make the workspace writable, "

@@ -13,7 +13,6 @@ without it the run would go on training and registering versions no orchestratio
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import logging
 import os
@@ -88,7 +87,7 @@ def leave_now(exc: BaseException, code: int) -> None:
     os._exit(code)
 
 
-def watch_server(process, poll: float = 1.0) -> threading.Event:
+def watch_server(process, poll: float = 1.0, grace: float = 15.0) -> threading.Event:
     """Interrupt the main thread when `process` (Prefect's temporary server) exits; set the event to stop."""
     stop = threading.Event()
 
@@ -104,7 +103,19 @@ def watch_server(process, poll: float = 1.0) -> threading.Event:
                 "stopped rather than train without orchestration; re-run to resume (or point "
                 "PREFECT_API_URL at a long-lived `prefect server start`)", STORE)
             log.error("Prefect's temporary server exited (code %s): stopping the run", code)
-            _thread.interrupt_main(signal.SIGTERM)
+            # A real signal, not _thread.interrupt_main(): the main thread may be blocked waiting on
+            # Prefect (a subflow's future), and only a delivered signal wakes a blocked wait. SIGINT:
+            # Prefect's flow engine answers SIGTERM with its own TerminationSignal.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            # Unwinding reports every state change to the dead API, through Prefect's client retries
+            # (minutes). Past the grace period, leave: the lock goes with the process; runs left
+            # RUNNING are closed KILLED by the next run.
+            if not stop.wait(grace):
+                import sys
+
+                sys.stderr.write(f"error: {_state['reason'][0]}\n")
+                sys.stderr.flush()
+                os._exit(STORE)
             return
 
     threading.Thread(target=watch, name="prefect-server-watch", daemon=True).start()

@@ -488,3 +488,16 @@ def test_prefect_crash_records_of_our_errors_are_dropped_others_kept():
                               "Finished in state Failed('Task run encountered an exception BadInput: f.jsonl:2')",
                               None, None)
     assert not _FILTER.filter(state)
+
+
+def test_a_read_only_or_full_tracking_database_is_a_store_error():
+    import sqlalchemy.exc
+
+    from stagewise.errors import user_facing
+
+    exc = sqlalchemy.exc.OperationalError("UPDATE model_versions ...", {},
+                                          Exception("attempt to write a readonly database"))
+    message, code = user_facing(exc)
+    assert code == 3 and message.startswith("the tracking store cannot be written (")
+    assert "attempt to write a readonly database" in message
+    assert user_facing(ValueError("a bug")) is None
