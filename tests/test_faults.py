@@ -248,11 +248,25 @@ def test_curate_on_a_full_disk_leaves_no_partial_output(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ stores
-@pytest.fixture
-def tracked(workspace):
-    """A workspace whose MLflow store exists (one experiment), as after a first run."""
+@pytest.fixture(scope="module")
+def _store_template(tmp_path_factory):
+    """One migrated MLflow database (creating one costs ~10 s on the 2-core machine), copied per test."""
     from stagewise import registry
 
+    ws = make_workspace(tmp_path_factory.mktemp("template") / "ws")
+    registry.setup_tracking(ws)
+    return ws / "mlflow" / "mlflow.db"
+
+
+@pytest.fixture
+def tracked(workspace, _store_template):
+    """A workspace whose MLflow store exists (one experiment), as after a first run."""
+    import shutil
+
+    from stagewise import registry
+
+    (workspace / "mlflow").mkdir()
+    shutil.copy(_store_template, workspace / "mlflow" / "mlflow.db")
     registry.setup_tracking(workspace)
     return workspace
 
