@@ -91,7 +91,11 @@ def statuses(ws: Path, *run_ids: str) -> list[str]:
         con.close()
 
 
-@pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "SIGINT (Ctrl-C)"), (signal.SIGTERM, 143, "SIGTERM")])
+@pytest.mark.parametrize("sig,code,name", [
+    (signal.SIGINT, 130, "SIGINT (Ctrl-C)"),
+    # the same path as SIGINT but for the signal number and Prefect's own SIGTERM handling
+    pytest.param(signal.SIGTERM, 143, "SIGTERM", marks=pytest.mark.slow),
+])
 def test_signal_stops_the_run_marks_it_killed_frees_the_lock_and_exits(tmp_path, sig, code, name):
     from stagewise.lock import workspace_lock
 
@@ -114,6 +118,7 @@ def test_signal_stops_the_run_marks_it_killed_frees_the_lock_and_exits(tmp_path,
     assert info["server_pid"] and gone(info["server_pid"], 10), "Prefect's temporary server outlived the run"
 
 
+@pytest.mark.slow   # waits out the grace period (signals.watch_server) after the server's death
 def test_orchestration_server_dying_stops_the_run(tmp_path):
     ws = make_workspace(tmp_path / "ws")
     proc = start(ws)
