@@ -164,7 +164,8 @@ def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: li
             continue  # a given base model replaces pretraining
         # Prefect's cache keyed by the stage's content key, valid only while its model version exists.
         stage_task = tasks.prefect_task(stage).with_options(cache_key_fn=prefect_cache_key(tasks.step(stage)),
-                                                            persist_result=True)
+                                                            persist_result=True,
+                                                            result_serializer="json")  # never unpickle from disk
         child, row = stage_task(ctx, cfg, parent, data["hashes"].get("decontaminate"),
                                 cache_only=stage not in selected)
         rows.append(row)
@@ -219,10 +220,11 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
             compression = (compress_phase(cfg, ctx, trained)
                            if "compress" in selected and cfg.compress.methods and candidate else None)
             verdict = gate_phase(cfg, ctx, trained) if "gate" in selected and candidate else None
-        except BaseException:
+        except BaseException as e:
+            from stagewise.errors import is_interrupt
             from stagewise.run import fail_run
 
-            fail_run(ctx)
+            fail_run(ctx, "KILLED" if is_interrupt(e) else "FAILED")
             raise
         summary = build_summary(ctx, profile, data, trained, verdict, compression, seconds=time.time() - t0)
         gate_report_task(ctx, summary)

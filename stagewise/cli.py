@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 import tasks
 from stagewise.cli_common import split_names as _split
@@ -15,12 +17,69 @@ STEPS_HELP = ("Steps (module tasks/<step>.py = DVC stage = params section = MLfl
               + "; ".join(f"{kind}: " + ", ".join(s.name for s in tasks.of_kind(kind)) for kind in ("data", "train", "ship"))
               + ".")
 
+EXIT_CODES = """Exit codes: 0 done; 1 gate failed with --strict, or a refused promotion; 2 bad input or config;
+3 workspace or store problem (locked, read-only, full, broken MLflow store); 130 interrupted (Ctrl-C);
+143 terminated (SIGTERM). docs/errors.md lists the messages."""
+
+
+class _OneErrorPath(TyperGroup):
+    """Every command's failure ends here: one `error:` line and a documented exit code.
+
+    The traceback is printed only with --verbose (or STAGEWISE_VERBOSE=1); an exception that is not
+    one of the project's own is a bug and keeps its traceback.
+    """
+
+    def invoke(self, ctx):  # noqa: D401
+        import typer.exceptions
+
+        from stagewise.errors import one_line, set_verbose, user_facing, verbose
+
+        # typer's own control flow (Exit, Abort, usage errors) passes through untouched
+        passthrough = tuple(getattr(typer, n) for n in ("Exit", "Abort") if hasattr(typer, n)) + (
+            typer.exceptions.TyperException,)
+        set_verbose("--verbose" in sys.argv[1:] or "-v" in sys.argv[1:])
+        try:
+            return super().invoke(ctx)
+        except passthrough:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the one place failures become exit codes
+            if isinstance(e, SystemExit):
+                raise
+            from stagewise.signals import stop_reason
+
+            known = stop_reason() or user_facing(e)
+            if known is None and isinstance(e, KeyboardInterrupt):
+                known = ("interrupted", 130)
+            if known is None:
+                raise
+            if verbose():
+                import traceback
+
+                traceback.print_exception(e)
+            message, code = known
+            typer.echo(f"error: {one_line(message)}", err=True)
+            from stagewise.signals import leave_now
+
+            leave_now(e, code)
+            raise typer.Exit(code) from None
+
+
 app = typer.Typer(
-    help=f"Stagewise: one Prefect DAG from raw text to a promoted model.\n\n{STEPS_HELP}",
+    cls=_OneErrorPath,
+    help=f"Stagewise: one Prefect DAG from raw text to a promoted model.\n\n{STEPS_HELP}\n\n{EXIT_CODES}",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                       help="Tracebacks and library logs (also each command's own --verbose).")) -> None:
+    from stagewise.errors import set_verbose
+
+    if verbose:
+        set_verbose(True)
 
 
 @app.command()
@@ -37,42 +96,48 @@ def run(
     """Run the pipeline end to end and print the summary table.
 
     Exit codes: 0 done (the gate verdict is in the table and summary.json), 1 gate failed with --strict,
-    2 bad config or arguments, 3 workspace locked by another run.
+    2 bad config, arguments or input data, 3 workspace or store problem (locked, read-only, full, broken
+    MLflow store, orchestration server died), 130 Ctrl-C, 143 SIGTERM (docs/errors.md).
     """
-    from stagewise.config import ConfigError, load_config
+    from stagewise.config import check_model_base, load_config
+    from stagewise.errors import set_verbose
 
+    if verbose:
+        set_verbose(True)
     root = config.resolve().parent
     selected = _split(stages) or None
-    try:  # fail fast on config errors, before any engine starts
-        cfg = load_config(config, profile, set_ or [])
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    # fail fast on config errors, before any engine starts (ConfigError: one line, exit 2)
+    cfg = load_config(config, profile, set_ or [])
     unknown = [s for s in (selected or []) + _split(force_stage) if s not in cfg.run.stages]
     if unknown:
         typer.echo(f"error: unknown step(s) {', '.join(unknown)}; known: {', '.join(cfg.run.stages)}", err=True)
         raise typer.Exit(2)
+    check_model_base(cfg.model.base, root)
     from stagewise.logs import configure
 
     configure(verbose)
     from stagewise.run import env_defaults
 
     env_defaults(root)
-    from stagewise.lock import WorkspaceLocked
+    from stagewise.health import check_tracking_store, check_writable
+
+    # a read-only or full workspace, or a broken tracking store: one line now, not a hang inside Prefect
+    check_writable(root, cfg.ops.min_free_mb, private=cfg.ops.private_stores)
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        check_tracking_store(root / "mlflow")
+    from stagewise.errors import quiet_prefect_crashes
     from stagewise.run import local_prefect
+    from stagewise.signals import stop_on_signals
     from stagewise.summary import summary_table
 
-    try:
-        # what every run imports anyway, loaded while Prefect's temporary server boots
-        with local_prefect(preload=("flows.pipeline", "mlflow", "dvc.repo", "tasks.tokenizer", "tasks.evaluate",
-                                    "lm_eval")):
-            from flows.pipeline import pipeline
+    quiet_prefect_crashes()
+    # what every run imports anyway, loaded while Prefect's temporary server boots
+    with stop_on_signals(), local_prefect(preload=("flows.pipeline", "mlflow", "dvc.repo", "tasks.tokenizer",
+                                                   "tasks.evaluate", "lm_eval")):
+        from flows.pipeline import pipeline
 
-            summary = pipeline(profile=profile, stages=selected, overrides=set_ or [], config_path=config.name,
-                               workspace=str(root), force=force, force_stages=_split(force_stage))
-    except WorkspaceLocked as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(3)
+        summary = pipeline(profile=profile, stages=selected, overrides=set_ or [], config_path=config.name,
+                           workspace=str(root), force=force, force_stages=_split(force_stage))
     typer.echo("\n" + summary_table(summary))
     if strict and (summary.get("gate") or {}).get("passed") is False:
         raise typer.Exit(1)

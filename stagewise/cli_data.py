@@ -39,6 +39,7 @@ def curate(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="params.yaml whose quality/dedup/decontaminate sections to use (default: built-in defaults)"),
 ) -> None:
     """Curate one file: ingest (schema check), quality filters, dedup, decontamination."""
+    import os
     import shutil
     import tempfile
 
@@ -46,7 +47,9 @@ def curate(
     from stagewise.records import BadInput, read_jsonl, removed_ids, write_json, write_jsonl
 
     def fail(msg: str) -> None:
-        typer.echo(f"error: {msg}", err=True)
+        from stagewise.errors import one_line
+
+        typer.echo(f"error: {one_line(msg)}", err=True)
         raise typer.Exit(2)
 
     if kind is not None and kind not in ("corpus", "chat", "preference", "verifiable"):
@@ -62,6 +65,11 @@ def curate(
         fail("--steps decontaminate needs the eval sets: pass --benchmark FILE.jsonl (repeatable)")
     if not input.exists():
         fail(f"{input}: no such file or folder")
+    out_file = output / "x.jsonl" if output.is_dir() else output
+    src, dst = input.resolve(), out_file.resolve()
+    if dst == src or (src.is_dir() and src in dst.parents) or report.resolve() == src:
+        fail(f"--output {output} would overwrite or land inside the input {input}: write the curated "
+             "records somewhere else (e.g. -o curated/)")
     try:
         cfg = load_config(config) if config else Config()
     except ConfigError as e:
@@ -84,6 +92,11 @@ def curate(
     from tasks.quality import quality
 
     work = Path(tempfile.mkdtemp(prefix="stagewise-curate-"))
+    out_dir = output.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Everything is written here first and moved into place only once complete: a curate that fails
+    # (bad row, full disk) leaves no output, no partial removed/ file, no report.
+    stage = Path(tempfile.mkdtemp(prefix=".curate-", dir=out_dir))
     try:
         data_cfg = DataConfig(sources={"input": SourceConfig(path=str(input), format=fmt, kind=kind)},
                               on_bad_rows=on_bad_rows)
@@ -108,20 +121,22 @@ def curate(
                 fail(str(e))
             prev = nxt
 
-        out_dir = output.parent
-        n_kept = write_jsonl(output, read_jsonl(prev / f"{kind}.jsonl") if (prev / f"{kind}.jsonl").exists() else [])
+        n_kept = write_jsonl(stage / output.name,
+                             read_jsonl(prev / f"{kind}.jsonl") if (prev / f"{kind}.jsonl").exists() else [])
         removed: dict[str, list[str]] = {}
+        publish = [(stage / output.name, output)]
         for step in ["ingest", *[s for s in STEPS if s in chosen]]:
             for reason, ids in removed_ids(work / step).items():
                 removed.setdefault(reason, []).extend(ids)
-                src = work / step / "removed" / f"{reason}.jsonl"
-                (out_dir / "removed").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, out_dir / "removed" / f"{reason}.jsonl")
+                (stage / "removed").mkdir(exist_ok=True)
+                shutil.copyfile(work / step / "removed" / f"{reason}.jsonl", stage / "removed" / f"{reason}.jsonl")
+                publish.append((stage / "removed" / f"{reason}.jsonl", out_dir / "removed" / f"{reason}.jsonl"))
         quarantine = None
         if (work / "ingest" / "quarantine" / f"{kind}.jsonl").exists():
             quarantine = out_dir / "quarantine" / f"{kind}.jsonl"
-            quarantine.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(work / "ingest" / "quarantine" / f"{kind}.jsonl", quarantine)
+            (stage / "quarantine").mkdir(exist_ok=True)
+            shutil.copyfile(work / "ingest" / "quarantine" / f"{kind}.jsonl", stage / "quarantine" / f"{kind}.jsonl")
+            publish.append((stage / "quarantine" / f"{kind}.jsonl", quarantine))
         n_input = stats["ingest"]["input"].get(kind, 0)
         result = {
             "kind": kind,
@@ -137,11 +152,21 @@ def curate(
             "quarantine": str(quarantine) if quarantine else None,
             "output": str(output),
             "funnel": [{"step": s, "kept": stats[s]["kept"].get(kind, 0)} for s in stats],
+            "files": stats["ingest"].get("records_per_file", {}),   # records read from each input file
         }
         assert n_input == n_kept + sum(len(v) for v in removed.values()), "a record went missing"  # never silent
-        write_json(report, result)
+        write_json(stage / ".report.json", result)
+        # all written: move into place (renames need no space; the report goes last)
+        for tmp, dest in publish:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+        try:
+            os.replace(stage / ".report.json", report)
+        except OSError:  # another file system: write_json is atomic on its own
+            write_json(report, result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
     summary = ", ".join(f"{r} {len(ids)}" for r, ids in sorted(removed.items())) or "nothing"
     typer.echo(f"{kind}: {n_input} in, {n_kept} kept; removed: {summary}\nreport: {report}")
 
@@ -150,12 +175,8 @@ def _format_of(path: Path) -> str:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             return "hf_disk"
-        suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
-        if ".parquet" in suffixes:
-            return "parquet"
-        if suffixes & {".jsonl", ".json", ".ndjson"}:
-            return "jsonl"
-        return "text"
+        # every file by its own suffix; ingest refuses the folder naming any file it cannot read
+        return "auto"
     return {".parquet": "parquet", ".txt": "text", ".md": "text"}.get(path.suffix.lower(), "jsonl")
 
 
@@ -167,6 +188,12 @@ def _guess_kind(path: Path, fmt: str) -> str | None:
 
     if fmt == "text":
         return "corpus"
+    if fmt == "auto":
+        from tasks.ingest import _SUFFIX, _files
+
+        if all(f.suffix.lower() in _SUFFIX["text"] for f in _files(SourceConfig(path=str(path), format=fmt,
+                                                                               kind="corpus"))):
+            return "corpus"
     for _, _, value in _rows(SourceConfig(path=str(path), format=fmt, kind="corpus")):
         if isinstance(value, dict):
             return detect_kind(value)

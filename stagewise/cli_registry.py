@@ -21,10 +21,12 @@ from typing import Optional
 
 import typer
 
+from stagewise.errors import UserError
+
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A problem the user can fix: printed without a traceback, exit code 2."""
 
 
@@ -156,7 +158,7 @@ def register_commands(app: typer.Typer) -> None:
             _, cfg = _setup(config, profile, set_)
             from stagewise import registry
 
-            name = name or cfg.run.registered_model
+            name = registry.check_name(name or cfg.run.registered_model)
             c = registry.client()
             versions = sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
             # search results carry no aliases in MLflow 3: read them from the registered model
@@ -172,7 +174,8 @@ def register_commands(app: typer.Typer) -> None:
             aliases = sorted(by_version.get(str(v.version), []))
             rows.append({"version": str(v.version), "stage": v.tags.get("stage", ""),
                          "parent": v.tags.get("parent_version", ""), "aliases": aliases,
-                         "gate": v.tags.get("gate", ""), "forced_reason": v.tags.get("forced_reason", ""),
+                         "gate": v.tags.get("gate", ""), "forced": v.tags.get("forced") == "true",
+                         "forced_reason": v.tags.get("forced_reason", ""),
                          "pipeline_run": v.tags.get("pipeline_run", "")})
         if as_json:
             typer.echo(json.dumps({"name": name, "versions": rows}, indent=1))
@@ -200,7 +203,9 @@ def register_commands(app: typer.Typer) -> None:
             _, cfg = _setup(config, profile, set_)
             from stagewise import registry
 
-            name = name or cfg.run.registered_model
+            name = registry.check_name(name or cfg.run.registered_model)
+            if not version.isdigit():
+                raise CliError(f"--version {version!r}: a version number, e.g. --version 3 (see `stagewise registry`)")
             try:
                 tags = registry.version_tags(name, version)
             except Exception:
@@ -212,14 +217,18 @@ def register_commands(app: typer.Typer) -> None:
                            f"Run `stagewise gate --candidate models:/{name}/{version}`, or override with "
                            '--force --reason "..."', err=True)
                 raise typer.Exit(1)
-            registry.promote(name, version, gate_passed=verdict == "passed",
-                             force_reason=reason if force and verdict != "passed" else None)
-            prev = registry.alias_version(name, registry.PREVIOUS)
+            # under the registry lock: what `seen` says is the champion this promotion replaced, even
+            # when another promote ran a moment earlier
+            _, seen = registry.promote_seen(name, version, gate_passed=verdict == "passed",
+                                            force_reason=reason if force and verdict != "passed" else None)
         except CliError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
-        typer.echo(f"champion: {name} v{version}" + (f" (previous-champion: v{prev})" if prev else "")
-                   + (" — forced" if force and verdict != "passed" else ""))
+        was = ("already champion" if seen == str(version) else
+               f"was v{seen}, now previous-champion" if seen else "no champion before")
+        typer.echo(f"champion: {name} v{version} ({was})"
+                   + (" — forced; its gate verdict stays failed" if force and verdict == "failed" else
+                      " — forced" if force and verdict != "passed" else ""))
 
     @app.command()
     def rollback(config: Path = _config(), profile: Optional[str] = _profile(),
@@ -230,7 +239,7 @@ def register_commands(app: typer.Typer) -> None:
             _, cfg = _setup(config, profile, set_)
             from stagewise import registry
 
-            name = name or cfg.run.registered_model
+            name = registry.check_name(name or cfg.run.registered_model)
             try:
                 now = registry.rollback(name)
             except RuntimeError as e:

@@ -13,11 +13,24 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from stagewise.errors import UserError
+
+
+def _steps(v: int) -> int:
+    if v != -1 and v <= 0:
+        raise ValueError("must be -1 (train for `epochs`) or a positive number of optimizer steps")
+    return v
+
+
+# -1 = let `epochs` decide; anything else must be a real step count (HF reads -5 as "no limit").
+MaxSteps = Annotated[int, AfterValidator(_steps)]
 
 
 class Section(BaseModel):
@@ -27,7 +40,8 @@ class Section(BaseModel):
 # ---------------------------------------------------------------- run-wide settings
 class RunConfig(Section):
     seed: int = 1234
-    registered_model: str = "stagewise"
+    # goes into MLflow filter strings: no quotes (stagewise/registry.py:check_name)
+    registered_model: str = Field("stagewise", pattern=r"^[A-Za-z0-9_.\-]+$")
     # Order matters only for readability: the flow wires dependencies explicitly.
     stages: list[str] = Field(
         default_factory=lambda: [
@@ -35,14 +49,15 @@ class RunConfig(Section):
             "tokenizer", "pretrain", "sft", "preference", "reasoning", "compress", "gate",
         ]
     )
-    threads: int = 2  # torch intra-op threads; the reference machine has 2 cores
+    threads: int = Field(2, gt=0)  # torch intra-op threads; the reference machine has 2 cores
 
 
 class SourceConfig(Section):
     path: str                    # a file or a folder (all *.jsonl / *.parquet / *.txt files in it)
     # text: one corpus document per file; hf_disk: datasets.save_to_disk folder; hf_hub: a hub
     # dataset name (needs network)
-    format: Literal["jsonl", "parquet", "text", "hf_disk", "hf_hub"] = "jsonl"
+    # auto: a folder of mixed files, each read by its suffix (.jsonl/.json/.ndjson, .parquet, .txt/.md)
+    format: Literal["jsonl", "parquet", "text", "auto", "hf_disk", "hf_hub"] = "jsonl"
     kind: Literal["corpus", "chat", "preference", "verifiable"]
     columns: dict[str, str] = Field(default_factory=dict)  # our field -> your field, e.g. {text: content}
     split: str | None = None     # hf_disk / hf_hub: which split (None: all splits of a DatasetDict; hub: train)
@@ -60,20 +75,20 @@ class DataConfig(Section):
 # ---------------------------------------------------------------- data steps
 class GenerateConfig(Section):
     seed: int = 7
-    n_docs: int = 1200           # clean pretraining documents
-    n_junk: int = 40             # planted low-quality documents
-    n_exact_dup: int = 30        # planted exact copies
-    n_near_dup: int = 30         # planted near-duplicates (word 5-gram Jaccard ~0.8-0.9)
-    n_leaks: int = 10            # planted verbatim leaks of benchmark items
-    n_chat: int = 600
-    arith_share: float = 0.25    # share of the chats that are arithmetic word problems (the rest: facts)
-    n_preference: int = 400
-    n_verifiable: int = 600
-    n_eval: int = 100            # items per benchmark
+    n_docs: int = Field(1200, gt=0)           # clean pretraining documents
+    n_junk: int = Field(40, ge=0)             # planted low-quality documents
+    n_exact_dup: int = Field(30, ge=0)        # planted exact copies
+    n_near_dup: int = Field(30, ge=0)         # planted near-duplicates (word 5-gram Jaccard ~0.8-0.9)
+    n_leaks: int = Field(10, ge=0)            # planted verbatim leaks of benchmark items
+    n_chat: int = Field(600, gt=0)
+    arith_share: float = Field(0.25, ge=0, le=1)    # share of the chats that are arithmetic word problems (the rest: facts)
+    n_preference: int = Field(400, gt=0)
+    n_verifiable: int = Field(600, gt=0)
+    n_eval: int = Field(100, gt=0)            # items per benchmark
 
 
 class IngestConfig(Section):
-    max_quarantine_chars: int = 10_000  # a quarantined row keeps at most this much of its raw line
+    max_quarantine_chars: int = Field(10_000, gt=0)  # a quarantined row keeps at most this much of its raw line
 
 
 class QualityConfig(Section):
@@ -110,7 +125,7 @@ class QualityConfig(Section):
     # FineWeb (Penedo et al. 2024) -- corpus
     fineweb_min_punct_line_ratio: float | None = 0.12
     fineweb_max_short_line_ratio: float | None = 0.67
-    fineweb_short_line_chars: int = 30
+    fineweb_short_line_chars: int = Field(30, gt=0)
     fineweb_max_dup_line_char_ratio: float | None = 0.01
     fineweb_max_newline_ratio: float | None = 0.3      # newlines per word (list-like pages)
     # chat / instruction data
@@ -123,32 +138,32 @@ class QualityConfig(Section):
 
 
 class DedupConfig(Section):
-    ngram: int = 5               # word n-grams (shingles) on normalized text
-    bands: int = 14              # LSH: bands x rows = hashes per signature (112, 64-bit)
-    rows: int = 8
+    ngram: int = Field(5, gt=0)               # word n-grams (shingles) on normalized text
+    bands: int = Field(14, gt=0)              # LSH: bands x rows = hashes per signature (112, 64-bit)
+    rows: int = Field(8, gt=0)
     seed: int = 42
     # Candidate pairs (same bucket in any band) are merged only if their signatures agree on at least
     # this share of hashes (estimated Jaccard); null = pure LSH buckets, no check.
-    threshold: float | None = 0.7
-    near_dup_min_words: int = 50  # shorter records get exact dedup only: 5-gram MinHash on a few words
+    threshold: float | None = Field(0.7, gt=0, le=1)
+    near_dup_min_words: int = Field(50, ge=0)  # shorter records get exact dedup only: 5-gram MinHash on a few words
                                   # is noise (two questions differing in one number share most shingles)
 
 
 class DecontaminateConfig(Section):
-    ngram: int = 13              # documents (corpus): any shared word 13-gram with a benchmark flags
-    short_ngram: int = 8         # prompts (chat/preference/verifiable): 8-gram coverage ...
-    short_coverage: float = 0.5  # ... >= this flags; a benchmark prompt shorter than 8 words flags if contained
-    short_min_words: int = 4     # benchmark prompts shorter than this are ignored (too generic)
+    ngram: int = Field(13, gt=0)              # documents (corpus): any shared word 13-gram with a benchmark flags
+    short_ngram: int = Field(8, gt=0)         # prompts (chat/preference/verifiable): 8-gram coverage ...
+    short_coverage: float = Field(0.5, gt=0, le=1)  # ... >= this flags; a benchmark prompt shorter than 8 words flags if contained
+    short_min_words: int = Field(4, ge=0)     # benchmark prompts shorter than this are ignored (too generic)
     prompt_fields: list[str] = Field(default_factory=lambda: ["question", "prompt", "text", "context"])
     mode: Literal["drop", "excise"] = "drop"  # excise: cut matched spans out of documents (Janitor)
-    excise_window_chars: int = 200   # cut this much around each match
-    excise_min_chars: int = 200      # drop left-over pieces shorter than this
-    excise_max_matches: int = 10     # more matched regions than this: drop the document
+    excise_window_chars: int = Field(200, ge=0)   # cut this much around each match
+    excise_min_chars: int = Field(200, ge=0)      # drop left-over pieces shorter than this
+    excise_max_matches: int = Field(10, ge=0)     # more matched regions than this: drop the document
 
 
 class ValidateConfig(Section):
-    min_text_chars: int = 1
-    max_text_chars: int | None = 1_000_000   # warning, not critical
+    min_text_chars: int = Field(1, ge=0)
+    max_text_chars: int | None = Field(1_000_000, gt=0)   # warning, not critical
     answer_regex: str = r"-?\d+(?:\.\d+)?"    # verifiable answers must parse (critical)
     fail_on: Literal["critical", "warning", "never"] = "critical"
 
@@ -156,8 +171,8 @@ class ValidateConfig(Section):
 # ---------------------------------------------------------------- model and training
 class TokenizerConfig(Section):
     kind: Literal["bpe", "char"] = "bpe"   # char: the 256-byte alphabet, no merges
-    vocab_size: int = 1024                 # bpe only
-    min_frequency: int = 2                 # a merge must occur at least this often
+    vocab_size: int = Field(1024, gt=0)                 # bpe only
+    min_frequency: int = Field(2, gt=0)                 # a merge must occur at least this often
 
 
 class ModelConfig(Section):
@@ -165,20 +180,20 @@ class ModelConfig(Section):
     base: str | None = None
     trust_remote_code: bool = False
     architecture: Literal["llama", "moe"] = "llama"
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_seq_len: int = 256
-    num_experts: int = 4          # moe only: experts per layer
-    experts_per_token: int = 2    # moe only: top-k routing
+    hidden_size: int = Field(128, gt=0)
+    intermediate_size: int = Field(384, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    max_seq_len: int = Field(256, gt=0)
+    num_experts: int = Field(4, gt=0)          # moe only: experts per layer
+    experts_per_token: int = Field(2, gt=0)    # moe only: top-k routing
 
 
 class TrainConfig(Section):
     launcher: Literal["inprocess", "accelerate"] = "inprocess"
     bf16: Literal["auto", True, False] = "auto"  # auto: on where the CPU supports it
-    logging_steps: int = 10       # progress line (step, loss, tokens/s) every N optimizer steps
+    logging_steps: int = Field(10, gt=0)       # progress line (step, loss, tokens/s) every N optimizer steps
     accelerate_config: str = "configs/accelerate/cpu_2proc.yaml"  # launcher=accelerate; relative to the project root
     # A stage whose child is worse than its parent on the stage's own target is registered (tagged
     # rejected, never promoted) but the next stage trains on the parent's weights: a recipe that did not
@@ -187,17 +202,17 @@ class TrainConfig(Section):
 
 
 class PretrainConfig(Section):
-    max_steps: int = 600
-    batch_size: int = 16
-    seq_len: int = 128
-    learning_rate: float = 3e-3
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.1
-    eval_steps: int = 100
-    save_steps: int = 100
-    eval_fraction: float = 0.05   # corpus documents held out for the periodic eval loss
-    max_eval_blocks: int = 64     # cap on eval blocks: periodic eval stays cheap
-    heldout_limit: int | None = None  # benchmark general_text items for the before/after perplexity
+    max_steps: int = Field(600, gt=0)
+    batch_size: int = Field(16, gt=0)
+    seq_len: int = Field(128, gt=0)
+    learning_rate: float = Field(3e-3, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    eval_steps: int = Field(100, gt=0)
+    save_steps: int = Field(100, gt=0)
+    eval_fraction: float = Field(0.05, gt=0, lt=1)   # corpus documents held out for the periodic eval loss
+    max_eval_blocks: int = Field(64, gt=0)     # cap on eval blocks: periodic eval stays cheap
+    heldout_limit: int | None = Field(None, gt=0)  # benchmark general_text items for the before/after perplexity
     # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
     # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
     # held-out share of the stage's own data). docs/evaluation.md.
@@ -205,30 +220,30 @@ class PretrainConfig(Section):
 
 
 class LoraConfigSection(Section):
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
 
 class SFTConfig(Section):
-    epochs: float = 3.0
-    max_steps: int = -1
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    warmup_ratio: float = 0.05
-    max_length: int = 128
+    epochs: float = Field(3.0, gt=0)
+    max_steps: MaxSteps = -1
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_length: int = Field(128, gt=0)
     peft: Literal["none", "lora", "qlora"] = "none"
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
-    lora_learning_rate: float = 3e-3   # peft=lora|qlora: adapters want a larger step than full fine-tuning
+    lora_learning_rate: float = Field(3e-3, gt=0)   # peft=lora|qlora: adapters want a larger step than full fine-tuning
     # Replay: curated-corpus documents mixed into the SFT data, per conversation (0 = none), trained with
     # loss on every token. The usual cure for chat SFT wiping out general language modelling (the
     # forgetting guard's general perplexity); docs/training.md has the measurement.
     replay_ratio: float = Field(0.0, ge=0.0)
-    save_steps: int = 50
-    eval_limit: int | None = 60        # held-out instruct/arithmetic items for the before/after self-check
+    save_steps: int = Field(50, gt=0)
+    eval_limit: int | None = Field(60, gt=0)        # held-out instruct/arithmetic items for the before/after self-check
     # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
     # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
     # held-out share of the stage's own data). docs/evaluation.md.
@@ -237,39 +252,39 @@ class SFTConfig(Section):
 
 class RewardModelConfig(Section):
     # rlhf only: the reward model (TRL RewardTrainer) trained on the preference pairs from the SFT model.
-    epochs: float = 2.0
-    batch_size: int = 16
-    learning_rate: float = 1e-3
+    epochs: float = Field(2.0, gt=0)
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
 
 
 class PPOConfigSection(Section):
     # rlhf only: stagewise/ppo.py (TRL 1.16 has no PPO).
-    steps: int = 20               # rollout/update iterations
-    batch_size: int = 16          # prompts per rollout
-    minibatch_size: int = 8
-    ppo_epochs: int = 2
-    learning_rate: float = 1e-4
-    kl_coef: float = 0.05         # β of the per-token KL penalty to the reference (the SFT model)
-    clip: float = 0.2
-    vf_coef: float = 0.5
-    gamma: float = 1.0
-    lam: float = 0.95
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a completion that never ends
+    steps: int = Field(20, gt=0)               # rollout/update iterations
+    batch_size: int = Field(16, gt=0)          # prompts per rollout
+    minibatch_size: int = Field(8, gt=0)
+    ppo_epochs: int = Field(2, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    kl_coef: float = Field(0.05, ge=0)         # β of the per-token KL penalty to the reference (the SFT model)
+    clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.5, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    max_new_tokens: int = Field(16, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    missing_eos_penalty: float = Field(1.0, ge=0)  # subtracted from the score of a completion that never ends
 
 
 class PreferenceConfig(Section):
     method: Literal["dpo", "rlhf"] = "dpo"
-    epochs: float = 1.0
-    max_steps: int = -1           # dpo: > 0 caps optimizer steps (overrides epochs)
-    batch_size: int = 8
-    learning_rate: float = 5e-5
-    beta: float = 0.1
-    max_length: int = 128
+    epochs: float = Field(1.0, gt=0)
+    max_steps: MaxSteps = -1           # dpo: > 0 caps optimizer steps (overrides epochs)
+    batch_size: int = Field(8, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+    beta: float = Field(0.1, gt=0)
+    max_length: int = Field(128, gt=0)
     peft: Literal["none", "lora"] = "none"   # dpo with LoRA (sft.lora settings); merged before saving
-    save_steps: int = 50
-    eval_limit: int | None = 60   # held-out preference items for the before/after self-check
+    save_steps: int = Field(50, gt=0)
+    eval_limit: int | None = Field(60, gt=0)   # held-out preference items for the before/after self-check
     # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
     # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
     # held-out share of the stage's own data). docs/evaluation.md.
@@ -279,26 +294,26 @@ class PreferenceConfig(Section):
 
 
 class ReasoningConfig(Section):
-    max_steps: int = 50
-    num_generations: int = 4
-    learning_rate: float = 1e-5
-    batch_size: int = 16          # completions per optimizer step (a multiple of num_generations)
-    max_completion_length: int = 12
-    temperature: float = 1.0
-    beta: float = 0.0             # KL to the reference (TRL's default 0: no reference model kept)
-    format_weight: float = 0.5    # weight of the format reward next to correctness (1.0)
-    save_steps: int = 25
-    eval_limit: int | None = 100  # held-out arithmetic items for pass@1 (and pass@k)
-    pass_k: int = 4               # k of the sampled pass@k
+    max_steps: int = Field(50, gt=0)
+    num_generations: int = Field(4, ge=2)
+    learning_rate: float = Field(1e-5, gt=0)
+    batch_size: int = Field(16, gt=0)          # completions per optimizer step (a multiple of num_generations)
+    max_completion_length: int = Field(12, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.0, ge=0)             # KL to the reference (TRL's default 0: no reference model kept)
+    format_weight: float = Field(0.5, ge=0)    # weight of the format reward next to correctness (1.0)
+    save_steps: int = Field(25, gt=0)
+    eval_limit: int | None = Field(100, gt=0)  # held-out arithmetic items for pass@1 (and pass@k)
+    pass_k: int = Field(4, gt=0)               # k of the sampled pass@k
     # γ of InstructGPT's PPO-ptx: a next-token loss on the parent's training mix (SFT chats and corpus
     # documents) added to every GRPO step, so RL does not buy reward with what earlier stages taught.
     # 0 = plain GRPO.
-    replay_coef: float = 0.0
-    replay_batch_size: int = 8
-    replay_docs_per_chat: float = 1.0   # corpus blocks per SFT chat in the replayed rows
+    replay_coef: float = Field(0.0, ge=0)
+    replay_batch_size: int = Field(8, gt=0)
+    replay_docs_per_chat: float = Field(1.0, ge=0)   # corpus blocks per SFT chat in the replayed rows
     # The SFT-on-solutions baseline for the SFT-vs-RFT table: same parent, same problems.
-    sft_epochs: float = 2.0
-    sft_learning_rate: float = 5e-4
+    sft_epochs: float = Field(2.0, gt=0)
+    sft_learning_rate: float = Field(5e-4, gt=0)
     # Stop early when, over the first zero_variance_steps steps, this share (or more) of the reward groups
     # had zero variance on average: nothing to learn from (tasks/reasoning.py:zero_variance_stop).
     zero_variance_steps: int = Field(20, ge=1)
@@ -327,33 +342,33 @@ class QuantizeSettings(Section):
 
 
 class PruneSettings(Section):
-    sparsity: float = 0.5              # prune_magnitude: fraction of each Linear's weights set to zero
-    mlp_fraction: float = 0.5          # prune_structured: fraction of MLP neurons removed in every layer
-    kv_group_fraction: float = 0.0     # prune_structured: fraction of GQA key/value groups (with their query heads) removed
-    layer_fraction: float = 0.0        # prune_structured: fraction of decoder layers removed (lowest block influence)
-    calibration_texts: int = 32        # texts whose activations rank neurons and heads
-    recovery_steps: int = 60           # fine-tuning steps after pruning (0 = none); masks stay applied
-    recovery_learning_rate: float = 1e-3
+    sparsity: float = Field(0.5, ge=0, lt=1)              # prune_magnitude: fraction of each Linear's weights set to zero
+    mlp_fraction: float = Field(0.5, ge=0, lt=1)          # prune_structured: fraction of MLP neurons removed in every layer
+    kv_group_fraction: float = Field(0.0, ge=0, lt=1)     # prune_structured: fraction of GQA key/value groups (with their query heads) removed
+    layer_fraction: float = Field(0.0, ge=0, lt=1)        # prune_structured: fraction of decoder layers removed (lowest block influence)
+    calibration_texts: int = Field(32, gt=0)        # texts whose activations rank neurons and heads
+    recovery_steps: int = Field(60, ge=0)           # fine-tuning steps after pruning (0 = none); masks stay applied
+    recovery_learning_rate: float = Field(1e-3, gt=0)
     # task: what the parent was trained on (corpus + chat + verifiable answers, assistant tokens only);
     # text: packed corpus + chat text, loss on every token (plain causal LM)
     recovery_data: Literal["task", "text"] = "task"
-    recovery_alpha: float = 0.5        # λ of (1-λ)·CE + λ·T²·KL against the unpruned parent; 0 = CE only
-    recovery_temperature: float = 2.0  # T of that KL term
-    batch_size: int = 16
-    seq_len: int = 128
+    recovery_alpha: float = Field(0.5, ge=0, le=1)        # λ of (1-λ)·CE + λ·T²·KL against the unpruned parent; 0 = CE only
+    recovery_temperature: float = Field(2.0, gt=0)  # T of that KL term
+    batch_size: int = Field(16, gt=0)
+    seq_len: int = Field(128, gt=0)
 
 
 class DistillSettings(Section):
-    temperature: float = 2.0           # T: softens both distributions; the KL term is scaled by T^2
-    alpha: float = 0.5                 # λ: loss = (1-λ)·CE + λ·T²·KL(p_t^T || p_s^T)
-    depth_factor: float = 0.5          # student layers = round(teacher layers * depth_factor)
-    width_factor: float = 1.0          # student hidden size (hidden channels kept from the teacher)
-    mlp_factor: float = 0.5            # student intermediate size
+    temperature: float = Field(2.0, gt=0)           # T: softens both distributions; the KL term is scaled by T^2
+    alpha: float = Field(0.5, ge=0, le=1)                 # λ: loss = (1-λ)·CE + λ·T²·KL(p_t^T || p_s^T)
+    depth_factor: float = Field(0.5, gt=0, le=1)          # student layers = round(teacher layers * depth_factor)
+    width_factor: float = Field(1.0, gt=0, le=1)          # student hidden size (hidden channels kept from the teacher)
+    mlp_factor: float = Field(0.5, gt=0, le=1)            # student intermediate size
     init: Literal["prune", "scratch"] = "prune"  # prune: start from the teacher's most important weights (Minitron)
-    steps: int = 300
-    learning_rate: float = 2e-3
-    batch_size: int = 16
-    seq_len: int = 128
+    steps: int = Field(300, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
+    batch_size: int = Field(16, gt=0)
+    seq_len: int = Field(128, gt=0)
     data: Literal["task", "text"] = "task"  # as prune.recovery_data
 
 
@@ -362,14 +377,14 @@ class MergeSettings(Section):
     base_stage: str = "pretrain"       # task-vector methods: tau_i = theta_i - theta_base (models/<stage>)
     with_stages: list[str] = Field(default_factory=lambda: ["sft"])  # merged with the parent unless merge_with is passed
     weights: list[float] | None = None  # one per model, parent first; None = 1.0 each (linear: equal shares)
-    density: float = 0.5               # ties / dare: fraction of each task vector kept
-    t: float = 0.5                     # slerp: interpolation towards the second model
+    density: float = Field(0.5, gt=0, le=1)               # ties / dare: fraction of each task vector kept
+    t: float = Field(0.5, ge=0, le=1)                     # slerp: interpolation towards the second model
 
 
 class SelectSettings(Section):
     task_metric: str | None = None     # None: the first evaluated metric not named *general*
-    max_task_drop_points: float = 2.0  # accuracy-like task metric (points on the 0-100 scale)
-    max_task_rise_pct: float = 5.0     # loss/perplexity-like task metric (relative)
+    max_task_drop_points: float = Field(2.0, ge=0)  # accuracy-like task metric (points on the 0-100 scale)
+    max_task_rise_pct: float = Field(5.0, ge=0)     # loss/perplexity-like task metric (relative)
     size_by: Literal["memory_bytes", "bytes", "params"] = "memory_bytes"
     # The forgetting guard on metrics named *general* reuses gate.general_max_drop_points and
     # gate.perplexity_max_rise_pct.
@@ -383,9 +398,9 @@ class CompressConfig(Section):
     distill: DistillSettings = Field(default_factory=DistillSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
     select: SelectSettings = Field(default_factory=SelectSettings)
-    gen_tokens: int = 32               # tokens generated (greedy, batch 1) to measure tokens/s
-    gen_repeats: int = 5               # best of N timings
-    eval_texts: int = 64               # built-in check (no evaluate_fn): held-out texts per NLL
+    gen_tokens: int = Field(32, gt=0)               # tokens generated (greedy, batch 1) to measure tokens/s
+    gen_repeats: int = Field(5, gt=0)               # best of N timings
+    eval_texts: int = Field(64, gt=0)               # built-in check (no evaluate_fn): held-out texts per NLL
 
 
 class EvalSetConfig(Section):
@@ -405,9 +420,9 @@ class EvaluateConfig(Section):
     # becomes its eval set and is kept out of training.
     holdout_share: float = Field(0.1, gt=0.0, lt=1.0)
     holdout_max: int = Field(200, ge=1)
-    batch_size: int = 16
-    limit: int | None = None       # items per eval task; None = all
-    bootstrap_iters: int = 1000
+    batch_size: int = Field(16, gt=0)
+    limit: int | None = Field(None, gt=0)       # items per eval task; None = all
+    bootstrap_iters: int = Field(1000, gt=0)
     # Extra lm-eval harness tasks by name (need network for their datasets).
     extra_tasks: list[str] = Field(default_factory=list)
     extra_tasks_chat_template: bool = False   # run extra_tasks under the model's chat template
@@ -420,9 +435,9 @@ class GateConfig(Section):
     # null: the demo world's general text and multiple choice, or every declared text/mc set.
     general: list[str] | None = None
     require_target_improvement: bool = True
-    general_max_drop_points: float = 3.0      # accuracy-like metrics, in points (0-100 scale)
-    perplexity_max_rise_pct: float = 10.0     # perplexity-like metrics, relative
-    confidence: float = 0.95                  # bootstrap CI level for every delta
+    general_max_drop_points: float = Field(3.0, ge=0)      # accuracy-like metrics, in points (0-100 scale)
+    perplexity_max_rise_pct: float = Field(10.0, ge=0)     # perplexity-like metrics, relative
+    confidence: float = Field(0.95, gt=0, lt=1)                  # bootstrap CI level for every delta
     # estimate: rules judge the point delta (the CI is reported, with whether the verdict could flip).
     # ci: act only on evidence — forgetting fails only if the whole CI is beyond its limit, and the
     # target passes only if the whole CI is an improvement (docs/evaluation.md).
@@ -438,7 +453,11 @@ class OpsConfig(Section):
     lock_timeout: float = 3600     # seconds a run waits for another run in the same workspace; 0 = fail at once
     data_runner: Literal["sequential", "dask"] = "sequential"  # task runner of the data phase (prefect-dask)
     dask_address: str | None = None  # data_runner=dask: scheduler of a running cluster; null = a LocalCluster
-    dask_workers: int = 2          # LocalCluster only: worker processes
+    dask_workers: int = Field(2, gt=0)
+    # Checked before the Prefect server starts: a full disk fails in one line, not 25 tracebacks later.
+    min_free_mb: float = Field(200, ge=0)
+    # mlflow/, reports/, .prefect/ 0700 and mlflow.db 0600; false: the umask decides (stagewise/health.py)
+    private_stores: bool = True          # LocalCluster only: worker processes
 
 
 class Config(Section):
@@ -519,7 +538,7 @@ class StepConfig:
         return self._cfg
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A params.yaml problem, phrased for the person who has to fix it."""
 
 
@@ -549,18 +568,83 @@ def _apply_set(raw: dict, assignment: str) -> None:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {assignment!r}: {k!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(value)  # "2" → 2, "null" → None, "[a,b]" → list
+    try:
+        node[keys[-1]] = yaml.safe_load(value)  # "2" → 2, "null" → None, "[a,b]" → list
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment!r}: the value of {dotted.strip()} is not valid YAML "
+                          f"({getattr(e, 'problem', None) or e}); quote strings, close brackets, "
+                          "e.g. --set sft.epochs=2 or --set 'compress.methods=[nf4]'") from None
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
+    problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key '{key}': remove it or check its spelling (see docs/configuration.md)")
+            problems.append(f"unknown key '{key}': remove it or check its spelling (see docs/configuration.md)")
         else:
-            lines.append(f"  - '{key}': {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"'{key}': {msg} (got {e.get('input')!r}) — fix it in the file, its profile or "
+                            "the --set (ranges: docs/configuration.md)")
+    if len(problems) == 1:
+        return f"{source}: invalid configuration: {problems[0]}"
+    return "\n".join([f"{source}: invalid configuration", *(f"  - {p}" for p in problems)])
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, first: int, line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.line = key, first, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (a second `sft:` block used to
+    replace the first silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKey(str(key), seen[key], line)
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                continue
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def check_model_base(base: str | None, root: Path) -> None:
+    """`model.base` is a local model folder (with safetensors weights) or looks like a hub id.
+
+    Relative paths are read from the workspace root. Checked before the run starts: a typo used to
+    be taken for a hub id and failed in 16 tracebacks after the data steps.
+    """
+    if not base:
+        return
+    path = Path(base).expanduser()
+    path = path if path.is_absolute() else Path(root) / path
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ConfigError(f"model.base={base}: the folder has no config.json — point it at a Hugging Face "
+                              "model folder (save_pretrained output)")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.gguf")):
+            raise ConfigError(f"model.base={base}: the folder has no *.safetensors weights — save the model "
+                              "with save_pretrained(..., safe_serialization=True); .bin pickles are not loaded")
+        return
+    if path.exists():
+        if path.suffix.lower() == ".gguf":
+            return
+        raise ConfigError(f"model.base={base}: a file, not a model folder — point it at the folder that holds "
+                          "config.json and the *.safetensors weights")
+    looks_local = base.startswith(("/", ".", "~")) or "\\" in base or base.count("/") > 1
+    if looks_local or not _HUB_ID.match(base):
+        raise ConfigError(f"model.base={base}: no such folder ({path}), and not a hub id (org/name) — fix the "
+                          "path (relative paths start at the workspace) or use a hub id with network access")
 
 
 def load_config(
@@ -578,7 +662,10 @@ def load_config(
     if not path.exists():
         raise ConfigError(f"{path}: no such config file (run from the project root or pass --config)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.line}: duplicate key {e.key!r} (first at line {e.first}) — YAML keeps only "
+                          "the last one; merge the two blocks or delete one") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -28,10 +28,12 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from stagewise.errors import StoreError
+
 log = logging.getLogger("stagewise")
 
 
-class WorkspaceLocked(RuntimeError):
+class WorkspaceLocked(StoreError, RuntimeError):
     """Another run holds the workspace (and did not let go within the timeout)."""
 
 

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from stagewise.errors import UserError
 from stagewise.workspace import KINDS
 
 # The fields each kind needs (id is optional on input, always a string on output).
@@ -38,7 +39,7 @@ ROLES = {"system", "user", "assistant", "tool"}
 
 
 # ---------------------------------------------------------------- errors
-class BadInput(ValueError):
+class BadInput(UserError, ValueError):
     """Input the pipeline cannot read, phrased for the person who has to fix it: file, line, fix."""
 
     def __init__(self, file: str | Path, line: int | None, problem: str, fix: str, code: str = "bad_input"):
@@ -99,7 +100,7 @@ def _check_messages(value: Any) -> None:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise BadRow("wrong_type" if not isinstance(m, dict) else "missing_field",
                          f"messages[{i}] must be an object with 'role' and 'content', got {_short(m)}", fix)
-        if m["role"] not in ROLES:
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
             raise BadRow("wrong_type", f"messages[{i}].role is {m['role']!r}, not one of {sorted(ROLES)}", fix)
         if not isinstance(m["content"], str):
             raise BadRow("wrong_type", f"messages[{i}].content must be a string, got {type(m['content']).__name__}", fix)

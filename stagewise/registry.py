@@ -24,22 +24,81 @@ LINEAGE_KEYS = ("stage", "parent_version", "data_hash", "config_hash", "code_ver
                 "pipeline_run", "weights_hash")
 
 
-def setup_tracking(root: Path, experiment: str = EXPERIMENT) -> str:
-    """Point MLflow at the workspace store (`mlflow/`) unless MLFLOW_TRACKING_URI says otherwise."""
+def setup_tracking(root: Path, experiment: str = EXPERIMENT, private: bool = True) -> str:
+    """Point MLflow at the workspace store (`mlflow/`) unless MLFLOW_TRACKING_URI says otherwise.
+
+    The local store is checked first (stagewise/health.py): a missing, truncated or corrupt
+    `mlflow.db` is a StoreError with the fix, never a silently created empty registry.
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from stagewise.health import check_tracking_store, private_dir, private_file
+
+    global _REGISTRY_LOCK
+    store = Path(root) / "mlflow"
+    if not _USER_TRACKING_URI:
+        check_tracking_store(store)
+    private_dir(store, private)
+    _REGISTRY_LOCK = Path(root) / ".stagewise" / "registry.lock"
     import mlflow
 
-    store = Path(root) / "mlflow"
-    store.mkdir(parents=True, exist_ok=True)
     uri = _USER_TRACKING_URI or f"sqlite:///{store / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        # An explicit artifact location: nothing lands in the cwd's ./mlruns.
-        artifact_root = None if uri.startswith("http") else (store / "artifacts").resolve().as_uri()
-        mlflow.create_experiment(experiment, artifact_location=artifact_root)
-    mlflow.set_experiment(experiment)
+    try:
+        if mlflow.get_experiment_by_name(experiment) is None:
+            # An explicit artifact location: nothing lands in the cwd's ./mlruns.
+            artifact_root = None if uri.startswith("http") else (store / "artifacts").resolve().as_uri()
+            mlflow.create_experiment(experiment, artifact_location=artifact_root)
+        mlflow.set_experiment(experiment)
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy/REST errors: one line naming the store
+        from stagewise.errors import StoreError
+        from stagewise.redact import redact
+
+        raise StoreError(f"MLflow tracking store {redact(uri)} cannot be opened ({type(e).__name__}: "
+                         f"{redact(str(e)).splitlines()[0][:200]}) — check MLFLOW_TRACKING_URI / the store, "
+                         "or restore mlflow/mlflow.db from a backup") from e
+    private_file(store / "mlflow.db", private and not _USER_TRACKING_URI)
     return uri
+
+
+# The registry's own lock (promote, rollback, aliases): beside the workspace lock, so a
+# `stagewise promote` never waits for a whole training run, but two alias moves never interleave.
+_REGISTRY_LOCK: Path | None = None
+
+
+@contextlib.contextmanager
+def registry_lock(timeout: float = 120):
+    from filelock import FileLock, Timeout
+
+    from stagewise.errors import StoreError
+
+    if _REGISTRY_LOCK is None:
+        yield
+        return
+    _REGISTRY_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(_REGISTRY_LOCK), thread_local=False, is_singleton=False)
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise StoreError(f"{_REGISTRY_LOCK}: another promote/rollback holds the registry for over "
+                         f"{timeout:.0f} s — wait for it, or check for a stuck `stagewise promote`") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+_SAFE = __import__("re").compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def check_name(value: str, what: str = "registered model name") -> str:
+    """Names go into MLflow filter strings: only letters, digits, `_ . -` (no quotes to escape)."""
+    from stagewise.errors import UserError
+
+    if not isinstance(value, str) or not _SAFE.match(value):
+        raise UserError(f"{what} {value!r}: use letters, digits, '_', '.' and '-' only "
+                        "(e.g. --name stagewise or run.registered_model: stagewise)")
+    return value
 
 
 def client():
@@ -102,6 +161,8 @@ def find_cached_version(registered_name: str, stage: str, cache_key: str) -> dic
     """A registered version of `stage` built from exactly these inputs, if any (newest first)."""
     from mlflow.exceptions import MlflowException
 
+    check_name(registered_name)
+    check_name(cache_key, "cache key")
     try:
         versions = client().search_model_versions(f"name='{registered_name}' and tag.cache_key='{cache_key}'")
     except MlflowException:
@@ -133,36 +194,48 @@ def set_challenger(registered_name: str, version: str) -> None:
 def promote(registered_name: str, version: str, gate_passed: bool, force_reason: str | None = None) -> bool:
     """Move `champion` to `version` if its gate passed (or a forced promotion has a reason).
 
-    The previous champion keeps `previous-champion`. Returns whether the alias moved.
+    Under the registry lock: two promotions never interleave. The previous champion keeps
+    `previous-champion`. A forced promotion keeps the version's gate verdict (`gate: failed` stays)
+    and adds `forced: true` + `forced_reason`. Returns whether the alias moved.
     """
+    return promote_seen(registered_name, version, gate_passed, force_reason)[0]
+
+
+def promote_seen(registered_name: str, version: str, gate_passed: bool,
+                 force_reason: str | None = None) -> tuple[bool, str | None]:
+    """promote(), also returning the champion it found under the lock (what the caller reports)."""
     c = client()
-    if not gate_passed and not force_reason:
-        c.set_model_version_tag(registered_name, version, "gate", "failed")
-        return False
-    c.set_model_version_tag(registered_name, version, "gate", "passed" if gate_passed else "forced")
-    if force_reason:
-        c.set_model_version_tag(registered_name, version, "forced_reason", force_reason)
-    current = alias_version(registered_name, CHAMPION)
-    if current == str(version):
-        return True
-    if current is not None:
-        c.set_registered_model_alias(registered_name, PREVIOUS, current)
-    c.set_registered_model_alias(registered_name, CHAMPION, str(version))
-    return True
+    with registry_lock():
+        current = alias_version(registered_name, CHAMPION)
+        if not gate_passed and not force_reason:
+            c.set_model_version_tag(registered_name, version, "gate", "failed")
+            return False, current
+        if gate_passed:
+            c.set_model_version_tag(registered_name, version, "gate", "passed")
+        if force_reason:
+            c.set_model_version_tag(registered_name, version, "forced", "true")
+            c.set_model_version_tag(registered_name, version, "forced_reason", force_reason)
+        if current == str(version):
+            return True, current
+        if current is not None:
+            c.set_registered_model_alias(registered_name, PREVIOUS, current)
+        c.set_registered_model_alias(registered_name, CHAMPION, str(version))
+        return True, current
 
 
 def rollback(registered_name: str) -> str:
     """Champion back to the previous champion; returns the version now champion."""
     c = client()
-    prev = alias_version(registered_name, PREVIOUS)
-    if prev is None:
-        raise RuntimeError(f"model {registered_name!r} has no '{PREVIOUS}' alias: nothing to roll back to")
-    current = alias_version(registered_name, CHAMPION)
-    c.set_registered_model_alias(registered_name, CHAMPION, prev)
-    if current is not None:
-        c.set_registered_model_alias(registered_name, PREVIOUS, current)
-        c.set_model_version_tag(registered_name, current, "rolled_back", "true")
-    return prev
+    with registry_lock():
+        prev = alias_version(registered_name, PREVIOUS)
+        if prev is None:
+            raise RuntimeError(f"model {registered_name!r} has no '{PREVIOUS}' alias: nothing to roll back to")
+        current = alias_version(registered_name, CHAMPION)
+        c.set_registered_model_alias(registered_name, CHAMPION, prev)
+        if current is not None:
+            c.set_registered_model_alias(registered_name, PREVIOUS, current)
+            c.set_model_version_tag(registered_name, current, "rolled_back", "true")
+        return prev
 
 
 def download_model(registered_name: str, version: str, dest: Path) -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from stagewise.config import Config, load_config
+from stagewise.redact import redact, redact_obj
 from stagewise.stage import RunContext
 from stagewise.workspace import Workspace
 
@@ -51,7 +52,8 @@ def start_run(root: Path, config_path: Path, profile: str | None, overrides: lis
     tmp.replace(ws.resolved_params)
     run_dir = ws.reports / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    # the report copy is uploaded to MLflow: no credentials in it (stagewise/redact.py)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(redact_obj(resolved), sort_keys=False))
     from stagewise.evalsets import copy_to_report, plan
 
     # the lm-eval YAMLs this run scores with (absolute data paths): `lm_eval --include_path <run>/evals`
@@ -64,7 +66,7 @@ def start_run(root: Path, config_path: Path, profile: str | None, overrides: lis
         # here keep DVC from warning about an empty dependency on every commit.
         ws.raw.mkdir(parents=True, exist_ok=True)
         (ws.raw / "sources.json").write_text(json.dumps(inputs["sources"], indent=1, sort_keys=True))
-    tracking_uri = registry.setup_tracking(ws.root)
+    tracking_uri = registry.setup_tracking(ws.root, private=cfg.ops.private_stores)
     # Under the workspace lock: whatever an earlier run left half-done was left by a dead process.
     clean_crash_leftovers(ws)
     code = git_commit()
@@ -77,7 +79,7 @@ def start_run(root: Path, config_path: Path, profile: str | None, overrides: lis
         "reports_dir": str(run_dir),
     })
     client.log_param(run.info.run_id, "profile", profile or "")
-    client.log_param(run.info.run_id, "overrides", " ".join(overrides) or "-")
+    client.log_param(run.info.run_id, "overrides", redact(" ".join(overrides)) or "-")
     client.log_artifact(run.info.run_id, str(run_dir / "config.yaml"))
     ctx = RunContext(run_id=run_id, root=ws.root, mlflow_run_id=run.info.run_id,
                      registered_model=cfg.run.registered_model, code_version=code,
@@ -98,8 +100,8 @@ def write_run_links(ctx: RunContext, run_dir: Path, tracking_uri: str, experimen
         "run_id": ctx.run_id,
         "reports_dir": str(run_dir),
         "prefect_flow_run_id": _prefect_flow_run_id(),
-        "prefect_api_url": os.environ.get("PREFECT_API_URL"),
-        "mlflow_tracking_uri": tracking_uri,
+        "prefect_api_url": redact(os.environ.get("PREFECT_API_URL")),
+        "mlflow_tracking_uri": redact(tracking_uri),
         "mlflow_experiment_id": experiment_id,
         "mlflow_run_id": ctx.mlflow_run_id,
         "code_version": ctx.code_version,
@@ -115,7 +117,7 @@ def write_run_links(ctx: RunContext, run_dir: Path, tracking_uri: str, experimen
             create_markdown_artifact(
                 key="run-links", description=f"Stagewise run {ctx.run_id}",
                 markdown=(f"# Stagewise run `{ctx.run_id}`\n\n| | |\n|---|---|\n"
-                          f"| reports | `{run_dir}` |\n| MLflow tracking | `{tracking_uri}` |\n"
+                          f"| reports | `{run_dir}` |\n| MLflow tracking | `{links['mlflow_tracking_uri']}` |\n"
                           f"| MLflow experiment / run | `{experiment_id}` / `{ctx.mlflow_run_id}` |\n"
                           f"| code | `{ctx.code_version}` |\n"))
         except Exception as e:  # noqa: BLE001 - a missing link must not fail the run
@@ -179,16 +181,29 @@ def mark_dead_runs(ws: Workspace, keep: str) -> list[str]:
     dead = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=500)
             if r.info.run_id != keep and r.data.tags.get("reports_dir", "").startswith(prefix + os.sep)]
     ids = []
+    unclosed_path = _unclosed_file(ws)
+    try:
+        unclosed = json.loads(unclosed_path.read_text()) if unclosed_path.exists() else {}
+    except (OSError, ValueError):
+        unclosed = {}
     for parent in dead:
         pipeline_run = parent.data.tags.get("pipeline_run", "")
+        status = unclosed.get(parent.info.run_id, "KILLED")
         children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
                                        " and attributes.status = 'RUNNING'")
         for r in [*children, parent]:
-            client.set_tag(r.info.run_id, "killed_detected_by", "next run (workspace lock was free)")
-            client.set_terminated(r.info.run_id, "KILLED")
+            client.set_tag(r.info.run_id, "killed_detected_by" if status == "KILLED" else "closed_by",
+                           "next run (workspace lock was free)")
+            client.set_terminated(r.info.run_id, status)
             ids.append(r.info.run_id)
-        log.warning("MLflow run %s (pipeline run %s) was left RUNNING by a killed process: marked KILLED",
-                    parent.info.run_id, pipeline_run)
+        if status == "KILLED":
+            log.warning("MLflow run %s (pipeline run %s) was left RUNNING by a killed process: marked KILLED",
+                        parent.info.run_id, pipeline_run)
+        else:
+            log.info("MLflow run %s (pipeline run %s) failed before it could be closed (store unwritable then): "
+                     "marked %s", parent.info.run_id, pipeline_run, status)
+    if unclosed:
+        unclosed_path.unlink(missing_ok=True)
     return ids
 
 
@@ -250,11 +265,40 @@ def finish_run(ctx: RunContext, summary: dict[str, Any], status: str = "FINISHED
     return path
 
 
-def fail_run(ctx: RunContext) -> None:
+def fail_run(ctx: RunContext, status: str = "FAILED") -> None:
+    """Close the pipeline run and its unfinished stage runs as FAILED (an error) or KILLED (a signal).
+
+    Never raises: it runs while another error unwinds. When the store cannot be written (a full
+    disk), the run is named in `.stagewise/unclosed-runs.json` so the next run closes it as what it
+    was, a failure, instead of reporting a killed process.
+    """
     from mlflow import MlflowClient
 
-    if ctx.mlflow_run_id:
-        MlflowClient().set_terminated(ctx.mlflow_run_id, "FAILED")
+    if not ctx.mlflow_run_id:
+        return
+    try:
+        client = MlflowClient()
+        exp = client.get_run(ctx.mlflow_run_id).info.experiment_id
+        for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{ctx.mlflow_run_id}'"):
+            # MLflow's start_run() ends an interrupted stage FAILED: it was killed
+            if r.info.status == "RUNNING" or (status == "KILLED" and r.info.status == "FAILED"):
+                client.set_terminated(r.info.run_id, status)
+        client.set_terminated(ctx.mlflow_run_id, status)
+    except Exception as e:  # noqa: BLE001 - the original error is what the user must see
+        log.warning("could not close MLflow run %s as %s (%s); the next run will", ctx.mlflow_run_id, status,
+                    type(e).__name__)
+        try:
+            path = _unclosed_file(ctx.ws)
+            known = json.loads(path.read_text()) if path.exists() else {}
+            known[ctx.mlflow_run_id] = status
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(known))
+        except (OSError, ValueError):
+            pass
+
+
+def _unclosed_file(ws: Workspace) -> Path:
+    return ws.root / ".stagewise" / "unclosed-runs.json"
 
 
 def env_defaults(root: Path) -> None:
@@ -268,6 +312,8 @@ def env_defaults(root: Path) -> None:
         # The temporary API server takes > 20 s (Prefect's default) to start on a busy 2-core machine.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # persisted task results are JSON (paths, hashes, version ids): nothing from disk is unpickled
+        "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
     }.items():
         os.environ.setdefault(k, v)
 
@@ -293,21 +339,83 @@ def local_prefect(preload: tuple[str, ...] = ()):
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
+    _detach(server)
+
+    started = threading.Event()
 
     def start() -> None:
         try:
             server.start()
         except Exception as e:  # noqa: BLE001 - the flow call starts it again and reports the error
             log.debug("early start of Prefect's temporary server failed: %s", e)
+        finally:
+            started.set()
+        # The server's parent-death signal fires when the *thread* that started it ends (see _detach):
+        # this daemon thread lives as long as the process.
+        threading.Event().wait()
 
-    # `start()` marks the server running before it answers: the flow may only be called after join().
+    # `start()` marks the server running before it answers: the flow may only be called once it returned.
     thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
     thread.start()
     for name in preload:
         importlib.import_module(name)
-    thread.join()
-    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
-        yield
+    started.wait()
+    from stagewise.signals import watch_server
+
+    watching = watch_server(server.server_process) if server.server_process is not None else None
+    try:
+        with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+            yield
+    finally:
+        if watching is not None:
+            watching.set()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    _PRCTL(1, 15)   # PR_SET_PDEATHSIG = SIGTERM: a kill -9 of the run takes the server with it
+
+
+try:  # resolved before any fork: the child only calls it
+    import ctypes
+
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
+
+
+def _detach(server) -> None:
+    """Start Prefect's temporary server in its own session, out of the terminal's process group.
+
+    Ctrl-C reaches every process of the foreground group: the server died of the same SIGINT as the
+    run and every report of the interruption then failed against a dead API (148 s of retries,
+    4 tracebacks). In its own session it keeps serving while the run unwinds and is stopped by
+    Prefect's own atexit hook; on Linux a parent-death signal stops it when the run is killed -9
+    (it is no longer in the run's process group). Prefect builds the command itself, so only Popen's
+    session flags are added, for the duration of that one call.
+    """
+    import subprocess
+
+    original = server._run_uvicorn_command
+    if getattr(original, "_stagewise_detached", False):
+        return
+
+    def run_detached():
+        popen = subprocess.Popen
+
+        def popen_new_session(*args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            if _PRCTL is not None:
+                kwargs.setdefault("preexec_fn", _die_with_parent)
+            return popen(*args, **kwargs)
+
+        subprocess.Popen = popen_new_session
+        try:
+            return original()
+        finally:
+            subprocess.Popen = popen
+
+    run_detached._stagewise_detached = True
+    server._run_uvicorn_command = run_detached
 
 
 def log_data_step(ctx: RunContext, step: str, stats: dict, out_dir: Path | None) -> None:

@@ -93,10 +93,21 @@ def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dic
         },
         "stages": rows,
         "gate": (verdict or {}).get("gate", {"passed": None, "reasons": ["gate not run"]}),
-        "champion": (verdict or {}).get("champion", {"name": ctx.registered_model, "version": None}),
+        # without a gate in this run the champion is whatever the registry says (not "none")
+        "champion": (verdict or {}).get("champion") or {"name": ctx.registered_model,
+                                                         "version": _registry_champion(ctx.registered_model)},
         "challenger": (verdict or {}).get("challenger"),
         **({"compression": compression} if compression else {}),
     }
+
+
+def _registry_champion(name: str) -> str | None:
+    from stagewise import registry
+
+    try:
+        return registry.alias_version(name, registry.CHAMPION)
+    except Exception:  # noqa: BLE001 - no tracking store configured (a summary built outside a run)
+        return None
 
 
 def _fmt(v: Any) -> str:

@@ -22,6 +22,7 @@ from stagewise.workspace import KINDS
 
 BAD_ROW_CODES = ("bad_json", "bad_utf8", "missing_field", "wrong_type", "duplicate_id")
 _SUFFIX = {"jsonl": (".jsonl", ".json", ".ndjson"), "parquet": (".parquet",), "text": (".txt", ".md")}
+_SUFFIX["auto"] = tuple(x for v in _SUFFIX.values() for x in v)   # a mixed folder: each file by its suffix
 
 
 def ingest(data_cfg: DataConfig, cfg: IngestConfig, raw_dir: Path, out_dir: Path, root: Path | None = None) -> dict:
@@ -34,6 +35,7 @@ def ingest(data_cfg: DataConfig, cfg: IngestConfig, raw_dir: Path, out_dir: Path
     sources = _sources(data_cfg, raw_dir, root)
     quarantine: dict[str, list[dict]] = {}
     files: dict[str, list[str]] = {}
+    per_file: dict[str, int] = {}   # records read from each file: a file skipped would show as missing
     blank_lines = 0
     ids_of: dict[str, dict[str, str]] = {}
     for kind, src in sources:
@@ -41,7 +43,7 @@ def ingest(data_cfg: DataConfig, cfg: IngestConfig, raw_dir: Path, out_dir: Path
         files.setdefault(kind, [])
         # without an id field a record is numbered by its 0-based line; with several files the file
         # name goes in front so ids stay unique
-        multi = src.format in ("jsonl", "parquet", "text") and len(_files(src)) > 1
+        multi = src.format in ("jsonl", "parquet", "text", "auto") and len(_files(src)) > 1
         for file, line, value in progress(_rows(src), f"ingest {kind}"):
             file = _shown(file, root)
             if file not in files[kind]:
@@ -50,6 +52,7 @@ def ingest(data_cfg: DataConfig, cfg: IngestConfig, raw_dir: Path, out_dir: Path
                 blank_lines += 1
                 continue
             out.input[kind] += 1
+            per_file[file] = per_file.get(file, 0) + 1
             try:
                 if isinstance(value, BadRow):
                     raise value
@@ -78,7 +81,7 @@ def ingest(data_cfg: DataConfig, cfg: IngestConfig, raw_dir: Path, out_dir: Path
     for kind, rows in quarantine.items():
         write_jsonl(out.out_dir / "quarantine" / f"{kind}.jsonl", rows)
     # removed/<code>.jsonl duplicates the quarantine rows' ids; the quarantine file holds the raw text
-    return out.finish(files=files, blank_lines=blank_lines,
+    return out.finish(files=files, records_per_file=per_file, blank_lines=blank_lines,
                       quarantined={k: len(v) for k, v in quarantine.items()},
                       on_bad_rows=data_cfg.on_bad_rows)
 
@@ -126,16 +129,39 @@ def _files(src: SourceConfig) -> list[Path]:
         raise BadInput(path, None, "no such file or folder", f"check data.sources path for this {src.kind} source")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _SUFFIX[src.format])
+    every = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
+    files = [p for p in every if p.suffix.lower() in _SUFFIX[src.format]]
+    others = [p for p in every if p not in files]
+    if others:  # never skip a file silently: read the folder whole, or refuse it
+        names = ", ".join(str(p.relative_to(path)) for p in others[:10]) + (" ..." if len(others) > 10 else "")
+        readable = ", ".join(_SUFFIX["auto"])
+        raise BadInput(path, None, f"the folder holds {len(others)} file(s) that format {src.format} does not read: "
+                       f"{names}",
+                       f"move them out (readable: {readable})" if src.format == "auto" else
+                       f"move them out, or set the source's format to auto (each file by its suffix: {readable})")
     if not files:
         raise BadInput(path, None, f"folder has no {'/'.join(_SUFFIX[src.format])} files",
                        "point the source at a file, or at a folder of such files, or set its format")
     return files
 
 
+def _hidden(p: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in p.relative_to(root).parts)
+
+
 def _rows(src: SourceConfig) -> Iterator[tuple[str, int, Any]]:
     """(file, 0-based line or row, parsed object | BadRow | None for a blank line)."""
-    if src.format == "jsonl":
+    if src.format == "auto":
+        for f in _files(src):
+            fmt = next(k for k in ("jsonl", "parquet", "text") if f.suffix.lower() in _SUFFIX[k])
+            if fmt == "text":
+                if src.kind != "corpus":
+                    raise BadInput(f, None, f"a plain-text file holds a corpus document, not a {src.kind} record",
+                                   "move it out of the folder, or curate it separately with --kind corpus")
+                yield from _text_rows(src.model_copy(update={"path": str(f), "format": "text"}))
+            else:
+                yield from (_jsonl_rows(f) if fmt == "jsonl" else _parquet_rows(f))
+    elif src.format == "jsonl":
         for f in _files(src):
             yield from _jsonl_rows(f)
     elif src.format == "parquet":
@@ -176,10 +202,33 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
                 bad.raw = text.rstrip("\n")  # type: ignore[attr-defined]
                 yield str(path), i, bad
                 continue
+            except RecursionError:
+                bad = BadRow("bad_json", "nested too deeply to read (brackets inside brackets, past Python's limit)",
+                             "flatten the record: one JSON object per line with string fields")
+                bad.raw = text[:2000]  # type: ignore[attr-defined]
+                yield str(path), i, bad
+                continue
+            if "\\ud" in text or "\\uD" in text:  # only a \u escape can make a lone surrogate
+                surrogate = _lone_surrogate(text, obj)
+                if surrogate:
+                    bad = BadRow("bad_utf8", f"a lone UTF-16 surrogate escape {surrogate} (not a character; "
+                                 "it cannot be written as UTF-8)",
+                                 "remove the escape, or write the character itself (or both halves of its pair)")
+                    bad.raw = text.rstrip("\n")  # type: ignore[attr-defined]
+                    yield str(path), i, bad
+                    continue
             yield str(path), i, obj
     if n_records == 0:
         raise BadInput(path, 1, "the file is empty (no records)",
                        "point the source at a file with at least one JSON object per line, or remove it")
+
+
+def _lone_surrogate(text: str, obj: Any) -> str | None:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return "\\u%04x" % ord(e.object[e.start])
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, int, Any]]:

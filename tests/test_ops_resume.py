@@ -94,6 +94,18 @@ def concurrent(ws):
     return {"a": a, "b": b, "log_a": log_a, "log_b": log_b}
 
 
+def test_persisted_stage_results_are_json_never_pickle(ws, concurrent):
+    """The cached run replayed stage results from .prefect/storage: JSON records, nothing to unpickle."""
+    files = [p for p in (ws / ".prefect" / "storage").rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        raw = p.read_bytes()
+        record = json.loads(raw)                     # a pickle would not even parse
+        serializer = (record.get("metadata") or {}).get("serializer", {}).get("type", "json")
+        assert serializer == "json", p
+        assert not raw.startswith(b"\x80") and b'"gAS' not in raw, p   # no (base64) pickle inside
+
+
 def test_concurrent_runs_serialize_and_the_second_reuses_everything(ws, concurrent):
     a, b = concurrent["a"], concurrent["b"]
     assert f"is in use by run {a['run_id']}" in concurrent["log_b"] and "waiting for it" in concurrent["log_b"]

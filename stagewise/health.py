@@ -1,0 +1,108 @@
+"""Workspace and store health, checked before anything starts (no Prefect server, no MLflow store).
+
+- The workspace and its stores must be writable and have room: a read-only or full workspace used
+  to hang a run for minutes inside Prefect and MLflow; it is now one line, exit 3.
+- The local MLflow store (`mlflow/mlflow.db`) must be an intact SQLite database. A missing one next
+  to existing artifacts is an error, never a silently created empty store (whose registry "has no
+  versions yet" while the models' files are still on disk).
+- The stores (`mlflow/`, `reports/`, `.prefect/`) are private to the user: folders 0700, the
+  tracking database 0600 (`ops.private_stores: false` leaves them to the umask). Run reports and
+  tracking data can hold paths, parameters and — in other people's setups — credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+from stagewise.errors import StoreError
+
+STORES = ("mlflow", "reports", ".prefect", ".stagewise")
+_MOVE_ASIDE = "mv mlflow mlflow.broken-$(date +%s)"
+
+
+def private_dir(path: Path, private: bool = True) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if private:
+        os.chmod(path, 0o700)
+    return path
+
+
+def check_writable(root: Path, min_free_mb: float = 0, private: bool = True) -> None:
+    """Each store folder can be created and written; the disk has `min_free_mb` free (0: no check)."""
+    root = Path(root)
+    for name in ("", *STORES):
+        folder = root / name
+        probe = folder / f".write-probe-{os.getpid()}"
+        try:
+            if name:
+                private_dir(folder, private and name != ".stagewise")
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise StoreError(f"{folder}: not writable ({e.strerror}) — the workspace must be writable: fix its "
+                             "permissions or free space, or run from a writable copy") from None
+        finally:
+            try:
+                probe.unlink()
+            except OSError:
+                pass
+    if min_free_mb:
+        free = shutil.disk_usage(root).free / 2**20
+        if free < min_free_mb:
+            raise StoreError(f"{root}: only {free:.0f} MB free, the run needs at least {min_free_mb:.0f} MB "
+                             "(ops.min_free_mb) — free space, or lower ops.min_free_mb if you know it fits")
+
+
+def check_tracking_store(store: Path) -> None:
+    """`store`/mlflow.db is intact, or absent in a store that never held anything."""
+    store = Path(store)
+    db = store / "mlflow.db"
+    if not db.exists():
+        artifacts = store / "artifacts"
+        held = artifacts.is_dir() and any(p.is_file() for p in artifacts.rglob("*"))
+        if held:
+            raise StoreError(f"{db}: the tracking database is missing but {artifacts} still holds logged "
+                             "models — restore mlflow.db from a backup; or, to start an empty registry, "
+                             f"move the old store aside first ({_MOVE_ASIDE})")
+        return
+    problem = _sqlite_problem(db)
+    if problem:
+        raise StoreError(f"{db}: not a usable MLflow store ({problem}) — restore it from a backup, or move "
+                         f"the store aside to start an empty one ({_MOVE_ASIDE})")
+
+
+def _sqlite_problem(db: Path) -> str | None:
+    try:
+        with open(db, "rb") as f:
+            header = f.read(16)
+    except OSError as e:
+        return e.strerror
+    if db.stat().st_size == 0:
+        return None  # SQLite creates an empty file first; MLflow initialises it
+    if header != b"SQLite format 3\x00":
+        return "not an SQLite database"
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            ok = con.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                return f"corrupt: {ok}"
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        return f"corrupt: {e}"
+    if tables and "alembic_version" not in tables:
+        return "an SQLite database, but not MLflow's"
+    return None
+
+
+def private_file(path: Path, private: bool = True) -> None:
+    if private and Path(path).exists():
+        os.chmod(path, 0o600)
