@@ -364,6 +364,22 @@ def normalize(s: str) -> str:
     return " ".join(s.lower().strip().split())
 
 
+_PUNCT_RE = re.compile("[" + re.escape(__import__("string").punctuation) + "]")
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """SQuAD-style token F1 (lowercased, punctuation removed), as evals/utils.py scores sw_instruct:
+    partial credit for a reply in the right words but another format (a foreign instruct base)."""
+    from collections import Counter
+
+    p, r = _PUNCT_RE.sub(" ", pred.lower()).split(), _PUNCT_RE.sub(" ", ref.lower()).split()
+    common = sum((Counter(p) & Counter(r)).values())
+    if not p or not r or not common:
+        return float(p == r)
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
 def exact_match(model, tok, items: list[dict]) -> float:
     """items: {question, answer}. Fraction of greedy replies equal to the reference (normalized)."""
     got = greedy_answers(model, tok, [it["question"] for it in items])

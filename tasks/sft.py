@@ -26,7 +26,7 @@ from stagewise.launch import launched, relaunch
 from stagewise.modeling import (
     arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, final_metrics, greedy_answers, heldout_texts,
     load_model, load_parent, mean_nll, normalize, param_counts, progress_callback, read_jsonl, save_model,
-    set_threads, steps_run, train_with_resume,
+    set_threads, steps_run, token_f1, train_with_resume,
 )
 
 # "The fox is red." / "The fox lives in the forest." / "The fox eats fish." / "The answer is 7."
@@ -92,6 +92,7 @@ def instruct_eval(model, tok, curated_dir: Path, limit: int | None) -> dict:
         got = greedy_answers(model, tok, [it["question"] for it in items])
         out["instruct_exact_match"] = sum(normalize(g) == normalize(it["answer"]) for g, it in zip(got, items)) / len(items)
         out["instruct_format"] = sum(bool(FORMAT_RE.match(normalize(g))) for g in got) / len(items)
+        out["instruct_token_f1"] = sum(token_f1(g, it["answer"]) for g, it in zip(got, items)) / len(items)
     if (b / "arithmetic.jsonl").exists():
         items = read_jsonl(b / "arithmetic.jsonl", ["question", "answer"])[:limit]
         out["arithmetic_pass1"] = arithmetic_accuracy(model, tok, items)
