@@ -100,7 +100,7 @@ def stage_key(stage: str, cfg: Config, parent: Lineage | None, data_hash: str | 
     from stagewise.hashing import source_hash
 
     sections = sections or (stage, "model", "train")
-    code_modules = code_modules or (f"tasks.{stage}", "stagewise.modeling", *STAGE_CODE.get(stage, ()))
+    code_modules = code_modules or (f"tasks.{stage}", "stagewise.modeling", "stagewise.chat", *STAGE_CODE.get(stage, ()))
     return cache_key(stage, cfg, parent, data_hash, source_hash(*code_modules), sections)
 
 
