@@ -1,8 +1,9 @@
 """sft — supervised fine-tuning on curated chat data (TRL SFTTrainer, assistant-only loss).
 
 Recipe: load the parent (pretrain output, or `model.base`) → conversational dataset (plus, with
-`sft.replay_ratio`, curated-corpus documents replayed against forgetting) → SFTTrainer with
-the project chat template (its `{% generation %}` markers make only assistant tokens count) →
+`sft.replay_ratio`, curated-corpus documents replayed against forgetting) → SFTTrainer on chats in
+the model's own chat template, pre-tokenized with its assistant mask (stagewise/chat.py: only the
+assistant's tokens and end-of-turn count) →
 optional LoRA / QLoRA (bitsandbytes NF4 base) → LoRA merged into a full fp32 model for the next stage,
 the adapter kept under out_dir/adapter/ → atomic save. Target: held-out instruct exact match and
 format compliance, parent → child.
