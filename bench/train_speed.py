@@ -61,7 +61,7 @@ def curated(root: Path, cfg) -> Path:
 
 def rows_for(tok, cur: Path, max_length: int) -> list[dict]:
     from stagewise.chat import encode_chat
-    from tasks.sft import load_chats
+    from stagewise.modeling import load_chats
 
     out = []
     for c in load_chats(cur)[0]:
@@ -116,7 +116,8 @@ def main() -> None:
 
     from stagewise.config import load_config
     from stagewise.modeling import gguf_to_folder, load_parent, param_counts, resolve_base_spec, use_bf16
-    from tasks.sft import lora_config, sft
+    from stagewise.modeling import lora_config
+    from tasks.sft import sft
 
     root = Path(tempfile.mkdtemp(prefix="bench-speed-"))
     try:
@@ -145,7 +146,7 @@ def main() -> None:
             if mode == "lora":
                 from peft import get_peft_model
 
-                model = get_peft_model(model, lora_config(cfg))
+                model = get_peft_model(model, lora_config(cfg.sft.lora))
             lr = cfg.sft.lora_learning_rate if mode == "lora" else cfg.sft.learning_rate
             t_bare, tok_bare = bare_loop(model, rows, a.steps, a.batch, lr, tok.pad_token_id, bf16, cfg.run.seed)
             del model

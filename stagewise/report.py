@@ -16,6 +16,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from stagewise.metrics import higher_is_better
+
 PASS_COLOR, FAIL_COLOR, NEUTRAL = "#1a7f37", "#cf222e", "#57606a"
 
 
@@ -186,7 +188,7 @@ def compression_points(summary: dict) -> list[dict]:
                      "is_parent": is_parent, "chosen": name == chosen and not is_parent,
                      "tokens_per_s": c.get("tokens_per_s"), "error": c.get("error"),
                      "passes": None if is_parent or c.get("error") else check.get("passed"),
-                     "higher_is_better": c.get("higher_is_better", not (qk or "").endswith(("perplexity", "bits_per_byte")))})
+                     "higher_is_better": c.get("higher_is_better", higher_is_better(qk or ""))})
     return rows
 
 

@@ -19,30 +19,34 @@ from __future__ import annotations
 import gc
 import inspect
 import json
+import logging
 import math
 import shutil
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from prefect import task
-
-from stagewise.stage import Lineage, RunContext, run_compress
 
 from stagewise.compression import distill as distill_mod
 from stagewise.compression import prune, quantize
 from stagewise.compression.data import curated_texts, lm_blocks, task_examples
 from stagewise.compression.measure import load_candidate, measure, quiet_bnb_warnings, sparsity, tokens_per_s
-from stagewise.config import Config
+from stagewise.config import Config, StepConfig, hash_obj
+from stagewise.metrics import metric as metric_info
+from stagewise.stage import Lineage, RunContext, flat_params, stage_evals, stage_key
 from stagewise.workspace import Workspace
+from tasks import step
 
-LOWER_IS_BETTER = ("perplexity", "nll", "loss", "bits_per_byte", "bpb")
+log = logging.getLogger("stagewise")
+
 
 
 # ---------------------------------------------------------------- built-in check (no evaluate_fn)
 def builtin_evaluator(cfg: Config, ws: Workspace) -> Callable[..., dict]:
     """Held-out NLL on the benchmarks: `task_nll` (instruct answers via the chat template) and
-    `general_nll` (general text). A quick standalone check; the flow passes tasks/evaluate.py."""
+    `general_nll` (general text). A quick standalone check; the flow passes stagewise/evaluation.py."""
     from stagewise.modeling import benchmarks_dir, load_tokenizer, mean_nll, read_jsonl
 
     bdir = benchmarks_dir(ws.curated)
@@ -76,7 +80,7 @@ def _call_evaluate(evaluate_fn: Callable, model_dir: Path, model, needs_model: b
 
 # ---------------------------------------------------------------- selection policy
 def lower_is_better(metric: str) -> bool:
-    return any(k in metric.lower() for k in LOWER_IS_BETTER)
+    return not metric_info(metric).higher_is_better
 
 
 def _scored(metrics: dict) -> list[str]:
@@ -85,9 +89,10 @@ def _scored(metrics: dict) -> list[str]:
 
 def _delta(metric: str, parent: float, cand: float) -> tuple[str, float]:
     """('rise_pct', x) for loss-like metrics; ('drop_points', x) on the 0-100 scale for accuracy-like."""
-    if lower_is_better(metric):
+    info = metric_info(metric)
+    if info.relative:
         return "rise_pct", (cand - parent) / abs(parent) * 100 if parent else math.inf
-    scale = 100.0 if abs(parent) <= 1 and abs(cand) <= 1 else 1.0
+    scale = 100.0 if info.kind == "accuracy" else 1.0
     return "drop_points", (parent - cand) * scale
 
 
@@ -243,7 +248,7 @@ def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
                 model = prune.structured_prune(model, blocks(p.calibration_texts, p.seq_len), p.mlp_fraction,
                                                p.kv_group_fraction, p.layer_fraction)
             rec = train_data(p.recovery_data, p.recovery_steps * p.batch_size, p.seq_len) if p.recovery_steps > 0 else None
-            model, info = prune.recover(model, rec, p.recovery_steps, p.recovery_learning_rate, p.batch_size,
+            model, info = distill_mod.recover(model, rec, p.recovery_steps, p.recovery_learning_rate, p.batch_size,
                                         seed, bf16, work(method), teacher=parent_model,
                                         temperature=p.recovery_temperature, alpha=p.recovery_alpha,
                                         pad_id=tok.pad_token_id)
@@ -340,3 +345,81 @@ class _Skip(Exception):
 def compress_task(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict:
     """Quantize, prune, distill and merge the final model; measure, evaluate, pick one, register it."""
     return run_compress(ctx, cfg, lineage)
+
+
+def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[str, Any]:
+    """Compress the final trained model (`compress` above), evaluated with the gate's own evals.
+
+    Cached on (compress config, parent cache key, compression code). Every candidate's numbers go to an
+    MLflow run `compress` (table, Pareto plot); the chosen one is registered as a model version tagged
+    `compression=<method>` with its parent, when its folder loads as a transformers model.
+    """
+    import mlflow
+
+    from stagewise import registry
+    from stagewise.evaluation import evaluate
+    from stagewise.hashing import dir_hash
+
+    parent = lineage[-1]
+    out_root = ctx.ws.model_dir("compress")
+    key = stage_key(step("compress"), cfg, parent, parent.data_hash)
+    marker, result_file = out_root / "cache_key", out_root / "compress.json"
+    if not ctx.forced("compress") and marker.exists() and marker.read_text() == key and result_file.exists():
+        result = json.loads(result_file.read_text())
+        return _compress_summary(result, cached=True)
+
+    eval_tasks = stage_evals(parent.stage)
+
+    def evaluate_fn(model_dir: Path, model=None) -> dict:
+        res = evaluate(Path(model_dir), eval_tasks, ctx.ws, cfg.evaluate, model=model)
+        return {f"{t}/{m}": v for t, d in res.items() for m, v in d.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and m != "n" and not m.endswith("_stderr")}
+
+    t0 = time.time()
+    with mlflow.start_run(run_name="compress", nested=ctx.mlflow_run_id is not None,
+                          parent_run_id=ctx.mlflow_run_id) as run:
+        mlflow.set_tags({"stage": "compress", "pipeline_run": ctx.run_id, "parent_version": parent.version or ""})
+        mlflow.log_params(flat_params("compress", cfg.compress.model_dump(mode="json")))
+        result = compress(StepConfig(cfg, "compress", step("compress").reads), Path(parent.model_dir), ctx.ws,
+                          out_root, evaluate_fn)
+        for c in result["candidates"]:
+            for k in ("params", "bytes", "memory_bytes", "tokens_per_s"):
+                if isinstance(c.get(k), (int, float)):
+                    mlflow.log_metric(f"{c['method']}.{k}", float(c[k]))
+        mlflow.log_text(result.get("table") or "", "compress.md")
+        if result.get("plot"):
+            mlflow.log_artifact(result["plot"])
+        version = None
+        if result.get("chosen_dir"):
+            try:
+                version = registry.log_model_version(
+                    Path(result["chosen_dir"]), ctx.registered_model, "compress",
+                    lineage={"parent_version": parent.version or "none", "compression": result["chosen"],
+                             "data_hash": parent.data_hash, "code_version": ctx.code_version,
+                             "config_hash": hash_obj(cfg.compress.model_dump(mode="json")), "cache_key": key,
+                             "pipeline_run": ctx.run_id,
+                             "weights_hash": dir_hash(Path(result["chosen_dir"]), "*.safetensors")},
+                    run_id=run.info.run_id)
+            except Exception as e:  # noqa: BLE001 - a candidate MLflow cannot log as a transformers model
+                # (bitsandbytes 4-bit folders can, via registry.resaveable): keep the folder as run
+                # artifacts, with the reason, instead of a model version.
+                why = f"{type(e).__name__}: {e}".rstrip(": ")
+                log.warning("compress: chosen %s kept as artifacts, not registered (%s)", result["chosen"], why)
+                mlflow.log_artifacts(result["chosen_dir"], artifact_path=f"chosen/{result['chosen']}")
+                result["registration_error"] = why
+        result["model_version"] = version
+        result["seconds"] = round(time.time() - t0, 1)
+    result_file.write_text(json.dumps(result, indent=1, default=str))
+    marker.write_text(key)
+    return _compress_summary(result, cached=False)
+
+
+def _compress_summary(result: dict, cached: bool) -> dict[str, Any]:
+    keep = ("method", "params", "bytes", "memory_bytes", "tokens_per_s", "metrics", "check", "error", "model_dir")
+    return {
+        "candidates": [{k: c.get(k) for k in keep if k in c} for c in result["candidates"]],
+        "parent": {k: result.get("parent_measure", {}).get(k) for k in keep if k in result.get("parent_measure", {})},
+        "chosen": result.get("chosen"), "reason": result.get("reason"), "plot": result.get("plot"),
+        "model_version": result.get("model_version"), "registration_error": result.get("registration_error"),
+        "cached": cached, "seconds": result.get("seconds"),
+    }

@@ -45,7 +45,7 @@ def test_champion_loads_through_mlflow_and_lm_eval_gives_the_gates_numbers(real_
     from stagewise.chat import prompt_ids
     from stagewise.config import load_config
     from stagewise.workspace import Workspace
-    from tasks.evaluate import evaluate
+    from stagewise.evaluation import evaluate
 
     ws, s = real_run
     assert [r["name"] for r in s["stages"]] == ["sft", "preference", "reasoning"]
