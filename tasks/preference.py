@@ -18,6 +18,7 @@ from prefect import task
 
 from stagewise.stage import Lineage, RunContext, run_stage
 
+from stagewise.chat import stop_token_ids
 from stagewise.config import Config
 from stagewise.launch import accelerated
 from stagewise.modeling import (
@@ -164,13 +165,13 @@ def rlhf(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report
     train_prompts = sorted({r["prompt"][0]["content"] for r in load_pairs(curated_dir)})
     prompt_tok = [prompt_ids(tok, p) for p in train_prompts]
     text_of = {tuple(ids): p for ids, p in zip(prompt_tok, train_prompts)}
-    eos = tok.eos_token_id
+    stop = set(stop_token_ids(tok))   # a turn ends at the template's end-of-turn token
 
     def reward_fn(prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
         replies = [tok.decode(c, skip_special_tokens=True).strip() for c in completions]
         scores = reward_scores(rm, tok, [text_of[tuple(p)] for p in prompts], replies)
         # a completion cut off at max_new_tokens never ended its turn: penalize (RLHF implementation details)
-        return [s - (pp.missing_eos_penalty if (not c or c[-1] != eos) else 0.0) for s, c in zip(scores, completions)]
+        return [s - (pp.missing_eos_penalty if (not c or c[-1] not in stop) else 0.0) for s, c in zip(scores, completions)]
 
     ppo_out = ppo_train(policy, tok, reward_fn, prompt_tok, pp, seed=cfg.run.seed)
     if report_to == "mlflow":   # PPO curves next to the RewardTrainer's, in the caller's active run

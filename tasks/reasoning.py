@@ -23,6 +23,7 @@ from prefect import task
 
 from stagewise.stage import Lineage, RunContext, run_stage
 
+from stagewise.chat import stop_token_ids
 from stagewise.config import Config
 from stagewise.launch import accelerated
 from stagewise.modeling import (
@@ -75,7 +76,7 @@ def sample_correct(model, tok, items: list[dict], k: int, temperature: float, ma
                           return_tensors="pt")
             gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                  max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
+                                 eos_token_id=stop_token_ids(tok))
             replies = tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
             for j, it in enumerate(chunk):
                 out.append([parse_answer(r) == str(it["answer"]) for r in replies[j * k:(j + 1) * k]])

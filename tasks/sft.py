@@ -1,8 +1,9 @@
 """sft — supervised fine-tuning on curated chat data (TRL SFTTrainer, assistant-only loss).
 
 Recipe: load the parent (pretrain output, or `model.base`) → conversational dataset (plus, with
-`sft.replay_ratio`, curated-corpus documents replayed against forgetting) → SFTTrainer with
-the project chat template (its `{% generation %}` markers make only assistant tokens count) →
+`sft.replay_ratio`, curated-corpus documents replayed against forgetting) → SFTTrainer on chats in
+the model's own chat template, pre-tokenized with its assistant mask (stagewise/chat.py: only the
+assistant's tokens and end-of-turn count) →
 optional LoRA / QLoRA (bitsandbytes NF4 base) → LoRA merged into a full fp32 model for the next stage,
 the adapter kept under out_dir/adapter/ → atomic save. Target: held-out instruct exact match and
 format compliance, parent → child.
@@ -19,12 +20,13 @@ from prefect import task
 
 from stagewise.stage import Lineage, RunContext, run_stage
 
+from stagewise.chat import encode_chat
 from stagewise.config import Config
 from stagewise.launch import accelerated
 from stagewise.modeling import (
     fit, publish_stage, arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, greedy_answers,
     heldout_texts, load_chats, load_parent, lora_config, mean_nll, normalize_answer, param_counts, progress_callback,
-    read_jsonl, set_threads,
+    read_jsonl, set_threads, token_f1,
 )
 from tasks import step
 
@@ -33,18 +35,20 @@ FORMAT_RE = re.compile(r"^the [a-z ]+ (is|lives in the|eats) [a-z]+\.$|^the answ
 
 
 def with_replay(tok, chats: list[dict], curated_dir: Path, ratio: float, seed: int) -> tuple[list[dict], int]:
-    """Chats plus `ratio` corpus documents per chat, pre-tokenized into one dataset for SFTTrainer.
+    """Chats (plus `ratio` corpus documents per chat), pre-tokenized into one dataset for SFTTrainer.
 
-    TRL tokenizes a dataset of a single kind (all conversations or all text); a mix has to arrive
-    tokenized. Chats get the same call TRL makes (the chat template's assistant mask: loss on the
-    assistant's tokens only), documents an all-ones mask (loss on every token). TRL still builds
-    the labels from `assistant_masks` and truncates to max_length.
+    Chats are tokenized here, not by TRL: TRL's assistant-only loss patches only the templates it ships
+    (SmolLM2's ChatML is not one), and a mix with documents has to arrive tokenized anyway. Chats get
+    the model's own template with its assistant mask (stagewise.chat.encode_chat: loss on the
+    assistant's tokens and end-of-turn only), documents an all-ones mask (loss on every token). TRL
+    still builds the labels from `assistant_masks` and truncates to max_length.
     """
     import random
 
+    rows = [encode_chat(tok, c["messages"]) for c in chats]
     n = round(ratio * len(chats))
-    if n == 0:   # nothing to replay: the conversations go to TRL untokenized, as without replay
-        return chats, 0
+    if n == 0:
+        return rows, 0
     path = Path(curated_dir) / "corpus.jsonl"
     docs = [r["text"] for r in read_jsonl(path, ["text"])]
     if not docs:
@@ -52,10 +56,6 @@ def with_replay(tok, chats: list[dict], curated_dir: Path, ratio: float, seed: i
     rng = random.Random(seed)
     # n distinct documents; past the corpus size, every document about n/len(docs) times
     picked = [docs[i % len(docs)] for i in rng.sample(range(max(n, len(docs))), n)]
-    rows = []
-    for c in chats:
-        enc = tok.apply_chat_template(c["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        rows.append({"input_ids": list(enc["input_ids"]), "assistant_masks": list(enc["assistant_masks"])})
     for text in picked:
         ids = tok(text + tok.eos_token)["input_ids"]
         rows.append({"input_ids": ids, "assistant_masks": [1] * len(ids)})
@@ -78,6 +78,7 @@ def instruct_eval(model, tok, curated_dir: Path, limit: int | None) -> dict:
         got = greedy_answers(model, tok, [it["question"] for it in items])
         out["instruct_exact_match"] = sum(normalize_answer(g) == normalize_answer(it["answer"]) for g, it in zip(got, items)) / len(items)
         out["instruct_format"] = sum(bool(FORMAT_RE.match(normalize_answer(g))) for g in got) / len(items)
+        out["instruct_token_f1"] = sum(token_f1(g, it["answer"]) for g, it in zip(got, items)) / len(items)
     if (b / "arithmetic.jsonl").exists():
         items = read_jsonl(b / "arithmetic.jsonl", ["question", "answer"])[:limit]
         out["arithmetic_pass1"] = arithmetic_accuracy(model, tok, items)
@@ -117,9 +118,9 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         lr_scheduler_type="cosine",
         warmup_steps=s.warmup_ratio,
         max_length=s.max_length,
-        # Pre-tokenized (replay) rows carry their own assistant_masks, which TRL applies anyway; the flag
-        # only asks TRL to compute them from conversations.
-        assistant_only_loss=n_replay == 0,
+        # The rows carry their own assistant_masks, which TRL applies anyway; the flag would only ask TRL
+        # to compute them from conversations (with_replay).
+        assistant_only_loss=False,
         packing=False,
         save_steps=s.save_steps,
     )

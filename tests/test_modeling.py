@@ -60,11 +60,13 @@ def test_parse_answer(text, want):
     assert parse_answer(text) == want
 
 
-def test_foreign_base_gets_our_template_and_tokens(tmp_path):
-    """model.base from elsewhere: a tokenizer without our special tokens or template still works for sft."""
+def test_template_less_base_gets_the_default_on_its_own_tokens(tmp_path):
+    """A plain pretrained LM (no chat template): the documented default template ends each assistant
+    turn with the base's own EOS; nothing is added to the vocabulary, no embedding resized."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    from stagewise.chat import DEFAULT_TEMPLATE, encode_chat, stop_token_ids
     from stagewise.modeling import load_parent
 
     bpe = Tokenizer(models.BPE())
@@ -76,9 +78,34 @@ def test_foreign_base_gets_our_template_and_tokens(tmp_path):
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     model, tok2 = load_parent(smoke_cfg(), tmp_path / "base")
-    assert "{% generation %}" in tok2.chat_template and "<|assistant|>" in tok2.get_vocab()
-    assert tok2.eos_token == "<|end|>" and model.generation_config.eos_token_id == tok2.eos_token_id
-    assert model.get_input_embeddings().weight.shape[0] == len(tok2) > len(tok)
-    ids = tok2.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                   tokenize=True, return_dict=True)["input_ids"]
-    assert model(input_ids=torch.tensor([ids])).logits.shape[-1] == len(tok2)
+    assert tok2.chat_template == DEFAULT_TEMPLATE and len(tok2) == len(tok)
+    assert tok2.eos_token == "</s>" and tok2.pad_token == "</s>"
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    assert model.generation_config.eos_token_id == tok2.eos_token_id and stop_token_ids(tok2) == [tok2.eos_token_id]
+    enc = encode_chat(tok2, [{"role": "user", "content": "the fox"}, {"role": "assistant", "content": "is red"}])
+    masked = tok2.decode([i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m])
+    assert masked == " is red</s>"
+
+
+def test_an_unknown_template_is_an_error_naming_the_setting(tmp_path):
+    """A template neither TRL nor stagewise can mark: the error names model.chat_template; a file given
+    there is used only if it renders the model's own format."""
+    from transformers import PreTrainedTokenizerFast
+
+    from stagewise.chat import ChatTemplateError, encode_chat, prepare_tokenizer, training_template
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir())
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}|{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="model.chat_template"):
+        training_template(tok)
+    wrong = tmp_path / "wrong.jinja"
+    wrong.write_text("{% for m in messages %}<{{ m['role'] }}>{% generation %}{{ m['content'] }}{% endgeneration %}"
+                     "{% endfor %}")
+    with pytest.raises(ChatTemplateError, match="does not render the model's own format"):
+        training_template(tok, wrong)
+    good = tmp_path / "good.jinja"
+    good.write_text("{% for m in messages %}[{{ m['role'] }}] {% if m['role'] == 'assistant' %}{% generation %}"
+                    "{{ m['content'] }}|{% endgeneration %}{% else %}{{ m['content'] }}|{% endif %}{% endfor %}")
+    prepare_tokenizer(tok, good)   # what load_tokenizer does with model.chat_template
+    enc = encode_chat(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    assert tok.decode([i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]).strip() == "a|"

@@ -36,9 +36,12 @@ def test_replay_rows_train_on_every_token_chats_on_the_assistant_only():
     for r in chat:   # the user turn is masked, the assistant's answer is not
         assert 0 < sum(r["assistant_masks"]) < len(r["input_ids"])
         assert r["assistant_masks"][0] == 0
-    assert with_replay(tok, chats[:10], curated(), 0.0, seed=0) == (chats[:10], 0)
-    # a ratio too small for one document leaves the conversations as they are (TRL tokenizes them)
-    assert with_replay(tok, chats[:1], curated(), 0.25, seed=0) == (chats[:1], 0)
+    # without replay the conversations alone, tokenized in the model's own template (what TRL would render)
+    plain, n0 = with_replay(tok, chats[:10], curated(), 0.0, seed=0)
+    assert n0 == 0 and [r["input_ids"] for r in plain] == [
+        tok.apply_chat_template(c["messages"], tokenize=True, return_dict=True)["input_ids"] for c in chats[:10]]
+    # a ratio too small for one document: conversations only
+    assert with_replay(tok, chats[:1], curated(), 0.25, seed=0)[1] == 0
 
 
 def test_replay_counters_the_forgetting_of_general_text(tmp_path):

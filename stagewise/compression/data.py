@@ -57,9 +57,11 @@ def lm_blocks(tok, texts: list[str], seq_len: int, max_blocks: int | None = None
 
 
 def chat_example(tok, messages: list[dict], max_len: int) -> dict | None:
-    """Token ids of one conversation and labels on the assistant's tokens (the chat template's
-    `{% generation %}` span, end-of-turn included); None when no assistant token survives truncation."""
-    enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    """Token ids of one conversation and labels on the assistant's tokens (the model's own template,
+    end-of-turn included: stagewise.chat.encode_chat); None when no assistant token survives truncation."""
+    from stagewise.chat import encode_chat
+
+    enc = encode_chat(tok, messages)
     ids, mask = enc["input_ids"][:max_len], enc["assistant_masks"][:max_len]
     if not any(mask):
         return None

@@ -1,0 +1,200 @@
+"""Chat templates: a model is trained, prompted and evaluated in its own template.
+
+Every stage goes through these helpers, so a foreign base (SmolLM2, Qwen2.5, Llama 3.x, …) keeps its
+tokenizer, special tokens and chat template, and the project's demo model keeps its own:
+
+- `prepare_tokenizer`: keeps the template; only a base with *no* template gets `DEFAULT_TEMPLATE`
+  (built from tokens it already has: no token is added, no embedding resized);
+- `training_template`: the same template with `{% generation %}` markers, which is what assistant-only
+  loss needs (HF's `return_assistant_tokens_mask`). In order: the template itself when it has markers
+  (the demo's); TRL's patched version for the families TRL knows
+  (`trl.chat_template_utils.get_training_chat_template`); a marked ChatML template for ChatML templates
+  TRL does not patch (SmolLM2's); the file named by `model.chat_template`; otherwise an error naming
+  that setting. Whatever the source, it is accepted only if it renders exactly the text the model's
+  own template renders on probe conversations: training and inference can never disagree on format;
+- `encode_chat`: input ids + assistant mask (content and end-of-turn token) of one conversation;
+- `end_of_turn_id` / `stop_token_ids`: where generation stops (`<|im_end|>` for ChatML), for
+  `generation_config` and every stage's sampling;
+- `prompt_ids`: a single-turn prompt in the model's template, generation prompt included.
+The saved tokenizer keeps the original template (markers never reach inference).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Only for a base without any chat template (a plain pretrained LM). Reuses the tokenizer's own EOS as
+# the end of every assistant turn; roles are plain words, so no token is added.
+DEFAULT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "Assistant:{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{%- else -%}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+)
+
+FIX = ("set `model.chat_template: <path to a .jinja>` (params.yaml) to a version of the model's template "
+       "with {% generation %}…{% endgeneration %} around each assistant reply and its end-of-turn token")
+
+
+class ChatTemplateError(ValueError):
+    """A template the project cannot train on, phrased for the person who has to fix it."""
+
+
+# Probe conversations: every shape the stages render (system or not, one or two turns, generation prompt).
+_PROBES = [
+    ([{"role": "user", "content": "Q1"}], True),
+    ([{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}], False),
+    ([{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}], False),
+    ([{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+      {"role": "assistant", "content": "A2"}], False),
+    ([{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}], True),
+]
+
+
+def prepare_tokenizer(tok, template_path: str | Path | None = None) -> None:
+    """Keep the model's template and tokens; give a template-less base the default; a pad token for batches.
+
+    `template_path` (`model.chat_template`) is remembered for this template, so every later
+    `training_template(tok)` of any stage in the process uses it."""
+    if not tok.chat_template:
+        if tok.eos_token is None:
+            raise ChatTemplateError("the base tokenizer has neither a chat template nor an EOS token to end a "
+                                    f"turn with; {FIX}")
+        tok.chat_template = DEFAULT_TEMPLATE
+    if tok.pad_token is None:
+        # padding is masked out everywhere: reusing EOS adds no token (HF's usual choice)
+        tok.pad_token = tok.eos_token
+    if template_path:
+        _USER[_original(tok)] = str(template_path)
+
+
+def _render(tok, messages, gen: bool, template: str | None = None) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, chat_template=template)
+
+
+def _original(tok) -> str:
+    t = tok.chat_template
+    return t["default"] if isinstance(t, dict) else t
+
+
+def _chatml_training(tok) -> str | None:
+    """A marked ChatML template that renders what the model's template renders, or None if not ChatML.
+
+    TRL patches only the exact templates it ships; SmolLM2's (ChatML with a default system prompt) is
+    not one of them, and ChatML is the most common shape among small open models. The text before the
+    first turn (a BOS, a default system prompt) is read off the original's own rendering, so the
+    result is checked against the original like every other source (`_same_renders`)."""
+
+    def turns(msgs):
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+
+    conv = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
+    sys = [{"role": "system", "content": "S"}]
+    try:
+        plain, with_sys = _render(tok, conv, False), _render(tok, sys + conv, False)
+    except Exception:
+        return None
+    if not (plain.endswith(turns(conv)) and with_sys.endswith(turns(sys + conv))):
+        return None
+    pre_plain, pre_sys = plain[: -len(turns(conv))], with_sys[: -len(turns(sys + conv))]
+    return (
+        f"{{%- if messages[0]['role'] == 'system' -%}}{{{{ {json.dumps(pre_sys)} }}}}"
+        f"{{%- else -%}}{{{{ {json.dumps(pre_plain)} }}}}{{%- endif -%}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+        "{{ '\\n' }}"
+        "{%- else -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
+def _same_renders(tok, template: str) -> str | None:
+    """None if `template` renders every probe exactly as the model's template does; else the first difference."""
+    for msgs, gen in _PROBES:
+        try:
+            want = _render(tok, msgs, gen)
+        except Exception:   # a template that rejects a shape (e.g. no system role): skip that shape
+            continue
+        try:
+            got = _render(tok, msgs, gen, template)
+        except Exception as e:
+            return f"it fails on {msgs}: {e}"
+        if got != want:
+            return f"on {msgs} it renders {got!r}, the model's template {want!r}"
+    return None
+
+
+_CACHE: dict[tuple[str, str | None], str] = {}
+_USER: dict[str, str] = {}   # original template -> model.chat_template given for it
+
+
+def training_template(tok, template_path: str | Path | None = None) -> str:
+    """The model's template with `{% generation %}` markers (see the module docstring for the sources)."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    original = _original(tok)
+    template_path = template_path or _USER.get(original)
+    key = (original, str(template_path) if template_path else None)
+    if key in _CACHE:
+        return _CACHE[key]
+    if template_path:
+        p = Path(template_path)
+        if not p.is_file():
+            raise ChatTemplateError(f"model.chat_template: {p}: no such file; point it at a .jinja template")
+        cand, source = p.read_text(), f"model.chat_template: {p}"
+        if not has_generation_markers(cand):
+            raise ChatTemplateError(f"{source}: no {{% generation %}} markers; wrap each assistant reply and its "
+                                    "end-of-turn token in {% generation %}…{% endgeneration %}")
+    elif has_generation_markers(original):
+        cand, source = original, "the model's template"
+    else:
+        try:
+            cand, source = get_training_chat_template(tok), "TRL's training template"
+        except ValueError:   # TRL: "patching is not supported for this template"
+            cand, source = _chatml_training(tok), "the ChatML training template"
+        if cand is None:
+            raise ChatTemplateError(f"the model's chat template has no {{% generation %}} markers and neither TRL "
+                                    f"nor stagewise knows how to add them; {FIX}")
+    diff = _same_renders(tok, cand)
+    if diff:
+        raise ChatTemplateError(f"{source} does not render the model's own format ({diff}); {FIX}")
+    _CACHE[key] = cand
+    return cand
+
+
+def encode_chat(tok, messages: list[dict], template_path: str | Path | None = None) -> dict:
+    """{input_ids, assistant_masks} of a conversation in the model's format; the mask covers each
+    assistant reply and its end-of-turn token (what assistant-only loss trains)."""
+    enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                  chat_template=training_template(tok, template_path))
+    return {"input_ids": list(enc["input_ids"]), "assistant_masks": list(enc["assistant_masks"])}
+
+
+def end_of_turn_id(tok, template_path: str | Path | None = None) -> int:
+    """The token that closes an assistant turn: the last token under the training template's mask."""
+    enc = encode_chat(tok, [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], template_path)
+    last = max(i for i, m in enumerate(enc["assistant_masks"]) if m)
+    return enc["input_ids"][last]
+
+
+def stop_token_ids(tok, template_path: str | Path | None = None) -> list[int]:
+    """Generation stops at the end-of-turn token (and at EOS, if that is another token)."""
+    ids = [end_of_turn_id(tok, template_path)]
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    return ids
+
+
+def prompt_ids(tok, question: str) -> list[int]:
+    """A single-turn prompt in the model's own template, ready for the assistant's reply."""
+    return tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=True)["input_ids"]
