@@ -12,14 +12,16 @@ from stagewise.config import Config
 from tasks.compress import check, compress, select
 
 
-def _cand(method, mem, metrics):
-    return {"method": method, "memory_bytes": mem, "bytes": mem, "params": mem, "metrics": metrics}
+def _cand(method, mem, metrics, tps=1000.0):
+    return {"method": method, "memory_bytes": mem, "bytes": mem, "params": mem, "metrics": metrics,
+            "tokens_per_s": tps, "tokens_per_s_batched": tps}
 
 
 def _score(cfg, parent, cands):
     for c in cands:
         c["check"] = check(cfg, parent["metrics"], c["metrics"])
-    return select(cfg, parent, cands)
+    sel = select(cfg, parent, cands)
+    return sel["chosen"], sel["reason"]
 
 
 def test_policy_picks_the_smallest_within_limits_and_guard():
@@ -48,7 +50,7 @@ def test_policy_keeps_the_parent_when_nothing_passes_and_says_why():
     parent = _cand("parent", 100, {"task_nll": 2.0, "general_nll": 3.0})
     cands = [_cand("distill", 30, {"task_nll": 2.5, "general_nll": 3.0})]
     chosen, reason = _score(cfg, parent, cands)
-    assert chosen is None and "keep the parent" in reason and "task_nll" in reason
+    assert chosen is None and "uncompressed parent ships" in reason and "task_nll" in reason
 
 
 def test_policy_uses_the_configured_task_metric_and_ignores_stderr():
