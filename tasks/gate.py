@@ -7,6 +7,10 @@ Rules (params.yaml `gate:`):
      started: pretrain output or model.base, so that forgetting spread over several stages still
      adds up) and the champion, whichever exist.
   3. general_ppl_rise: no perplexity-like general metric rises more than `perplexity_max_rise_pct` %.
+  4. task_within_limit (a compressed candidate only): against the uncompressed model it was made
+     from, the stage's target may drop at most `compress.select.max_task_drop_points` (or rise at
+     most `max_task_rise_pct` % when loss-like); rules 2-3 apply against the uncompressed model too.
+     Rule 1 still compares with the training parent: the stage's gain must survive compression.
 
 Every delta carries a bootstrap confidence interval from the per-item scores evaluate() keeps
 (paired over the same benchmark items when both sides scored the same items), and each rule says
@@ -153,6 +157,12 @@ def _describe(r: dict) -> str:
             return (f"target {r['metric']} improvement over the {r['against']} is within noise: {vals}, {d}{ci} "
                     "(gate.decide_on=ci needs the whole CI to improve)")
         return f"target {r['metric']} did not improve over the {r['against']}: {vals}, {d}{ci}"
+    if r["rule"] == "task_within_limit":
+        if r["unit"] == "points":
+            return (f"compression cost: target {r['metric']} dropped {-r['delta']:.2f} points{ci} vs the uncompressed "
+                    f"model ({vals}); limit -{r['threshold']:g} points (compress.select.max_task_drop_points)")
+        return (f"compression cost: target {r['metric']} rose {r['delta']:.1f}%{ci} vs the uncompressed model "
+                f"({vals}); limit +{r['threshold']:g}% (compress.select.max_task_rise_pct)")
     if r["rule"] == "general_no_drop":
         d = f"{-r['delta']:.2f} points"
         return (f"forgetting: {r['metric']} dropped {d}{ci} vs the {r['against']} ({vals}); "
@@ -163,10 +173,14 @@ def _describe(r: dict) -> str:
 
 
 def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None, cfg: GateConfig,
-         bootstrap_iters: int = 1000, seed: int = 0, base: dict | None = None) -> GateResult:
+         bootstrap_iters: int = 1000, seed: int = 0, base: dict | None = None,
+         uncompressed: dict | None = None, task_max_drop_points: float = 2.0,
+         task_max_rise_pct: float = 5.0) -> GateResult:
     """Apply the forgetting guard to evaluate() results of a candidate, its parent, base and champion.
 
     `base`: the model fine-tuning started from, when it is not the parent itself (None otherwise).
+    `uncompressed`: when the candidate is a compressed model, the results of the model it was made
+    from (rule 4, with the compress.select task limits); `parent` stays the training stage's parent.
     """
     rules: list[dict] = []
     notes: list[str] = []
@@ -185,8 +199,21 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
     else:
         notes.append(f"stage {stage!r} has no target metric of its own: only the forgetting guard applies")
 
+    if uncompressed is not None and stage in STAGE_TARGETS:
+        t, m, hib = STAGE_TARGETS[stage]
+        rel = relative(m, hib)
+        row = _compare("task_within_limit", t, m, hib, "uncompressed", candidate, uncompressed,
+                       task_max_rise_pct if rel else task_max_drop_points, "max_drop" if hib else "max_rise",
+                       iters, conf, enforced=True, decide_on=cfg.decide_on)
+        if row is None:
+            notes.append(f"target {t}.{m} not evaluated on the uncompressed model: compression cost not checked")
+        else:
+            rules.append(row)
+
     baselines = [(a, b) for a, b in (("parent", parent), ("base", base), ("champion", champion))
                  if a in cfg.against and b is not None]
+    if uncompressed is not None:
+        baselines.insert(1, ("uncompressed", uncompressed))
     for against, ref in baselines:
         for t, m, hib in GENERAL_METRICS:
             if relative(m, hib):
