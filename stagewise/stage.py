@@ -303,11 +303,12 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
                     "evaluate": cfg.evaluate.model_dump(mode="json"),
                     "code": source_hash("tasks.compress", "stagewise.compression.quantize",
                                         "stagewise.compression.prune", "stagewise.compression.distill",
-                                        "stagewise.compression.merge")})
+                                        "stagewise.compression.merge", "stagewise.compression.select",
+                                        "stagewise.compression.measure")})
     marker, result_file = out_root / "cache_key", out_root / "compress.json"
     if not ctx.forced("compress") and marker.exists() and marker.read_text() == key and result_file.exists():
         result = json.loads(result_file.read_text())
-        return _compress_summary(result, cached=True)
+        return _compress_summary(result, cached=True, parent=parent)
 
     eval_tasks = stage_evals(parent.stage)
 
@@ -323,43 +324,64 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
         mlflow.log_params(flat_params("compress", cfg.compress.model_dump(mode="json")))
         result = compress(cfg, Path(parent.model_dir), ctx.ws, out_root, evaluate_fn)
         for c in result["candidates"]:
-            for k in ("params", "bytes", "memory_bytes", "tokens_per_s"):
+            for k in ("params", "bytes", "memory_bytes", "tokens_per_s", "tokens_per_s_batched", "speed_ratio"):
                 if isinstance(c.get(k), (int, float)):
-                    mlflow.log_metric(f"{c['method']}.{k}", float(c[k]))
+                    # MLflow metric names take no '+': a chain distill+nf4 logs as distill-then-nf4
+                    mlflow.log_metric(f"{c['method'].replace('+', '-then-')}.{k}", float(c[k]))
         mlflow.log_text(result.get("table") or "", "compress.md")
         if result.get("plot"):
             mlflow.log_artifact(result["plot"])
-        version = None
-        if result.get("chosen_dir"):
+        version, errors = None, {}
+        # The chosen candidate becomes a model version; one MLflow cannot log is not shippable, and the
+        # runner-up is tried next (the ranking is the policy's).
+        by = {c["method"]: c for c in result["candidates"]}
+        for method in result.get("ranking") or []:
+            folder = Path(by[method]["model_dir"])
             try:
                 version = registry.log_model_version(
-                    Path(result["chosen_dir"]), ctx.registered_model, "compress",
-                    lineage={"parent_version": parent.version or "none", "compression": result["chosen"],
+                    folder, ctx.registered_model, "compress",
+                    lineage={"parent_version": parent.version or "none", "compression": method,
+                             "uncompressed_version": parent.version or "none", "parent_stage": parent.stage,
                              "data_hash": parent.data_hash, "code_version": ctx.code_version,
                              "config_hash": hash_obj(cfg.compress.model_dump(mode="json")), "cache_key": key,
-                             "pipeline_run": ctx.run_id,
-                             "weights_hash": dir_hash(Path(result["chosen_dir"]), "*.safetensors")},
+                             "pipeline_run": ctx.run_id, "weights_hash": dir_hash(folder, "*.safetensors"),
+                             "memory_bytes": by[method]["memory_bytes"],
+                             "speed_ratio": by[method].get("speed_ratio")},
                     run_id=run.info.run_id)
             except Exception as e:  # noqa: BLE001 - a candidate MLflow cannot log as a transformers model
-                # (bitsandbytes 4-bit folders can, via registry.resaveable): keep the folder as run
-                # artifacts, with the reason, instead of a model version.
                 why = f"{type(e).__name__}: {e}".rstrip(": ")
-                log.warning("compress: chosen %s kept as artifacts, not registered (%s)", result["chosen"], why)
-                mlflow.log_artifacts(result["chosen_dir"], artifact_path=f"chosen/{result['chosen']}")
-                result["registration_error"] = why
+                log.warning("compress: %s cannot be registered, so it cannot ship (%s)", method, why)
+                errors[method] = why
+                continue
+            if method != result["chosen"]:
+                result["reason"] += f" — {result['chosen']} could not be registered ({errors[result['chosen']]}); {method} ships"
+                result["chosen"], result["chosen_dir"] = method, str(folder)
+            break
+        if errors:
+            result["registration_error"] = "; ".join(f"{m}: {w}" for m, w in errors.items())
+        if version is None and result.get("chosen"):
+            result["chosen"], result["chosen_dir"] = None, None
         result["model_version"] = version
         result["seconds"] = round(time.time() - t0, 1)
     result_file.write_text(json.dumps(result, indent=1, default=str))
     marker.write_text(key)
-    return _compress_summary(result, cached=False)
+    return _compress_summary(result, cached=False, parent=parent)
 
 
-def _compress_summary(result: dict, cached: bool) -> dict[str, Any]:
-    keep = ("method", "params", "bytes", "memory_bytes", "tokens_per_s", "metrics", "check", "error", "model_dir")
+def _compress_summary(result: dict, cached: bool, parent: Lineage) -> dict[str, Any]:
+    keep = ("method", "params", "bytes", "memory_bytes", "tokens_per_s", "tokens_per_s_batched", "speed_ratio",
+            "speed_ratio_batched", "metrics", "check", "eligible", "failed", "reloadable", "error", "model_dir")
+    shipped = None
+    if result.get("chosen") and result.get("model_version"):
+        shipped = {"method": result["chosen"], "version": result["model_version"], "model_dir": result["chosen_dir"]}
     return {
-        "candidates": [{k: c.get(k) for k in keep if k in c} for c in result["candidates"]],
+        "candidates": [{k: c.get(k) for k in keep if k in c} | ({"chain": c["info"]["chain"]} if "chain" in
+                                                                 (c.get("info") or {}) else {})
+                       for c in result["candidates"]],
         "parent": {k: result.get("parent_measure", {}).get(k) for k in keep if k in result.get("parent_measure", {})},
-        "chosen": result.get("chosen"), "reason": result.get("reason"), "plot": result.get("plot"),
-        "model_version": result.get("model_version"), "registration_error": result.get("registration_error"),
-        "cached": cached, "seconds": result.get("seconds"),
+        "parent_version": parent.version, "parent_stage": parent.stage,
+        "chosen": result.get("chosen"), "reason": result.get("reason"), "runner_up": result.get("runner_up"),
+        "front": result.get("front"), "objective": result.get("objective"), "task_metric": result.get("task_metric"),
+        "plot": result.get("plot"), "model_version": result.get("model_version"), "shipped": shipped,
+        "registration_error": result.get("registration_error"), "cached": cached, "seconds": result.get("seconds"),
     }

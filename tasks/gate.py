@@ -268,8 +268,10 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
 
 
 @task(name="gate", retries=0)
-def gate_task(ctx, cfg, lineage) -> dict:
-    """Forgetting guard on the final candidate, then the registry aliases (stagewise/promotion.py)."""
-    from stagewise.promotion import gate_and_promote  # the flow's wiring: gate() + challenger/champion
+def gate_task(ctx, cfg, lineage, compression: dict | None = None) -> dict:
+    """Forgetting guard on the model that ships (the compress step's choice, else the final trained
+    model), then the registry aliases (stagewise/promotion.py)."""
+    from stagewise.promotion import gate_and_promote, shipped_lineage  # gate() + challenger/champion
 
-    return gate_and_promote(ctx, cfg, lineage)
+    shipped = shipped_lineage(ctx, cfg, lineage, compression)
+    return gate_and_promote(ctx, cfg, lineage, shipped, compression=(compression or {}).get("chosen"))
