@@ -225,7 +225,7 @@ def shipped_rows(summary: dict) -> tuple[list[str], list[list[str]]] | None:
     if not comp.get("chosen") or not isinstance(parent, dict) or chosen is None:
         return None
     up = comp.get("parent_version")
-    head = ["", f"uncompressed{f' (v{up})' if up else ''}",
+    head = ["measure", f"uncompressed{f' (v{up})' if up else ''}",
             f"shipped: {comp['chosen']}" + (f" (v{comp['model_version']})" if comp.get("model_version") else ""),
             "shipped / uncompressed"]
 
@@ -233,7 +233,8 @@ def shipped_rows(summary: dict) -> tuple[list[str], list[list[str]]] | None:
         if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
             return None
         r = f"{b / a:.2f}x" if ratio and a else f"{(b - a):+.4g}"
-        return [label, _num(a / scale), _num(b / scale), r]
+        fmt = (lambda v: f"{int(v):,}") if label == "parameters" else (lambda v: _num(v / scale))  # noqa: E731
+        return [label, fmt(a), fmt(b), r]
 
     rows = [row("parameters", parent.get("params"), chosen.get("params")),
             row("memory (MB)", parent.get("memory_bytes"), chosen.get("memory_bytes"), 1e6),
