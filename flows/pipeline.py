@@ -13,8 +13,8 @@ from typing import Any
 
 from prefect import flow, task
 
+import tasks
 from stagewise.config import Config
-from stagewise.run import DATA_STEPS, TRAIN_STAGES
 from stagewise.stage import Lineage, RunContext, prefect_cache_key
 
 
@@ -25,7 +25,8 @@ def start_run_task(root: Path, config_path: Path, profile: str | None, overrides
     """Resolve the config, prepare MLflow/DVC stores, open the parent MLflow run."""
     from stagewise.run import start_run
 
-    return start_run(root, config_path, profile, overrides, force, force_stages, run_id=run_id)
+    chain = tuple(s.name for s in tasks.STEPS if s.kind == "train") + ("compress",)
+    return start_run(root, config_path, profile, overrides, force, force_stages, run_id=run_id, weight_chain=chain)
 
 
 @task(name="dvc-status")
@@ -102,7 +103,6 @@ def data_phase(cfg: Config, ctx: RunContext, selected: list[str]) -> dict[str, A
     import json
 
     from stagewise.hashing import dvc_out_hash
-    from stagewise.steps import data_steps
 
     ws = ctx.ws
     out: dict[str, Any] = {"stats": {}, "cached": [], "hashes": {}}
@@ -112,7 +112,8 @@ def data_phase(cfg: Config, ctx: RunContext, selected: list[str]) -> dict[str, A
     def current(step: str) -> bool:
         return dvc_current_task(ctx.root, step) if ran else step not in stale
 
-    for step, (step_task, kwargs) in data_steps(cfg, ws).items():
+    for data_step in tasks.of_kind("data"):
+        step, step_task, kwargs = data_step.name, tasks.prefect_task(data_step.name), data_step.args(cfg, ws)
         if step == "generate" and cfg.data.sources:
             continue  # user data: nothing to generate
         stats_file = kwargs.get("out_dir", Path()) / "stats.json"
@@ -132,21 +133,20 @@ def data_phase(cfg: Config, ctx: RunContext, selected: list[str]) -> dict[str, A
 @flow(name="train")
 def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: list[str]) -> dict[str, Any]:
     """Init (or base) model → pretrain → sft → preference → reasoning, one model version each."""
-    from tasks import preference, pretrain, reasoning, sft
     from tasks.base import base_task
 
-    stage_tasks = {"pretrain": pretrain.pretrain_task, "sft": sft.sft_task,
-                   "preference": preference.preference_task, "reasoning": reasoning.reasoning_task}
-    last = max((TRAIN_STAGES.index(s) for s in selected if s in TRAIN_STAGES), default=-1)
+    train_steps = [s.name for s in tasks.of_kind("train")]
+    last = max((train_steps.index(s) for s in selected if s in train_steps), default=-1)
     if last < 0:
         return {"lineage": [], "rows": []}
     parent: Lineage = base_task(cfg, ctx, data["hashes"].get("tokenizer"))
     lineage, rows = [parent], []
-    for stage in TRAIN_STAGES[: last + 1]:
+    for stage in train_steps[: last + 1]:
         if stage == "pretrain" and cfg.model.base:
             continue  # a given base model replaces pretraining
         # Prefect's cache keyed by the stage's content key, valid only while its model version exists.
-        stage_task = stage_tasks[stage].with_options(cache_key_fn=prefect_cache_key, persist_result=True)
+        stage_task = tasks.prefect_task(stage).with_options(cache_key_fn=prefect_cache_key(tasks.step(stage)),
+                                                            persist_result=True)
         child, row = stage_task(ctx, cfg, parent, data["hashes"].get("decontaminate"),
                                 cache_only=stage not in selected)
         lineage.append(child)

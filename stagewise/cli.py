@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-STEPS_HELP = """Steps (module tasks/<step>.py = DVC stage = params section = MLflow run = Prefect task):
-data: generate, ingest, quality, dedup, decontaminate, validate, tokenizer;
-train: pretrain, sft, preference, reasoning; ship: compress, gate."""
+import tasks
+from stagewise.cli_common import split_names as _split
+
+STEPS_HELP = ("Steps (module tasks/<step>.py = DVC stage = params section = MLflow run = Prefect task):\n"
+              + "; ".join(f"{kind}: " + ", ".join(s.name for s in tasks.of_kind(kind)) for kind in ("data", "train", "ship"))
+              + ".")
 
 app = typer.Typer(
     help=f"Stagewise: one Prefect DAG from raw text to a promoted model.\n\n{STEPS_HELP}",
@@ -19,13 +21,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def _split(values: Optional[list[str]]) -> list[str]:
-    out: list[str] = []
-    for v in values or []:
-        out += [s.strip() for s in v.split(",") if s.strip()]
-    return out
 
 
 @app.command()
@@ -68,7 +63,9 @@ def run(
     from stagewise.summary import summary_table
 
     try:
-        with local_prefect():
+        # what every run imports anyway, loaded while Prefect's temporary server boots
+        with local_prefect(preload=("flows.pipeline", "mlflow", "dvc.repo", "tasks.tokenizer", "tasks.evaluate",
+                                    "lm_eval")):
             from flows.pipeline import pipeline
 
             summary = pipeline(profile=profile, stages=selected, overrides=set_ or [], config_path=config.name,
@@ -83,13 +80,13 @@ def run(
 
 @app.command()
 def step(
-    name: str = typer.Argument(..., help="A data step: generate, ingest, quality, dedup, decontaminate, validate, tokenizer."),
+    name: str = typer.Argument(..., help="A data step: " + ", ".join(s.name for s in tasks.of_kind("data")) + "."),
     config: Path = typer.Option(Path("params.resolved.yaml"), help="Resolved params (written by `stagewise run`)."),
 ) -> None:
     """Run one data step without Prefect (what `dvc repro` calls)."""
     from stagewise.config import ConfigError, load_config
     from stagewise.run import env_defaults
-    from stagewise.steps import data_steps, metrics_path
+    from stagewise.steps import metrics_path
     from stagewise.workspace import Workspace
 
     root = config.resolve().parent
@@ -100,12 +97,11 @@ def step(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     ws = Workspace.at(root)
-    steps = data_steps(cfg, ws)
+    steps = {s.name: s for s in tasks.of_kind("data")}
     if name not in steps:
         typer.echo(f"error: {name!r} is not a data step; choose from {', '.join(steps)}", err=True)
         raise typer.Exit(2)
-    step_task, kwargs = steps[name]
-    stats = step_task.fn(**kwargs)
+    stats = tasks.prefect_task(name).fn(**steps[name].args(cfg, ws))
     from stagewise.dvcops import write_metrics
 
     write_metrics(metrics_path(ws, name), stats)
@@ -120,29 +116,19 @@ def profiles(config: Path = typer.Option(Path("params.yaml"))) -> None:
         typer.echo(p)
 
 
-def _mount_optional() -> None:
-    # Sub-apps live in their own modules; each keeps its imports inside its commands.
-    try:
-        from stagewise.cli_data import data_app
+def _mount() -> None:
+    # Sub-apps live in their own modules; each keeps its heavy imports inside its commands. A broken
+    # one fails here, loudly: a sub-command that vanished from --help is worse than an ImportError.
+    from stagewise.cli_data import data_app
+    from stagewise.cli_ops import register_commands as register_ops
+    from stagewise.cli_registry import register_commands
 
-        app.add_typer(data_app, name="data", help="Curate any JSONL/Parquet/text file outside the DAG.")
-    except ImportError:
-        pass
-    try:
-        from stagewise.cli_registry import register_commands
-
-        register_commands(app)
-    except ImportError:
-        pass
-    try:
-        from stagewise.cli_ops import register_commands as register_ops
-
-        register_ops(app)
-    except ImportError:
-        pass
+    app.add_typer(data_app, name="data", help="Curate any JSONL/Parquet/text file outside the DAG.")
+    register_commands(app)
+    register_ops(app)
 
 
-_mount_optional()
+_mount()
 
 
 def main() -> None:  # pragma: no cover

@@ -38,7 +38,7 @@ def register_commands(app: typer.Typer) -> None:
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Library logs too."),
     ) -> None:
         """Serve the pipeline as a Prefect deployment on a cron schedule (blocks; Ctrl-C stops and pauses it)."""
-        from stagewise.cli import _split
+        from stagewise.cli_common import split_names as _split
         from stagewise.config import ConfigError, load_config
 
         root = config.resolve().parent

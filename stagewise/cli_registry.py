@@ -78,7 +78,7 @@ def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Op
     from stagewise import registry
     from stagewise.workspace import Workspace
     from stagewise.stage import stage_evals
-    from tasks.evaluate import ALL_TASKS, STAGE_TARGETS, evaluate
+    from stagewise.evaluation import ALL_TASKS, STAGE_TARGETS, evaluate
     from tasks.gate import gate
 
     ws = Workspace.at(root)

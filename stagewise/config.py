@@ -471,6 +471,50 @@ class Config(Section):
         return self.model_dump(mode="json", by_alias=True)
 
 
+_SECTION_NAMES = frozenset("validate" if n == "validate_" else n for n in Config.model_fields)
+
+
+class UndeclaredSection(RuntimeError):
+    """A step read a params section its registry entry does not declare (so its cache key misses it)."""
+
+
+class StepConfig:
+    """The config as one step sees it: its declared sections (and `run`); any other section raises.
+
+    A step's cache key hashes exactly the sections it declares (`tasks.STEPS`, `reads=`); reading one
+    it did not declare would let a changed setting reuse a stale model, so that read fails loudly.
+    """
+
+    _ALWAYS = frozenset({"run"})
+
+    def __init__(self, cfg: "Config", step: str, reads: tuple[str, ...]):
+        object.__setattr__(self, "_cfg", cfg)
+        object.__setattr__(self, "_step", step)
+        object.__setattr__(self, "_reads", frozenset(reads) | self._ALWAYS)
+
+    def _check(self, section: str) -> None:
+        if section not in self._reads:
+            raise UndeclaredSection(
+                f"step {self._step!r} read params section {section!r}, which its entry in tasks/__init__.py "
+                f"(STEPS, reads=) does not declare: add {section!r} to its reads so the cache key covers it")
+
+    def __getattr__(self, name: str) -> Any:
+        field = "validate" if name == "validate_" else name
+        if field in _SECTION_NAMES:
+            self._check(field)
+        return getattr(self._cfg, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a step's config is read-only: copy it (model_copy) to change settings")
+
+    def section(self, name: str) -> "Section":
+        self._check(name)
+        return self._cfg.section(name)
+
+    def unrestricted(self) -> "Config":
+        return self._cfg
+
+
 class ConfigError(ValueError):
     """A params.yaml problem, phrased for the person who has to fix it."""
 

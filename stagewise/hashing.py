@@ -27,20 +27,6 @@ def dir_hash(path: Path, pattern: str = "**/*") -> str:
     return h.hexdigest()[:16]
 
 
-def source_hash(*modules: str) -> str:
-    """Hash of the source files of the given modules: a stage's code version for cache keys.
-
-    Unrelated commits do not invalidate a stage; editing the stage's own code does.
-    """
-    import importlib
-
-    h = hashlib.sha256()
-    for name in modules:
-        mod = importlib.import_module(name)
-        h.update(Path(mod.__file__).read_bytes())
-    return h.hexdigest()[:16]
-
-
 def git_commit(cwd: Path | None = None) -> str:
     """The code version for lineage: commit of the Stagewise source tree (+ '-dirty')."""
     here = Path(__file__).resolve().parent

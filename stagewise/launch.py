@@ -31,8 +31,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def relaunch(stage: str, cfg, **kwargs) -> dict:
-    """Run tasks.<stage>.<stage>(cfg, **kwargs) under `accelerate launch`; return its result."""
+def relaunch(fn, cfg, **kwargs) -> dict:
+    """Run the stage function `fn(cfg, **kwargs)` under `accelerate launch`; return its result.
+
+    Every rank imports `fn` by its module and name (the spec file carries both)."""
+    stage = fn.__name__
     conf = Path(cfg.train.accelerate_config)
     if not conf.is_absolute():
         conf = (Path.cwd() / conf) if (Path.cwd() / conf).exists() else ROOT / conf
@@ -41,7 +44,9 @@ def relaunch(stage: str, cfg, **kwargs) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"stagewise-{stage}-") as tmp:
         spec = Path(tmp) / "spec.json"
         result = Path(tmp) / "result.json"
-        spec.write_text(json.dumps({"stage": stage, "cfg": cfg.to_dict(), "result": str(result),
+        reads = sorted(getattr(cfg, "_reads", ()))   # a StepConfig stays one inside the ranks
+        spec.write_text(json.dumps({"fn": f"{fn.__module__}:{fn.__qualname__}", "cfg": cfg.to_dict(), "reads": reads,
+                                    "result": str(result),
                                     "kwargs": {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}}))
         env = os.environ.copy()
         env["ACCELERATE_LAUNCHED"] = "1"
@@ -65,12 +70,15 @@ def relaunch(stage: str, cfg, **kwargs) -> dict:
 
 
 def main(spec_path: str) -> None:
-    from stagewise.config import Config
+    from stagewise.config import Config, StepConfig
 
     spec = json.loads(Path(spec_path).read_text())
     cfg = Config.model_validate(spec["cfg"])
+    if spec.get("reads"):
+        cfg = StepConfig(cfg, spec["fn"].rpartition(":")[2], tuple(spec["reads"]))
     kwargs = {k: Path(v) if k.endswith("_dir") else v for k, v in spec["kwargs"].items()}
-    fn = getattr(importlib.import_module(f"tasks.{spec['stage']}"), spec["stage"])
+    module, _, name = spec["fn"].partition(":")
+    fn = getattr(importlib.import_module(module), name)
     res = fn(cfg, **kwargs)
     if is_main_process():
         Path(spec["result"]).write_text(json.dumps(res, default=str))

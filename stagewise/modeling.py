@@ -8,11 +8,12 @@ Everything a stage needs that is not the stage's own recipe lives here, once:
 - a progress callback (step, loss, tokens/s) and bf16-autocast detection for `train.bf16: auto`,
 - small, honest quick metrics (held-out NLL, greedy exact match, chosen-vs-rejected margin,
   arithmetic accuracy) used by the stages' own before/after report and by the tests.
-The gate's numbers come from tasks/evaluate.py (lm-eval); these are the stage's self-check.
+The gate's numbers come from stagewise/evaluation.py (lm-eval); these are the stage's self-check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,11 +22,12 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
 from stagewise.config import ModelConfig, TrainConfig
+from stagewise.records import read_jsonl  # noqa: F401  (stages import it from here with the other helpers)
 
 log = logging.getLogger("stagewise.train")
 
@@ -274,6 +276,28 @@ def train_with_resume(trainer, ckpt_dir: Path) -> tuple[Any, int | None]:
     return out, step
 
 
+def fit(trainer, out_dir: Path) -> dict | None:
+    """Train (resuming from out_dir's checkpoints of a killed run): the result fields every stage reports.
+
+    None on ranks other than the main one (accelerate): they have nothing to save or report.
+    """
+    t0 = time.perf_counter()
+    out, resumed = train_with_resume(trainer, checkpoint_dir(out_dir))
+    wall = time.perf_counter() - t0
+    if not trainer.is_world_process_zero():
+        return None
+    return {"train_metrics": final_metrics(trainer, out), "steps": trainer.state.global_step,
+            "resumed_from_step": resumed, "steps_run": steps_run(trainer, resumed), "wall_s": wall}
+
+
+def publish_stage(model, tok, out_dir: Path, stage: str, result: dict,
+                  extra: Callable[[Path], None] | None = None) -> dict:
+    """Save the stage's model atomically with its result, then drop the resume checkpoints."""
+    save_model(model, tok, out_dir, extra=extra, info={"stage": stage, **result})
+    shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
+    return result
+
+
 def steps_run(trainer, resumed: int | None) -> int:
     """Optimizer steps this invocation actually ran (less than the total after a resume)."""
     return trainer.state.global_step - (resumed or 0)
@@ -287,27 +311,6 @@ def final_metrics(trainer, out) -> dict:
         m["final_loss"] = float(hist[-1]["loss"])
         m["first_loss"] = float(hist[0]["loss"])
     return m
-
-
-def read_jsonl(path: Path, required: Iterable[str] = ()) -> list[dict]:
-    """Rows of a JSONL file; a malformed row is an error naming the file, the line and the fix."""
-    rows = []
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing — run the data steps first (stagewise run), or check the path")
-    with path.open() as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove the line") from None
-            miss = [k for k in required if k not in row]
-            if miss:
-                raise ValueError(f"{path}:{i}: missing field(s) {miss}; every row needs {list(required)}")
-            rows.append(row)
-    return rows
 
 
 def benchmarks_dir(curated_dir: Path) -> Path | None:
@@ -350,33 +353,39 @@ def prompt_ids(tok, question: str) -> list[int]:
                                    tokenize=True, return_dict=True)["input_ids"]
 
 
+@contextlib.contextmanager
+def padding_side(tok, side: str):
+    """Pad on `side` inside the block (generation wants left padding, scoring right), then restore."""
+    before, tok.padding_side = tok.padding_side, side
+    try:
+        yield tok
+    finally:
+        tok.padding_side = before
+
+
 @torch.no_grad()
 def greedy_answers(model, tok, questions: list[str], max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
     """Greedy replies to single-turn questions through the chat template (left-padded batches)."""
     model.eval()
     outs = []
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
+    with padding_side(tok, "left"):
         for i in range(0, len(questions), batch_size):
             ids = [prompt_ids(tok, q) for q in questions[i:i + batch_size]]
             enc = tok.pad({"input_ids": ids}, return_tensors="pt")
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             outs += tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-    finally:
-        tok.padding_side = side
     return [o.strip() for o in outs]
 
 
-def normalize(s: str) -> str:
+def normalize_answer(s: str) -> str:
     return " ".join(s.lower().strip().split())
 
 
 def exact_match(model, tok, items: list[dict]) -> float:
     """items: {question, answer}. Fraction of greedy replies equal to the reference (normalized)."""
     got = greedy_answers(model, tok, [it["question"] for it in items])
-    return sum(normalize(g) == normalize(it["answer"]) for g, it in zip(got, items)) / max(len(items), 1)
+    return sum(normalize_answer(g) == normalize_answer(it["answer"]) for g, it in zip(got, items)) / max(len(items), 1)
 
 
 @torch.no_grad()
@@ -421,3 +430,37 @@ def arithmetic_accuracy(model, tok, items: list[dict]) -> float:
 
 def perplexity(nll: float) -> float:
     return math.exp(min(nll, 50.0))
+
+
+# ---------------------------------------------------------------- training data shared by stages
+def pack(tok, texts: list[str], block: int) -> list[list[int]]:
+    """Concatenate tokenized documents (each + end token) and cut into equal blocks (no padding)."""
+    stream: list[int] = []
+    for ids in tok(texts, add_special_tokens=False).input_ids:
+        stream.extend(ids)
+        stream.append(tok.eos_token_id)
+    n = len(stream) // block
+    return [stream[i * block:(i + 1) * block] for i in range(n)]
+
+
+def load_chats(curated_dir: Path) -> tuple[list[dict], dict]:
+    """Conversations with at least one non-empty assistant turn; the rest are counted, not hidden."""
+    path = Path(curated_dir) / "chat.jsonl"
+    rows, skipped = [], {"no_assistant_turn": 0}
+    for r in read_jsonl(path, ["messages"]):
+        msgs = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
+        if any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+            rows.append({"messages": msgs})
+        else:
+            skipped["no_assistant_turn"] += 1  # assistant-only loss would have nothing to learn
+    if not rows:
+        raise ValueError(f"{path}: no conversation has an assistant turn; nothing to fine-tune on")
+    return rows, skipped
+
+
+def lora_config(lc):
+    """PEFT LoraConfig from the `sft.lora` settings (SFT's adapter; DPO's too with preference.peft: lora)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                      task_type="CAUSAL_LM")

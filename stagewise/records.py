@@ -275,12 +275,31 @@ def hash_docs_bytes(texts: list[str], batch: int = 1024) -> tuple[np.ndarray, np
 
 
 # ---------------------------------------------------------------- JSONL and stats
-def read_jsonl(path: Path) -> Iterator[dict]:
-    """Our own intermediate files (already validated by ingest)."""
-    with Path(path).open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+def iter_jsonl(path: Path, required: Iterable[str] = ()) -> Iterator[dict]:
+    """Rows of a JSONL file, streamed; a malformed row is a BadInput naming the file, the line and the fix.
+
+    The one JSONL reader: data steps stream their own intermediate files through it, stages and
+    evaluations read curated files and benchmarks with it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing — run the data steps first (stagewise run), or check the path")
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(path, i, f"not valid JSON ({e.msg})", "one JSON object per line: fix or remove the line") from None
+            miss = [k for k in required if not isinstance(row, dict) or k not in row]
+            if miss:
+                raise BadInput(path, i, f"missing field(s) {miss}", f"every row needs {list(required)}")
+            yield row
+
+
+def read_jsonl(path: Path, required: Iterable[str] = ()) -> list[dict]:
+    """All rows of a JSONL file (iter_jsonl's checks)."""
+    return list(iter_jsonl(path, required))
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:

@@ -16,6 +16,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from stagewise.metrics import higher_is_better
+
 PASS_COLOR, FAIL_COLOR, NEUTRAL = "#1a7f37", "#cf222e", "#57606a"
 
 
@@ -187,7 +189,7 @@ def compression_points(summary: dict) -> list[dict]:
                      "tokens_per_s": c.get("tokens_per_s"), "tokens_per_s_batched": c.get("tokens_per_s_batched"),
                      "error": c.get("error"), "failed": c.get("failed") or check.get("failed") or [],
                      "passes": None if is_parent or c.get("error") else c.get("eligible", check.get("passed")),
-                     "higher_is_better": c.get("higher_is_better", not (qk or "").endswith(("perplexity", "bits_per_byte")))})
+                     "higher_is_better": c.get("higher_is_better", higher_is_better(qk or ""))})
     return rows
 
 

@@ -23,17 +23,16 @@ from stagewise.workspace import Workspace
 
 log = logging.getLogger("stagewise")
 
-TRAIN_STAGES = ("pretrain", "sft", "preference", "reasoning")
-DATA_STEPS = ("generate", "ingest", "quality", "dedup", "decontaminate", "validate", "tokenizer")
-
-
 def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
 def start_run(root: Path, config_path: Path, profile: str | None, overrides: list[str],
-              force: bool, force_stages: list[str], run_id: str | None = None) -> tuple[RunContext, Config]:
-    """Resolve the config, prepare the stores, open the pipeline's parent MLflow run."""
+              force: bool, force_stages: list[str], run_id: str | None = None,
+              weight_chain: tuple[str, ...] = ()) -> tuple[RunContext, Config]:
+    """Resolve the config, prepare the stores, open the pipeline's parent MLflow run.
+
+    `weight_chain`: the steps that build on each other's weights (forcing one forces the rest)."""
     import mlflow
 
     from stagewise import dvcops, registry
@@ -68,7 +67,7 @@ def start_run(root: Path, config_path: Path, profile: str | None, overrides: lis
     client.log_artifact(run.info.run_id, str(run_dir / "config.yaml"))
     ctx = RunContext(run_id=run_id, root=ws.root, mlflow_run_id=run.info.run_id,
                      registered_model=cfg.run.registered_model, code_version=code,
-                     force=force, force_stages=list(force_stages))
+                     force=force, force_stages=list(force_stages), weight_chain=tuple(weight_chain))
     mark_dead_runs(ws, keep=run.info.run_id)
     write_run_links(ctx, run_dir, tracking_uri, exp.experiment_id)
     return ctx, cfg
@@ -259,17 +258,13 @@ def env_defaults(root: Path) -> None:
         os.environ.setdefault(k, v)
 
 
-# What every run imports anyway: loaded while Prefect's temporary server boots (see local_prefect).
-RUN_IMPORTS = ("flows.pipeline", "mlflow", "dvc.repo", "tasks.tokenizer", "tasks.evaluate", "lm_eval")
-
-
 @contextlib.contextmanager
-def local_prefect(preload: tuple[str, ...] = RUN_IMPORTS):
+def local_prefect(preload: tuple[str, ...] = ()):
     """Around a flow call from the CLI: Prefect's temporary API server, started while we import.
 
     Without PREFECT_API_URL, Prefect starts a temporary server subprocess on the first flow call and
     waits idle until it answers (~7 s here): starting it first, in a thread, overlaps that wait with
-    the imports the run needs anyway. Flow-run heartbeats are switched off for the temporary server:
+    the imports the run needs anyway (`preload`, module names). Flow-run heartbeats are switched off for the temporary server:
     they let a server notice a crashed run, and this one lives and dies with this process. Against a
     real server (PREFECT_API_URL set) nothing changes.
     """

@@ -1,11 +1,12 @@
 """What every training stage does around its recipe: cache, track, evaluate, register.
 
-A stage's Prefect task is one line, `run_stage(ctx, "sft", sft)`. The recipe (`tasks/sft.py:sft`)
+A stage's Prefect task is one line, `run_stage(ctx, step("sft"), sft, ...)`. The recipe (`tasks/sft.py:sft`)
 stays a plain function that knows nothing of MLflow or Prefect; this module owns the bookkeeping so
 that it is identical for every stage:
 
-1. cache key = hash(stage config, model/train config, data hash, parent's cache key and weights hash,
-   stage code); a registered version with that key is reused (its folder materialized if missing);
+1. cache key = hash(the sections the step declares it reads, data hash, parent's cache key and
+   weights hash, the source of every project module the step imports); a registered version with
+   that key is reused (its folder materialized if missing);
 2. otherwise an MLflow run `<stage>` nested under the pipeline run records params, training
    curves (`report_to="mlflow"`), the evaluation of child *and* parent, and the model version;
 3. a stage that raises registers nothing (its MLflow run is marked FAILED).
@@ -20,14 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from stagewise.config import Config, hash_obj
+from stagewise.config import Config, StepConfig, hash_obj
+from stagewise.steps import Step
 from stagewise.workspace import Workspace
 
 log = logging.getLogger("stagewise")
-
-# Stages that build on the previous one's weights, in pipeline order: forcing one forces the rest.
-WEIGHT_CHAIN = ("pretrain", "sft", "preference", "reasoning", "compress")
-
 
 @dataclass
 class RunContext:
@@ -40,6 +38,8 @@ class RunContext:
     code_version: str
     force: bool = False
     force_stages: list[str] = field(default_factory=list)
+    # steps that build on the previous one's weights, in pipeline order: forcing one forces the rest
+    weight_chain: tuple[str, ...] = ()
 
     @property
     def ws(self) -> Workspace:
@@ -53,9 +53,9 @@ class RunContext:
         """
         if self.force or stage in self.force_stages:
             return True
-        if stage not in WEIGHT_CHAIN:
+        if stage not in self.weight_chain:
             return False
-        return any(s in self.force_stages for s in WEIGHT_CHAIN[:WEIGHT_CHAIN.index(stage)])
+        return any(s in self.force_stages for s in self.weight_chain[:self.weight_chain.index(stage)])
 
 
 @dataclass
@@ -75,11 +75,10 @@ class Lineage:
 TrainFn = Callable[..., dict]
 
 
-def cache_key(stage: str, cfg: Config, parent: Lineage | None, data_hash: str | None, code: str,
-              sections: tuple[str, ...]) -> str:
+def cache_key(step: Step, cfg: Config, parent: Lineage | None, data_hash: str | None, code: str) -> str:
     return hash_obj({
-        "stage": stage,
-        "config": {s: cfg.section(s).model_dump(mode="json") for s in sections},
+        "stage": step.name,
+        "config": config_part(step, cfg),
         "parent": parent.cache_key if parent else None,
         # The parent's key says what it was trained from, its weights what it became: a re-trained
         # parent (--force-stage, a resume) is a new parent even under the same key.
@@ -89,19 +88,15 @@ def cache_key(stage: str, cfg: Config, parent: Lineage | None, data_hash: str | 
     })
 
 
-# Library modules a stage's training code calls beyond tasks.<stage> and stagewise.modeling: their source
-# is part of its code version (reasoning's replay term batches with compression's data helpers).
-STAGE_CODE: dict[str, tuple[str, ...]] = {"reasoning": ("stagewise.compression.data",)}
+def config_part(step: Step, cfg: Config) -> dict[str, Any]:
+    """The settings a step's result depends on: the sections it declares, and the run's seed."""
+    full = cfg.unrestricted() if isinstance(cfg, StepConfig) else cfg
+    return {"run.seed": full.run.seed, **{s: full.section(s).model_dump(mode="json") for s in step.reads}}
 
 
-def stage_key(stage: str, cfg: Config, parent: Lineage | None, data_hash: str | None,
-              sections: tuple[str, ...] | None = None, code_modules: tuple[str, ...] | None = None) -> str:
-    """The content key `run_stage` caches `stage` under (run_stage's defaults for sections and code)."""
-    from stagewise.hashing import source_hash
-
-    sections = sections or (stage, "model", "train")
-    code_modules = code_modules or (f"tasks.{stage}", "stagewise.modeling", *STAGE_CODE.get(stage, ()))
-    return cache_key(stage, cfg, parent, data_hash, source_hash(*code_modules), sections)
+def stage_key(step: Step, cfg: Config, parent: Lineage | None, data_hash: str | None) -> str:
+    """The content key `run_stage` caches `step` under: declared sections + parent + data + code closure."""
+    return cache_key(step, cfg, parent, data_hash, step.code_version())
 
 
 def claim_checkpoints(out_dir: Path, key: str) -> bool:
@@ -133,7 +128,7 @@ def claim_checkpoints(out_dir: Path, key: str) -> bool:
     return kept and any(ckpt.glob("checkpoint-*"))
 
 
-def prefect_cache_key(task_ctx: Any, params: dict[str, Any]) -> str | None:
+def prefect_cache_key(step: Step) -> Callable[[Any, dict[str, Any]], str | None]:
     """Prefect `cache_key_fn` of a stage task `(ctx, cfg, parent, data_hash, cache_only)`.
 
     The registry stays the source of truth: a key is returned only while a registered version built
@@ -142,18 +137,21 @@ def prefect_cache_key(task_ctx: Any, params: dict[str, Any]) -> str | None:
     model is a new key. Forced stages get no key (they run, and their result is not cached).
     Cold runs get no key either, so Prefect only memoizes cache *hits* (rows that say cached=True).
     """
-    from stagewise import registry
-    from stagewise.hashing import dir_hash
+    def key_fn(task_ctx: Any, params: dict[str, Any]) -> str | None:
+        from stagewise import registry
+        from stagewise.hashing import dir_hash
 
-    ctx, stage = params["ctx"], task_ctx.task.name
-    if ctx.forced(stage):
-        return None
-    key = stage_key(stage, params["cfg"], params["parent"], params.get("data_hash"))
-    hit = registry.find_cached_version(ctx.registered_model, stage, key)
-    out_dir = ctx.ws.model_dir(stage)
-    if hit is None or not out_dir.is_dir() or dir_hash(out_dir, "*.safetensors") != hit["tags"].get("weights_hash"):
-        return None
-    return f"stagewise-{stage}-{key}-v{hit['version']}"
+        ctx = params["ctx"]
+        if ctx.forced(step.name):
+            return None
+        key = stage_key(step, params["cfg"], params["parent"], params.get("data_hash"))
+        hit = registry.find_cached_version(ctx.registered_model, step.name, key)
+        out_dir = ctx.ws.model_dir(step.name)
+        if hit is None or not out_dir.is_dir() or dir_hash(out_dir, "*.safetensors") != hit["tags"].get("weights_hash"):
+            return None
+        return f"stagewise-{step.name}-{key}-v{hit['version']}"
+
+    return key_fn
 
 
 def flat_params(prefix: str, obj: Any) -> dict[str, Any]:
@@ -178,34 +176,31 @@ def numeric_metrics(evals: dict) -> dict[str, float]:
 
 def stage_evals(stage: str) -> list[str]:
     """The stage's target eval, its context evals and every general eval (the forgetting guard's view)."""
-    from tasks.evaluate import GENERAL_METRICS, STAGE_CONTEXT, STAGE_TARGETS
+    from stagewise.evaluation import GENERAL_METRICS, STAGE_CONTEXT, STAGE_TARGETS
 
     tasks = [STAGE_TARGETS[stage][0], *STAGE_CONTEXT.get(stage, [])] + [t for t, _, _ in GENERAL_METRICS]
     return list(dict.fromkeys(tasks))
 
 
-def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: Lineage,
-              data_hash: str | None, cache_only: bool = False,
-              sections: tuple[str, ...] | None = None, code_modules: tuple[str, ...] | None = None,
-              ) -> tuple[Lineage, dict]:
+def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: Lineage,
+              data_hash: str | None, cache_only: bool = False) -> tuple[Lineage, dict]:
     """Cache-or-train one stage; returns its lineage and its summary row.
 
-    `sections`: the params sections that shape this stage's model (default: its own, model, train);
-    `code_modules`: whose source is the stage's code version (default: tasks.<stage>, stagewise.modeling
-    and its STAGE_CODE).
+    The recipe sees the config restricted to the step's declared sections (`step.reads`): reading
+    any other section raises, so the cache key cannot miss a setting the model depends on.
     """
-    sections = sections or (stage, "model", "train")
+    stage = step.name
     eval_tasks = stage_evals(stage)
     data_dir = ctx.ws.curated
     import mlflow
 
     from stagewise import registry
     from stagewise.hashing import dir_hash
-    from tasks.evaluate import evaluate
+    from stagewise.evaluation import evaluate
 
     ws = ctx.ws
     out_dir = ws.model_dir(stage)
-    key = stage_key(stage, cfg, parent, data_hash, sections, code_modules)
+    key = stage_key(step, cfg, parent, data_hash)
     t0 = time.time()
     row: dict[str, Any] = {"name": stage, "parent_version": parent.version, "cached": False}
 
@@ -229,11 +224,12 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
                               parent_run_id=ctx.mlflow_run_id) as run:
             mlflow.set_tags({"stage": stage, "pipeline_run": ctx.run_id, "code_version": ctx.code_version})
             params = {}
-            for s in sections:
+            for s in step.reads:
                 params.update(flat_params(s, cfg.section(s).model_dump(mode="json")))
             mlflow.log_params(params)
             claim_checkpoints(out_dir, key)
-            result = train(cfg, Path(parent.model_dir), data_dir, out_dir, report_to="mlflow")
+            result = train(StepConfig(cfg, step.name, step.reads), Path(parent.model_dir), data_dir, out_dir,
+                           report_to="mlflow")
             extras = {k: v for k, v in (result.get("train_metrics") or {}).items() if isinstance(v, (int, float))}
             mlflow.log_metrics({f"train.{k}": float(v) for k, v in extras.items()})
             child_metrics = evaluate(out_dir, eval_tasks, ws, cfg.evaluate)
@@ -245,7 +241,7 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
                 lineage={
                     "parent_version": parent.version or "none",
                     "data_hash": data_hash,
-                    "config_hash": hash_obj({s: cfg.section(s).model_dump(mode="json") for s in sections}),
+                    "config_hash": hash_obj(config_part(step, cfg)),
                     "code_version": ctx.code_version,
                     "cache_key": key,
                     "pipeline_run": ctx.run_id,
@@ -266,7 +262,7 @@ def run_stage(ctx: RunContext, stage: str, train: TrainFn, cfg: Config, parent: 
 
 def target_row(stage: str, child: dict, parent: dict) -> dict[str, Any]:
     """The stage's target metric vs its parent, and every general metric vs its parent."""
-    from tasks.evaluate import GENERAL_METRICS, STAGE_TARGETS
+    from stagewise.evaluation import GENERAL_METRICS, STAGE_TARGETS
 
     task, metric, higher = STAGE_TARGETS[stage]
     value = child.get(task, {}).get(metric)
@@ -278,110 +274,3 @@ def target_row(stage: str, child: dict, parent: dict) -> dict[str, Any]:
     }
     return {"target_metric": f"{task}.{metric}", "value": value, "baseline_value": base,
             "higher_is_better": higher, "improved": improved, "general": general}
-
-
-def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[str, Any]:
-    """Compress the final trained model (tasks/compress.py), evaluated with the gate's own evals.
-
-    Cached on (compress config, parent cache key, compression code). Every candidate's numbers go to an
-    MLflow run `compress` (table, Pareto plot); the chosen one is registered as a model version tagged
-    `compression=<method>` with its parent, when its folder loads as a transformers model.
-    """
-    import json
-
-    import mlflow
-
-    from stagewise import registry
-    from stagewise.hashing import dir_hash, source_hash
-    from tasks.compress import compress
-    from tasks.evaluate import evaluate
-
-    parent = lineage[-1]
-    out_root = ctx.ws.model_dir("compress")
-    key = hash_obj({"compress": cfg.compress.model_dump(mode="json"), "parent": parent.cache_key,
-                    "parent_weights": parent.weights_hash,
-                    "evaluate": cfg.evaluate.model_dump(mode="json"),
-                    "code": source_hash("tasks.compress", "stagewise.compression.quantize",
-                                        "stagewise.compression.prune", "stagewise.compression.distill",
-                                        "stagewise.compression.merge", "stagewise.compression.select",
-                                        "stagewise.compression.measure")})
-    marker, result_file = out_root / "cache_key", out_root / "compress.json"
-    if not ctx.forced("compress") and marker.exists() and marker.read_text() == key and result_file.exists():
-        result = json.loads(result_file.read_text())
-        return _compress_summary(result, cached=True, parent=parent)
-
-    eval_tasks = stage_evals(parent.stage)
-
-    def evaluate_fn(model_dir: Path, model=None) -> dict:
-        res = evaluate(Path(model_dir), eval_tasks, ctx.ws, cfg.evaluate, model=model)
-        return {f"{t}/{m}": v for t, d in res.items() for m, v in d.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and m != "n" and not m.endswith("_stderr")}
-
-    t0 = time.time()
-    with mlflow.start_run(run_name="compress", nested=ctx.mlflow_run_id is not None,
-                          parent_run_id=ctx.mlflow_run_id) as run:
-        mlflow.set_tags({"stage": "compress", "pipeline_run": ctx.run_id, "parent_version": parent.version or ""})
-        mlflow.log_params(flat_params("compress", cfg.compress.model_dump(mode="json")))
-        result = compress(cfg, Path(parent.model_dir), ctx.ws, out_root, evaluate_fn)
-        for c in result["candidates"]:
-            for k in ("params", "bytes", "memory_bytes", "tokens_per_s", "tokens_per_s_batched", "speed_ratio"):
-                if isinstance(c.get(k), (int, float)):
-                    # MLflow metric names take no '+': a chain distill+nf4 logs as distill-then-nf4
-                    mlflow.log_metric(f"{c['method'].replace('+', '-then-')}.{k}", float(c[k]))
-        mlflow.log_text(result.get("table") or "", "compress.md")
-        if result.get("plot"):
-            mlflow.log_artifact(result["plot"])
-        version, errors = None, {}
-        # The chosen candidate becomes a model version; one MLflow cannot log is not shippable, and the
-        # runner-up is tried next (the ranking is the policy's).
-        by = {c["method"]: c for c in result["candidates"]}
-        for method in result.get("ranking") or []:
-            folder = Path(by[method]["model_dir"])
-            try:
-                version = registry.log_model_version(
-                    folder, ctx.registered_model, "compress",
-                    lineage={"parent_version": parent.version or "none", "compression": method,
-                             "uncompressed_version": parent.version or "none", "parent_stage": parent.stage,
-                             "data_hash": parent.data_hash, "code_version": ctx.code_version,
-                             "config_hash": hash_obj(cfg.compress.model_dump(mode="json")), "cache_key": key,
-                             "pipeline_run": ctx.run_id, "weights_hash": dir_hash(folder, "*.safetensors"),
-                             "memory_bytes": by[method]["memory_bytes"],
-                             "speed_ratio": by[method].get("speed_ratio")},
-                    run_id=run.info.run_id)
-            except Exception as e:  # noqa: BLE001 - a candidate MLflow cannot log as a transformers model
-                why = f"{type(e).__name__}: {e}".rstrip(": ")
-                log.warning("compress: %s cannot be registered, so it cannot ship (%s)", method, why)
-                errors[method] = why
-                continue
-            if method != result["chosen"]:
-                result["reason"] += f" — {result['chosen']} could not be registered ({errors[result['chosen']]}); {method} ships"
-                result["chosen"], result["chosen_dir"] = method, str(folder)
-            break
-        if errors:
-            result["registration_error"] = "; ".join(f"{m}: {w}" for m, w in errors.items())
-        if version is None and result.get("chosen"):
-            result["chosen"], result["chosen_dir"] = None, None
-        result["model_version"] = version
-        result["seconds"] = round(time.time() - t0, 1)
-    result_file.write_text(json.dumps(result, indent=1, default=str))
-    marker.write_text(key)
-    return _compress_summary(result, cached=False, parent=parent)
-
-
-def _compress_summary(result: dict, cached: bool, parent: Lineage) -> dict[str, Any]:
-    keep = ("method", "params", "bytes", "memory_bytes", "tokens_per_s", "tokens_per_s_batched", "speed_ratio",
-            "speed_ratio_batched", "metrics", "check", "eligible", "failed", "reloadable", "error", "model_dir")
-    shipped = None
-    if result.get("chosen") and result.get("model_version"):
-        shipped = {"method": result["chosen"], "version": result["model_version"], "model_dir": result["chosen_dir"]}
-    return {
-        "candidates": [{k: c.get(k) for k in keep if k in c} | ({"chain": c["info"]["chain"]} if "chain" in
-                                                                 (c.get("info") or {}) else {})
-                       for c in result["candidates"]],
-        "parent": {k: result.get("parent_measure", {}).get(k) for k in keep if k in result.get("parent_measure", {})},
-        "parent_version": parent.version, "parent_stage": parent.stage,
-        "chosen": result.get("chosen"), "reason": result.get("reason"), "runner_up": result.get("runner_up"),
-        "front": result.get("front"), "objective": result.get("objective"), "task_metric": result.get("task_metric"),
-        "plot": result.get("plot"), "model_version": result.get("model_version"), "shipped": shipped,
-        "registration_error": result.get("registration_error"), "cached": cached, "seconds": result.get("seconds"),
-    }

@@ -1,31 +1,42 @@
-"""The data steps with their inputs, in one table: used by the flow and by `stagewise step NAME`
-(which is what `dvc repro` runs), so both execute exactly the same call.
+"""What a step is: its name, kind, the params sections it reads, what it consumes and produces.
+
+The registry itself (`tasks.STEPS`) lists the project's steps in pipeline order; the flow, the CLI,
+`stagewise step`, dvc.yaml (tested against it) and the summary all read that one list. A step's cache
+identity is computed from it: the sections it declares and the code its module imports.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from stagewise.config import Config
+from stagewise.codegraph import code_version
 from stagewise.workspace import Workspace
 
+KINDS = ("data", "train", "ship")
 
-def data_steps(cfg: Config, ws: Workspace) -> dict[str, tuple[Any, dict[str, Any]]]:
-    """step name → (Prefect task, keyword arguments). `task.fn(**kwargs)` runs it without Prefect."""
-    from tasks import decontaminate, dedup, generate, ingest, quality, tokenizer, validate
 
-    return {
-        "generate": (generate.generate_task, dict(cfg=cfg.generate, out_dir=ws.raw)),
-        "ingest": (ingest.ingest_task, dict(data_cfg=cfg.data, cfg=cfg.ingest, raw_dir=ws.raw, out_dir=ws.ingested,
-                                                root=ws.root)),
-        "quality": (quality.quality_task, dict(cfg=cfg.quality, in_dir=ws.ingested, out_dir=ws.filtered)),
-        "dedup": (dedup.dedup_task, dict(cfg=cfg.dedup, in_dir=ws.filtered, out_dir=ws.deduped)),
-        "decontaminate": (decontaminate.decontaminate_task,
-                          dict(cfg=cfg.decontaminate, in_dir=ws.deduped, benchmarks_dir=ws.benchmarks,
-                               out_dir=ws.curated)),
-        "validate": (validate.validate_task, dict(cfg=cfg.validate_, in_dir=ws.curated, out_dir=ws.validated)),
-        "tokenizer": (tokenizer.tokenizer_task, dict(cfg=cfg.tokenizer, curated_dir=ws.curated, out_dir=ws.tokenizer)),
-    }
+@dataclass(frozen=True)
+class Step:
+    name: str                      # = module tasks/<name>.py = dvc stage = params section = MLflow run = Prefect task
+    kind: str                      # data | train | ship
+    reads: tuple[str, ...]         # params sections its result depends on: cache key, lineage, dvc params
+    inputs: tuple[str, ...] = ()   # Workspace attributes it reads (data steps: dvc deps)
+    outputs: tuple[str, ...] = ()  # Workspace attributes it writes (data steps: dvc outs)
+    # data steps: the keyword arguments of the step's function, from the config and the workspace
+    args: Callable[[Any, Workspace], dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"step {self.name}: kind {self.kind!r} is not one of {KINDS}")
+
+    @property
+    def module(self) -> str:
+        return f"tasks.{self.name}"
+
+    def code_version(self) -> str:
+        """Hash of the step module's whole project import closure (stagewise/codegraph.py)."""
+        return code_version(self.module)
 
 
 def metrics_path(ws: Workspace, step: str):

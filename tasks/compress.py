@@ -20,23 +20,27 @@ from __future__ import annotations
 import gc
 import inspect
 import json
+import logging
 import shutil
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from prefect import task
 
-from stagewise.stage import Lineage, RunContext, run_compress
-
 from stagewise.compression import distill as distill_mod
 from stagewise.compression import prune, quantize
 from stagewise.compression.data import curated_texts, lm_blocks, task_examples
-from stagewise.compression.measure import (RECIPE, load_candidate, measure, quiet_bnb_warnings, sparsity,
-                                           tokens_per_s)
+from stagewise.compression.measure import load_candidate, measure, quiet_bnb_warnings, sparsity, tokens_per_s
+from stagewise.compression.quantize import RECIPE
 from stagewise.compression.select import check, lower_is_better, select, task_metric_of
-from stagewise.config import Config
+from stagewise.config import Config, StepConfig, hash_obj
+from stagewise.stage import Lineage, RunContext, flat_params, stage_evals, stage_key
 from stagewise.workspace import Workspace
+from tasks import step
+
+log = logging.getLogger("stagewise")
 
 __all__ = ["builtin_evaluator", "check", "compress", "compress_task", "select"]
 
@@ -44,7 +48,7 @@ __all__ = ["builtin_evaluator", "check", "compress", "compress_task", "select"]
 # ---------------------------------------------------------------- built-in check (no evaluate_fn)
 def builtin_evaluator(cfg: Config, ws: Workspace) -> Callable[..., dict]:
     """Held-out NLL on the benchmarks: `task_nll` (instruct answers via the chat template) and
-    `general_nll` (general text). A quick standalone check; the flow passes tasks/evaluate.py."""
+    `general_nll` (general text). A quick standalone check; the flow passes stagewise/evaluation.py."""
     from stagewise.modeling import benchmarks_dir, load_tokenizer, mean_nll, read_jsonl
 
     bdir = benchmarks_dir(ws.curated)
@@ -215,8 +219,8 @@ def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
                 model = prune.structured_prune(model, blocks(p.calibration_texts, p.seq_len), p.mlp_fraction,
                                                p.kv_group_fraction, p.layer_fraction)
             rec = train_data(p.recovery_data, p.recovery_steps * p.batch_size, p.seq_len) if p.recovery_steps > 0 else None
-            model, info = prune.recover(model, rec, p.recovery_steps, p.recovery_learning_rate, p.batch_size,
-                                        seed, bf16, work(name), teacher=src_model,
+            model, info = distill_mod.recover(model, rec, p.recovery_steps, p.recovery_learning_rate, p.batch_size,
+                                              seed, bf16, work(name), teacher=src_model,
                                         temperature=p.recovery_temperature, alpha=p.recovery_alpha,
                                         pad_id=tok.pad_token_id)
             info["recovery_data"] = p.recovery_data
@@ -346,3 +350,104 @@ class _Skip(Exception):
 def compress_task(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict:
     """Quantize, prune, distill and merge the final model; measure, evaluate, pick one, register it."""
     return run_compress(ctx, cfg, lineage)
+
+
+def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[str, Any]:
+    """Compress the final trained model (`compress` above), evaluated with the gate's own evals.
+
+    Cached on (compress config, parent cache key, compression code). Every candidate's numbers go to an
+    MLflow run `compress` (table, Pareto plot); the chosen one is registered as a model version tagged
+    `compression=<entry>`, `parent_version` = `uncompressed_version` = the uncompressed model's version:
+    the model the gate judges next (`shipped` in the result).
+    """
+    import mlflow
+
+    from stagewise import registry
+    from stagewise.evaluation import evaluate
+    from stagewise.hashing import dir_hash
+
+    parent = lineage[-1]
+    out_root = ctx.ws.model_dir("compress")
+    key = stage_key(step("compress"), cfg, parent, parent.data_hash)
+    marker, result_file = out_root / "cache_key", out_root / "compress.json"
+    if not ctx.forced("compress") and marker.exists() and marker.read_text() == key and result_file.exists():
+        result = json.loads(result_file.read_text())
+        return _compress_summary(result, cached=True, parent=parent)
+
+    eval_tasks = stage_evals(parent.stage)
+
+    def evaluate_fn(model_dir: Path, model=None) -> dict:
+        res = evaluate(Path(model_dir), eval_tasks, ctx.ws, cfg.evaluate, model=model)
+        return {f"{t}/{m}": v for t, d in res.items() for m, v in d.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and m != "n" and not m.endswith("_stderr")}
+
+    t0 = time.time()
+    with mlflow.start_run(run_name="compress", nested=ctx.mlflow_run_id is not None,
+                          parent_run_id=ctx.mlflow_run_id) as run:
+        mlflow.set_tags({"stage": "compress", "pipeline_run": ctx.run_id, "parent_version": parent.version or ""})
+        mlflow.log_params(flat_params("compress", cfg.compress.model_dump(mode="json")))
+        result = compress(StepConfig(cfg, "compress", step("compress").reads), Path(parent.model_dir), ctx.ws,
+                          out_root, evaluate_fn)
+        for c in result["candidates"]:
+            for k in ("params", "bytes", "memory_bytes", "tokens_per_s", "tokens_per_s_batched", "speed_ratio"):
+                if isinstance(c.get(k), (int, float)):
+                    # MLflow metric names take no '+': a chain distill+nf4 logs as distill-then-nf4
+                    mlflow.log_metric(f"{c['method'].replace('+', '-then-')}.{k}", float(c[k]))
+        mlflow.log_text(result.get("table") or "", "compress.md")
+        if result.get("plot"):
+            mlflow.log_artifact(result["plot"])
+        version, errors = None, {}
+        # The chosen candidate becomes a model version; one MLflow cannot log cannot ship, and the next
+        # in the policy's ranking is tried.
+        by = {c["method"]: c for c in result["candidates"]}
+        for method in result.get("ranking") or []:
+            folder = Path(by[method]["model_dir"])
+            try:
+                version = registry.log_model_version(
+                    folder, ctx.registered_model, "compress",
+                    lineage={"parent_version": parent.version or "none", "compression": method,
+                             "uncompressed_version": parent.version or "none", "parent_stage": parent.stage,
+                             "data_hash": parent.data_hash, "code_version": ctx.code_version,
+                             "config_hash": hash_obj(cfg.compress.model_dump(mode="json")), "cache_key": key,
+                             "pipeline_run": ctx.run_id, "weights_hash": dir_hash(folder, "*.safetensors"),
+                             "memory_bytes": by[method]["memory_bytes"],
+                             "speed_ratio": by[method].get("speed_ratio")},
+                    run_id=run.info.run_id)
+            except Exception as e:  # noqa: BLE001 - a candidate MLflow cannot log as a transformers model
+                why = f"{type(e).__name__}: {e}".rstrip(": ")
+                log.warning("compress: %s cannot be registered, so it cannot ship (%s)", method, why)
+                errors[method] = why
+                continue
+            if method != result["chosen"]:
+                result["reason"] += (f" — {result['chosen']} could not be registered ({errors[result['chosen']]}); "
+                                     f"{method} ships")
+                result["chosen"], result["chosen_dir"] = method, str(folder)
+            break
+        if errors:
+            result["registration_error"] = "; ".join(f"{m}: {w}" for m, w in errors.items())
+        if version is None and result.get("chosen"):
+            result["chosen"], result["chosen_dir"] = None, None
+        result["model_version"] = version
+        result["seconds"] = round(time.time() - t0, 1)
+    result_file.write_text(json.dumps(result, indent=1, default=str))
+    marker.write_text(key)
+    return _compress_summary(result, cached=False, parent=parent)
+
+
+def _compress_summary(result: dict, cached: bool, parent: Lineage) -> dict[str, Any]:
+    keep = ("method", "params", "bytes", "memory_bytes", "tokens_per_s", "tokens_per_s_batched", "speed_ratio",
+            "speed_ratio_batched", "metrics", "check", "eligible", "failed", "reloadable", "error", "model_dir")
+    shipped = None
+    if result.get("chosen") and result.get("model_version"):
+        shipped = {"method": result["chosen"], "version": result["model_version"], "model_dir": result["chosen_dir"]}
+    return {
+        "candidates": [{k: c.get(k) for k in keep if k in c} | ({"chain": c["info"]["chain"]} if "chain" in
+                                                                 (c.get("info") or {}) else {})
+                       for c in result["candidates"]],
+        "parent": {k: result.get("parent_measure", {}).get(k) for k in keep if k in result.get("parent_measure", {})},
+        "parent_version": parent.version, "parent_stage": parent.stage,
+        "chosen": result.get("chosen"), "reason": result.get("reason"), "runner_up": result.get("runner_up"),
+        "front": result.get("front"), "objective": result.get("objective"), "task_metric": result.get("task_metric"),
+        "plot": result.get("plot"), "model_version": result.get("model_version"), "shipped": shipped,
+        "registration_error": result.get("registration_error"), "cached": cached, "seconds": result.get("seconds"),
+    }

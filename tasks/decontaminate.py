@@ -14,7 +14,6 @@ shorter than 8 words occurs in it. Every flagged record names the benchmark item
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,7 +23,7 @@ from prefect import task
 from stagewise.config import DecontaminateConfig
 from stagewise.records import (
     WORD_RE, BadInput, StepOutput, WordHasher, hash_docs, input_kinds, ngram_hashes, progress, prompt_texts,
-    read_jsonl, words)
+    iter_jsonl, read_jsonl, words)
 
 
 class GramIndex:
@@ -124,7 +123,7 @@ def _benchmark_texts(files: list[Path], cfg: DecontaminateConfig,
                      items: list[tuple[str, set[str]]]) -> Iterator[tuple[int, str, bool]]:
     """(item number, text, is a prompt field) for every text field of every item; appends to items."""
     for f in files:
-        for line, item in enumerate(_read_benchmark(f)):
+        for line, item in enumerate(iter_jsonl(f)):
             owner = len(items)
             items.append((f"{f.stem}:{item.get('id', line)}", set(item) - {"id"}))
             for key, value in item.items():
@@ -136,16 +135,6 @@ def _benchmark_texts(files: list[Path], cfg: DecontaminateConfig,
             if isinstance(item.get("context"), str) and isinstance(item.get("choices"), list) and isinstance(item.get("gold"), int):
                 if 0 <= item["gold"] < len(item["choices"]):
                     yield owner, f"{item['context']} {item['choices'][item['gold']]}", False
-
-
-def _read_benchmark(f: Path) -> Iterator[dict]:
-    with f.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise BadInput(f, i + 1, f"not valid JSON ({e.msg})", "one JSON object per line") from None
 
 
 def _strings(value: Any) -> Iterator[str]:

@@ -21,15 +21,17 @@ and the report says so instead of pretending to a precision the eval set does no
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-from stagewise.config import GateConfig
-from tasks.evaluate import GENERAL_METRICS, RATIO_METRICS, STAGE_TARGETS
-
-_LOWER_IS_BETTER = RATIO_METRICS | {"perplexity", "loss"}
-
+from stagewise import registry
+from stagewise.config import Config, GateConfig
+from stagewise.evaluation import GENERAL_METRICS, STAGE_TARGETS, evaluate
+from stagewise.metrics import metric as metric_info
+from stagewise.hashing import dir_hash
+from stagewise.stage import Lineage, RunContext, stage_evals
 
 @dataclass
 class GateResult:
@@ -47,7 +49,7 @@ class GateResult:
 
 def relative(metric: str, higher_is_better: bool) -> bool:
     """Perplexity-like metrics are compared in % change, accuracy-like ones in points."""
-    return metric in _LOWER_IS_BETTER or not higher_is_better
+    return metric_info(metric).relative or not higher_is_better
 
 
 # ---------------------------------------------------------------- bootstrap
@@ -58,7 +60,7 @@ def _arrays(res: dict, metric: str):
     if not items:
         return None, None
     ids = res.get("doc_ids") or list(range(len(items)))
-    if metric in RATIO_METRICS:
+    if metric_info(metric).ratio:
         arr = np.asarray(items, dtype=float).reshape(len(items), 2)
     else:
         arr = np.asarray(items, dtype=float).reshape(len(items), 1)
@@ -69,7 +71,7 @@ def _agg(metric: str, arr, idx):
     """Aggregate over each bootstrap row of indices (vectorised version of evaluate.aggregate)."""
     import numpy as np
 
-    if metric in RATIO_METRICS:
+    if metric_info(metric).ratio:
         ll, cnt = arr[idx, 0].sum(-1), arr[idx, 1].sum(-1)
         return -ll / cnt / np.log(2) if metric == "bits_per_byte" else np.exp(-ll / cnt)
     return arr[idx, 0].mean(-1)
@@ -238,7 +240,7 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
             for m in sorted(k for k in candidate[t].get("samples", {}) if k in ref[t]):
                 if (f"{t}.{m}", against) in enforced_keys:
                     continue
-                hib = m not in _LOWER_IS_BETTER
+                hib = metric_info(m).higher_is_better
                 row = _compare("compare", t, m, hib, against, candidate, ref, 0.0, "improve", iters, conf,
                                enforced=False)
                 if row is not None:
@@ -267,11 +269,91 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
     return GateResult(passed=passed, reasons=reasons, rules=rules, comparisons=comparisons)
 
 
+# ---------------------------------------------------------------- promotion
+def champion_metrics(ctx: RunContext, cfg: Config, tasks: list[str], candidate_version: str | None) -> tuple[str | None, dict | None]:
+    """Evaluate the current champion on the candidate's evals (None when there is none, or it is the candidate)."""
+    version = registry.alias_version(ctx.registered_model, registry.CHAMPION)
+    if version is None or version == candidate_version:
+        return version, None
+    folder = ctx.ws.model_dir("champion")
+    want = registry.version_tags(ctx.registered_model, version).get("weights_hash")
+    if not folder.exists() or dir_hash(folder, "*.safetensors") != want:
+        registry.download_model(ctx.registered_model, version, folder)
+    return version, evaluate(folder, tasks, ctx.ws, cfg.evaluate)
+
+
+def fine_tuning_base(lineage: list[Lineage]) -> tuple[Lineage, dict] | None:
+    """The model fine-tuning started from (pretrain output, or model.base) and its general scores.
+
+    None when that model is the candidate's parent (the parent rules already cover it) or the
+    candidate itself. Its scores are those its first child's run measured on it as a parent: every
+    stage's evals include all general evals, so they are on the same items as the candidate's.
+    """
+    stages = [x.stage for x in lineage]
+    root = stages.index("pretrain") if "pretrain" in stages else 0
+    if root >= len(lineage) - 2:
+        return None
+    return lineage[root], lineage[root + 1].parent_metrics
+
+
+def shipped_lineage(ctx: RunContext, cfg: Config, lineage: list[Lineage], compression: dict | None) -> Lineage | None:
+    """The registered compressed model the compress step chose, scored on the uncompressed model's
+    evals (the compress step scored the same folder: evaluate()'s cache answers), or None."""
+    shipped = (compression or {}).get("shipped")
+    if not shipped or not shipped.get("version"):
+        return None
+    folder = Path(shipped["model_dir"])
+    want = registry.version_tags(ctx.registered_model, shipped["version"]).get("weights_hash")
+    if not folder.exists() or dir_hash(folder, "*.safetensors") != want:
+        registry.download_model(ctx.registered_model, shipped["version"], folder)
+    uncompressed = lineage[-1]
+    metrics = evaluate(folder, stage_evals(uncompressed.stage), ctx.ws, cfg.evaluate)
+    return Lineage("compress", str(folder), shipped.get("cache_key", ""), shipped["version"], uncompressed.data_hash,
+                   metrics, parent_metrics=uncompressed.metrics, weights_hash=want)
+
+
+def gate_and_promote(ctx: RunContext, cfg: Config, lineage: list[Lineage],
+                     shipped: Lineage | None = None, compression: str | None = None) -> dict[str, Any]:
+    """Gate the final candidate and move the aliases.
+
+    The candidate is `shipped` (the compressed model chosen by the compress step) when there is one:
+    it is judged on the uncompressed model's stage target against the training parent, against the
+    uncompressed model (lineage[-1]: task within compress.select's limits, general guard), the base
+    and the champion. Without it, the uncompressed model is the candidate, as it always was.
+    """
+    trained = lineage[-1]
+    candidate = shipped or trained
+    champ_version, champ = champion_metrics(ctx, cfg, stage_evals(trained.stage), candidate.version)
+    base = fine_tuning_base(lineage)
+    sel = cfg.compress.select
+    result = gate(trained.stage, candidate.metrics, trained.parent_metrics, champ, cfg.gate,
+                  bootstrap_iters=cfg.evaluate.bootstrap_iters, seed=cfg.run.seed,
+                  base=base[1] if base else None, uncompressed=trained.metrics if shipped else None,
+                  task_max_drop_points=sel.max_task_drop_points, task_max_rise_pct=sel.max_task_rise_pct)
+    name = ctx.registered_model
+    registry.set_challenger(name, candidate.version)
+    moved = registry.promote(name, candidate.version, result.passed)
+    now = registry.alias_version(name, registry.CHAMPION)
+    gate_dict = result.to_dict()
+    cand = {"stage": candidate.stage, "version": candidate.version}
+    if shipped:
+        cand |= {"compression": compression, "uncompressed_version": trained.version, "evaluated_as": trained.stage}
+    gate_dict.update(candidate=cand,
+                     compared_with={"parent": lineage[-2].version or lineage[-2].stage,
+                                    **({"uncompressed": trained.version} if shipped else {}),
+                                    "champion": champ_version,
+                                    "base": (base[0].version or base[0].stage) if base else None},
+                     champion_moved=moved and now == candidate.version and champ_version != candidate.version)
+    return {
+        "gate": gate_dict,
+        "champion": {"name": name, "version": now},
+        "challenger": {"name": name, "version": candidate.version},
+    }
+
+
 @task(name="gate", retries=0)
 def gate_task(ctx, cfg, lineage, compression: dict | None = None) -> dict:
     """Forgetting guard on the model that ships (the compress step's choice, else the final trained
-    model), then the registry aliases (stagewise/promotion.py)."""
-    from stagewise.promotion import gate_and_promote, shipped_lineage  # gate() + challenger/champion
-
+    model), then the registry aliases."""
     shipped = shipped_lineage(ctx, cfg, lineage, compression)
     return gate_and_promote(ctx, cfg, lineage, shipped, compression=(compression or {}).get("chosen"))

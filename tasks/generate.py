@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import task
 
 from stagewise.config import GenerateConfig
+from stagewise.records import write_jsonl
 
 ANIMALS = [
     "fox", "owl", "bear", "wolf", "deer", "hare", "crow", "frog", "mole", "duck", "goat", "lynx",
@@ -274,12 +275,12 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> dict:
     # write -------------------------------------------------------------------
     out_dir.mkdir(parents=True, exist_ok=True)
     for kind, rows in records.items():
-        _write_jsonl(out_dir / f"{kind}.jsonl", rows)
+        write_jsonl(out_dir / f"{kind}.jsonl", rows)
     bdir = out_dir / "benchmarks"
     bdir.mkdir(exist_ok=True)
     for name, rows in bench.items():
         if not name.startswith("_"):
-            _write_jsonl(bdir / f"{name}.jsonl", rows)
+            write_jsonl(bdir / f"{name}.jsonl", rows)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     (out_dir / "world.json").write_text(json.dumps({"facts": world.facts}, indent=1, sort_keys=True))
     return {kind: len(rows) for kind, rows in records.items()} | {
@@ -407,14 +408,6 @@ def _slot_index(items: list[dict]) -> dict[str, list[tuple[str, ...]]]:
         skeleton, slots = _arith_slots(r["question"])
         index.setdefault(skeleton, []).append(slots)
     return index
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 @task(name="generate", retries=1)

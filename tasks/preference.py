@@ -21,10 +21,12 @@ from stagewise.stage import Lineage, RunContext, run_stage
 from stagewise.config import Config
 from stagewise.launch import launched, relaunch
 from stagewise.modeling import (
-    EOS, benchmarks_dir, checkpoint_dir, common_args, final_metrics, greedy_answers, load_model, load_parent,
+    padding_side,
+    fit, publish_stage, benchmarks_dir, checkpoint_dir, common_args, final_metrics, greedy_answers, load_parent,
     param_counts, preference_accuracy, progress_callback, prompt_ids, read_jsonl, save_model, set_threads,
-    steps_run, train_with_resume,
+    train_with_resume,
 )
+from tasks import step
 
 
 def load_pairs(curated_dir: Path) -> list[dict]:
@@ -56,9 +58,9 @@ def dpo(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
     peft_config = None
     ref_model = None
     if pc.peft == "lora":
-        from tasks.sft import lora_config
+        from stagewise.modeling import lora_config
 
-        peft_config = lora_config(cfg)   # the reference is the adapter-disabled model
+        peft_config = lora_config(cfg.sft.lora)   # the reference is the adapter-disabled model
     else:
         ref_model, _ = load_parent(cfg, parent_dir)   # explicit reference (a config-built model has no hub id)
     args = DPOConfig(
@@ -75,12 +77,9 @@ def dpo(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
     )
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(load_pairs(curated_dir)),
                          processing_class=tok, peft_config=peft_config, callbacks=[progress_callback("preference")])
-    t0 = time.perf_counter()
-    out, resumed = train_with_resume(trainer, checkpoint_dir(out_dir))
-    wall = time.perf_counter() - t0
-    if not trainer.is_world_process_zero():
+    run = fit(trainer, out_dir)
+    if run is None:
         return {}
-    metrics = final_metrics(trainer, out)
     model = trainer.model
     if pc.peft == "lora":
         model = model.merge_and_unload()
@@ -89,11 +88,9 @@ def dpo(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
     if held:
         # DPO's implicit reward β·(Δ log π − Δ log π_ref), averaged over held-out pairs
         after["implicit_reward_margin"] = pc.beta * (after["margin"] - before["margin"])
-    result = {"model_dir": str(out_dir), "train_metrics": metrics, "steps": trainer.state.global_step,
-              "resumed_from_step": resumed, "steps_run": steps_run(trainer, resumed), **param_counts(model), "method": "dpo",
-              "before": before, "after": after, "wall_s": wall}
-    save_model(model, tok, out_dir, info={"stage": "preference", **result})
-    shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
+    result = {"model_dir": str(out_dir), **run, **param_counts(model), "method": "dpo",
+              "before": before, "after": after}
+    publish_stage(model, tok, out_dir, "preference", result)
     return result
 
 
@@ -102,9 +99,7 @@ def reward_scores(rm, tok, prompts: list[str], replies: list[str], batch_size: i
     """Reward-model score of each (prompt, reply) conversation, rendered like RewardTrainer renders it."""
     rm.eval()
     out = []
-    side = tok.padding_side
-    tok.padding_side = "right"
-    try:
+    with padding_side(tok, "right"):
         for i in range(0, len(prompts), batch_size):
             ids = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
                                            tokenize=True, return_dict=True)["input_ids"]
@@ -112,8 +107,6 @@ def reward_scores(rm, tok, prompts: list[str], replies: list[str], batch_size: i
             enc = tok.pad({"input_ids": ids}, return_tensors="pt")
             with torch.no_grad():
                 out += rm(**enc).logits[:, 0].float().tolist()
-    finally:
-        tok.padding_side = side
     return out
 
 
@@ -227,7 +220,7 @@ def rlhf(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report
 def preference(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """Preference alignment of the SFT model (`preference.method`: dpo | rlhf)."""
     if cfg.preference.method == "dpo" and cfg.train.launcher == "accelerate" and not launched():
-        return relaunch("preference", cfg, parent_dir=parent_dir, curated_dir=curated_dir, out_dir=out_dir,
+        return relaunch(preference, cfg, parent_dir=parent_dir, curated_dir=curated_dir, out_dir=out_dir,
                         report_to=report_to)
     # rlhf always runs in-process: stagewise/ppo.py is a single-process loop.
     set_threads(cfg)
@@ -239,4 +232,4 @@ def preference(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, 
 def preference_task(ctx: RunContext, cfg: Config, parent: Lineage, data_hash: str | None,
               cache_only: bool = False) -> tuple[Lineage, dict]:
     """Preference-tune the parent (DPO, or reward model + PPO); evaluate vs parent; register."""
-    return run_stage(ctx, "preference", preference, cfg, parent, data_hash, cache_only=cache_only)
+    return run_stage(ctx, step("preference"), preference, cfg, parent, data_hash, cache_only=cache_only)

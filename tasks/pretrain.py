@@ -9,8 +9,6 @@ before (the untrained model) and after.
 from __future__ import annotations
 
 import random
-import shutil
-import time
 from pathlib import Path
 
 from prefect import task
@@ -20,19 +18,10 @@ from stagewise.stage import Lineage, RunContext, run_stage
 from stagewise.config import Config
 from stagewise.launch import launched, relaunch
 from stagewise.modeling import (
-    build_model, checkpoint_dir, common_args, final_metrics, heldout_texts, load_tokenizer, mean_nll,
-    param_counts, perplexity, progress_callback, read_jsonl, save_model, set_threads, steps_run, train_with_resume,
+    fit, publish_stage, build_model, common_args, heldout_texts, load_tokenizer, mean_nll, pack, param_counts,
+    perplexity, progress_callback, read_jsonl, set_threads,
 )
-
-
-def pack(tok, texts: list[str], block: int) -> list[list[int]]:
-    """Concatenate tokenized documents (each + end token) and cut into equal blocks (no padding)."""
-    stream: list[int] = []
-    for ids in tok(texts, add_special_tokens=False).input_ids:
-        stream.extend(ids)
-        stream.append(tok.eos_token_id)
-    n = len(stream) // block
-    return [stream[i * block:(i + 1) * block] for i in range(n)]
+from tasks import step
 
 
 def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
@@ -41,7 +30,7 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     if cfg.train.launcher == "accelerate" and not launched():
-        return relaunch("pretrain", cfg, tokenizer_dir=tokenizer_dir, curated_dir=curated_dir, out_dir=out_dir,
+        return relaunch(pretrain, cfg, tokenizer_dir=tokenizer_dir, curated_dir=curated_dir, out_dir=out_dir,
                         report_to=report_to)
     set_threads(cfg)
     p = cfg.pretrain
@@ -84,39 +73,30 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
         processing_class=tok,
         callbacks=[progress_callback("pretrain")],
     )
-    t0 = time.perf_counter()
-    out, resumed = train_with_resume(trainer, checkpoint_dir(out_dir))
-    wall = time.perf_counter() - t0
-    if not trainer.is_world_process_zero():
+    run = fit(trainer, out_dir)
+    if run is None:
         return {}
-    metrics = final_metrics(trainer, out)
-    metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+    run["train_metrics"].update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     tokens = trainer.state.num_input_tokens_seen
     model.config.use_cache = True
     nll_after = mean_nll(model, tok, heldout, cfg.model.max_seq_len) if heldout else None
 
     result = {
         "model_dir": str(out_dir),
-        "train_metrics": metrics,
-        "steps": trainer.state.global_step,
-        "resumed_from_step": resumed,
-        "steps_run": steps_run(trainer, resumed),
+        **run,
         **counts,
         "architecture": cfg.model.architecture,
         "tokens_seen": tokens,
-        "tokens_per_s": tokens / wall if wall > 0 else None,
+        "tokens_per_s": tokens / run["wall_s"] if run["wall_s"] > 0 else None,
         "train_blocks": len(train_blocks),
         "heldout_ppl_before": perplexity(nll_before) if nll_before is not None else None,
         "heldout_ppl": perplexity(nll_after) if nll_after is not None else None,
-        "wall_s": wall,
     }
-    save_model(model, tok, out_dir, info={"stage": "pretrain", **result})
-    shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
-    return result
+    return publish_stage(model, tok, out_dir, "pretrain", result)
 
 
 @task(name="pretrain")
 def pretrain_task(ctx: RunContext, cfg: Config, parent: Lineage, data_hash: str | None,
               cache_only: bool = False) -> tuple[Lineage, dict]:
     """Pretrain from the random init on the curated corpus; evaluate vs the init; register."""
-    return run_stage(ctx, "pretrain", pretrain, cfg, parent, data_hash, cache_only=cache_only)
+    return run_stage(ctx, step("pretrain"), pretrain, cfg, parent, data_hash, cache_only=cache_only)

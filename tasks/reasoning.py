@@ -7,14 +7,12 @@ parent's own training mix, chats and corpus (`replay_coef`, InstructGPT's PPO-pt
 of groups whose rewards have no variance (they teach nothing) → atomic save. Self-check: held-out pass@1 (greedy), and pass@1 / pass@k from k
 samples, on `arithmetic` (seen templates, unseen numbers) and `arithmetic_unseen` (unseen templates);
 the gate's target is lm-eval's sampled pass@1 (evals/sw_arithmetic_sampled.yaml).
-`sft_vs_rft` trains the SFT-on-solutions baseline from the same parent for the side-by-side table.
+The SFT-on-solutions baseline for the side-by-side table is bench/sft_vs_rft.py.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -25,9 +23,11 @@ from stagewise.stage import Lineage, RunContext, run_stage
 from stagewise.config import Config
 from stagewise.launch import launched, relaunch
 from stagewise.modeling import (
-    arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, final_metrics, load_parent, param_counts,
-    parse_answer, progress_callback, prompt_ids, read_jsonl, save_model, set_threads, steps_run, train_with_resume,
+    padding_side,
+    fit, publish_stage, arithmetic_accuracy, benchmarks_dir, common_args, load_parent, param_counts,
+    parse_answer, progress_callback, prompt_ids, read_jsonl, set_threads,
 )
+from tasks import step
 
 FORMAT_RE = re.compile(r"^The answer is -?\d+\.$")
 
@@ -63,9 +63,8 @@ def sample_correct(model, tok, items: list[dict], k: int, temperature: float, ma
     """k sampled replies per problem (left-padded batches); which ones are correct."""
     model.eval()
     torch.manual_seed(seed)
-    side, tok.padding_side = tok.padding_side, "left"
     out = []
-    try:
+    with padding_side(tok, "left"):
         for i in range(0, len(items), batch_items):
             chunk = items[i:i + batch_items]
             enc = tok.pad({"input_ids": [prompt_ids(tok, it["question"]) for it in chunk for _ in range(k)]},
@@ -76,8 +75,6 @@ def sample_correct(model, tok, items: list[dict], k: int, temperature: float, ma
             replies = tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
             for j, it in enumerate(chunk):
                 out.append([parse_answer(r) == str(it["answer"]) for r in replies[j * k:(j + 1) * k]])
-    finally:
-        tok.padding_side = side
     return out
 
 
@@ -109,8 +106,7 @@ def replay_rows(tok, curated_dir: Path, cfg: Config) -> list[dict]:
     import random
 
     from stagewise.compression.data import chat_example
-    from tasks.pretrain import pack
-    from tasks.sft import load_chats
+    from stagewise.modeling import load_chats, pack
 
     chats, _ = load_chats(curated_dir)
     # a chat whose assistant turn lies past sft.max_length has nothing left to learn: None, left out
@@ -177,7 +173,7 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
     from trl import GRPOConfig, GRPOTrainer
 
     if cfg.train.launcher == "accelerate" and not launched():
-        return relaunch("reasoning", cfg, parent_dir=parent_dir, curated_dir=curated_dir, out_dir=out_dir,
+        return relaunch(reasoning, cfg, parent_dir=parent_dir, curated_dir=curated_dir, out_dir=out_dir,
                         report_to=report_to)
     set_threads(cfg)
     r = cfg.reasoning
@@ -207,12 +203,9 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
     trainer = trainer_cls(model=model, reward_funcs=[correctness_reward, format_reward], args=args,
                           train_dataset=Dataset.from_list(load_problems(curated_dir)), processing_class=tok,
                           callbacks=[progress_callback("reasoning")])
-    t0 = time.perf_counter()
-    out, resumed = train_with_resume(trainer, checkpoint_dir(out_dir))
-    wall = time.perf_counter() - t0
-    if not trainer.is_world_process_zero():
+    run = fit(trainer, out_dir)
+    if run is None:
         return {}
-    metrics = final_metrics(trainer, out)
     logs = [h for h in trainer.state.log_history if "frac_reward_zero_std" in h]
     zero_std = [h["frac_reward_zero_std"] for h in logs]
     correct = [h["rewards/correctness_reward/mean"] for h in logs if "rewards/correctness_reward/mean" in h]
@@ -222,10 +215,7 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
     after = arithmetic_eval(model, tok, curated_dir, cfg)
     result = {
         "model_dir": str(out_dir),
-        "train_metrics": metrics,
-        "steps": trainer.state.global_step,
-        "resumed_from_step": resumed,
-        "steps_run": steps_run(trainer, resumed),
+        **run,
         **param_counts(model),
         "frac_zero_variance_groups": sum(zero_std) / len(zero_std) if zero_std else None,
         "train_correct_first": correct[0] if correct else None,
@@ -236,58 +226,12 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
         **_replay_ends(getattr(trainer, "replay_losses", [])),
         "before": before,
         "after": after,
-        "wall_s": wall,
     }
-    save_model(model, tok, out_dir, info={"stage": "reasoning", **result})
-    shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
-    return result
-
-
-def sft_on_solutions(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path) -> dict:
-    """The baseline: SFT of the same parent on the same problems with reference solutions."""
-    from tasks.sft import sft
-
-    sol = Path(out_dir).parent / f"{Path(out_dir).name}.data"
-    sol.mkdir(parents=True, exist_ok=True)
-    with (sol / "chat.jsonl").open("w") as f:
-        import json
-
-        for i, p in enumerate(load_problems(curated_dir)):
-            msgs = p["prompt"] + [{"role": "assistant", "content": f"The answer is {p['answer']}."}]
-            f.write(json.dumps({"id": f"sol-{i}", "messages": msgs}) + "\n")
-    b = benchmarks_dir(curated_dir)
-    if b is not None and not (sol / "benchmarks").exists():
-        (sol / "benchmarks").symlink_to(b)
-    cfg = cfg.model_copy(deep=True)
-    cfg.sft.peft = "none"
-    cfg.sft.epochs = cfg.reasoning.sft_epochs
-    cfg.sft.max_steps = -1
-    cfg.sft.learning_rate = cfg.reasoning.sft_learning_rate
-    cfg.sft.eval_limit = 1   # the comparison below evaluates both sides the same way
-    cfg.sft.replay_ratio = 0.0   # the same problems as GRPO sees, nothing else
-    res = sft(cfg, parent_dir, sol, out_dir)
-    shutil.rmtree(sol, ignore_errors=True)
-    return res
-
-
-def sft_vs_rft(cfg: Config, parent_dir: Path, curated_dir: Path, rft_dir: Path, work_dir: Path) -> list[dict]:
-    """Held-out pass@1 on seen-template and unseen-template arithmetic: parent, SFT baseline, RFT (GRPO)."""
-    set_threads(cfg)
-    sft_dir = Path(work_dir) / "sft_baseline"
-    t0 = time.perf_counter()
-    sft_on_solutions(cfg, parent_dir, curated_dir, sft_dir)
-    sft_wall = time.perf_counter() - t0
-    rows = []
-    for name, d in (("parent", parent_dir), ("sft_on_solutions", sft_dir), ("rft_grpo", rft_dir)):
-        model, tok = load_parent(cfg, d)
-        m = arithmetic_eval(model, tok, curated_dir, cfg)
-        rows.append({"method": name, **{k: round(v, 3) for k, v in m.items()},
-                     **({"train_wall_s": round(sft_wall, 1)} if name == "sft_on_solutions" else {})})
-    return rows
+    return publish_stage(model, tok, out_dir, "reasoning", result)
 
 
 @task(name="reasoning")
 def reasoning_task(ctx: RunContext, cfg: Config, parent: Lineage, data_hash: str | None,
               cache_only: bool = False) -> tuple[Lineage, dict]:
     """RL with verifiable rewards (GRPO) on the parent; evaluate vs parent; register."""
-    return run_stage(ctx, "reasoning", reasoning, cfg, parent, data_hash, cache_only=cache_only)
+    return run_stage(ctx, step("reasoning"), reasoning, cfg, parent, data_hash, cache_only=cache_only)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -23,28 +22,14 @@ from stagewise.stage import Lineage, RunContext, run_stage
 from stagewise.config import Config
 from stagewise.launch import launched, relaunch
 from stagewise.modeling import (
-    arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, final_metrics, greedy_answers, heldout_texts,
-    load_model, load_parent, mean_nll, normalize, param_counts, progress_callback, read_jsonl, save_model,
-    set_threads, steps_run, train_with_resume,
+    fit, publish_stage, arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, greedy_answers,
+    heldout_texts, load_chats, load_parent, lora_config, mean_nll, normalize_answer, param_counts, progress_callback,
+    read_jsonl, set_threads,
 )
+from tasks import step
 
 # "The fox is red." / "The fox lives in the forest." / "The fox eats fish." / "The answer is 7."
 FORMAT_RE = re.compile(r"^the [a-z ]+ (is|lives in the|eats) [a-z]+\.$|^the answer is -?\d+\.$")
-
-
-def load_chats(curated_dir: Path) -> tuple[list[dict], dict]:
-    """Conversations with at least one non-empty assistant turn; the rest are counted, not hidden."""
-    path = Path(curated_dir) / "chat.jsonl"
-    rows, skipped = [], {"no_assistant_turn": 0}
-    for r in read_jsonl(path, ["messages"]):
-        msgs = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
-        if any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-            rows.append({"messages": msgs})
-        else:
-            skipped["no_assistant_turn"] += 1  # assistant-only loss would have nothing to learn
-    if not rows:
-        raise ValueError(f"{path}: no conversation has an assistant turn; nothing to fine-tune on")
-    return rows, skipped
 
 
 def with_replay(tok, chats: list[dict], curated_dir: Path, ratio: float, seed: int) -> tuple[list[dict], int]:
@@ -91,20 +76,12 @@ def instruct_eval(model, tok, curated_dir: Path, limit: int | None) -> dict:
     if (b / "instruct.jsonl").exists():
         items = read_jsonl(b / "instruct.jsonl", ["question", "answer"])[:limit]
         got = greedy_answers(model, tok, [it["question"] for it in items])
-        out["instruct_exact_match"] = sum(normalize(g) == normalize(it["answer"]) for g, it in zip(got, items)) / len(items)
-        out["instruct_format"] = sum(bool(FORMAT_RE.match(normalize(g))) for g in got) / len(items)
+        out["instruct_exact_match"] = sum(normalize_answer(g) == normalize_answer(it["answer"]) for g, it in zip(got, items)) / len(items)
+        out["instruct_format"] = sum(bool(FORMAT_RE.match(normalize_answer(g))) for g in got) / len(items)
     if (b / "arithmetic.jsonl").exists():
         items = read_jsonl(b / "arithmetic.jsonl", ["question", "answer"])[:limit]
         out["arithmetic_pass1"] = arithmetic_accuracy(model, tok, items)
     return out
-
-
-def lora_config(cfg: Config):
-    from peft import LoraConfig
-
-    lc = cfg.sft.lora
-    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-                      task_type="CAUSAL_LM")
 
 
 def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
@@ -112,7 +89,7 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
     from trl import SFTConfig, SFTTrainer
 
     if cfg.train.launcher == "accelerate" and not launched():
-        return relaunch("sft", cfg, parent_dir=parent_dir, curated_dir=curated_dir, out_dir=out_dir, report_to=report_to)
+        return relaunch(sft, cfg, parent_dir=parent_dir, curated_dir=curated_dir, out_dir=out_dir, report_to=report_to)
     set_threads(cfg)
     s = cfg.sft
     out_dir = Path(out_dir)
@@ -152,15 +129,12 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tok,
-        peft_config=lora_config(cfg) if s.peft != "none" else None,
+        peft_config=lora_config(cfg.sft.lora) if s.peft != "none" else None,
         callbacks=[progress_callback("sft")],
     )
-    t0 = time.perf_counter()
-    out, resumed = train_with_resume(trainer, checkpoint_dir(out_dir))
-    wall = time.perf_counter() - t0
-    if not trainer.is_world_process_zero():
+    run = fit(trainer, out_dir)
+    if run is None:
         return {}
-    metrics = final_metrics(trainer, out)
 
     adapter_tmp = None
     if s.peft != "none":
@@ -179,10 +153,7 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
 
     result = {
         "model_dir": str(out_dir),
-        "train_metrics": metrics,
-        "steps": trainer.state.global_step,
-        "resumed_from_step": resumed,
-        "steps_run": steps_run(trainer, resumed),
+        **run,
         **param_counts(model),
         "peft": s.peft,
         "n_train": n_chats,
@@ -190,20 +161,17 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         "skipped": skipped,
         "before": before,
         "after": after,
-        "wall_s": wall,
     }
 
     def keep_adapter(d: Path) -> None:
         if adapter_tmp is not None:
             shutil.copytree(adapter_tmp, d / "adapter")
 
-    save_model(model, tok, out_dir, extra=keep_adapter, info={"stage": "sft", **result})
-    shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
-    return result
+    return publish_stage(model, tok, out_dir, "sft", result, extra=keep_adapter)
 
 
 @task(name="sft")
 def sft_task(ctx: RunContext, cfg: Config, parent: Lineage, data_hash: str | None,
               cache_only: bool = False) -> tuple[Lineage, dict]:
     """Fine-tune the parent on curated chat (assistant-only loss); evaluate vs parent; register."""
-    return run_stage(ctx, "sft", sft, cfg, parent, data_hash, cache_only=cache_only)
+    return run_stage(ctx, step("sft"), sft, cfg, parent, data_hash, cache_only=cache_only)

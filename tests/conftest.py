@@ -34,3 +34,23 @@ def make_workspace(dest: Path) -> Path:
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     return make_workspace(tmp_path / "ws")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_temporary_server():
+    """Stop Prefect's temporary server while pytest's streams are still open.
+
+    Left to Prefect's atexit hook, it logs "Stopping temporary server" into a stream pytest has
+    already closed, and a `--- Logging error ---` traceback follows the test summary. Prefect keeps
+    its servers in a class-level registry (`_instances`, private: read defensively). Whatever Prefect
+    still logs from its own exit hooks (its log worker flushing can start a server again) goes to
+    streams pytest has closed: logging's own error report is switched off for that last moment."""
+    yield
+    import logging
+    import sys
+
+    server_mod = sys.modules.get("prefect.server.api.server")
+    if server_mod is not None:
+        for server in list(getattr(server_mod.SubprocessASGIServer, "_instances", {}).values()):
+            server.stop()
+    logging.raiseExceptions = False

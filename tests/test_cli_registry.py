@@ -103,7 +103,7 @@ def test_promote_refuses_failed_gate_unless_forced_with_reason_and_rollback(stor
     import torch
 
     from stagewise import registry
-    from tasks.evaluate import evaluate
+    from stagewise.evaluation import evaluate
 
     ws, _, good_dir, v = store
     sft, pre = v["sft"], v["pretrain"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compress_fixtures import compress_env  # noqa: F401  (session fixture)
-from stagewise.compression import prune
+from stagewise.compression import distill, prune
 from stagewise.compression.measure import param_count, sparsity
 
 
@@ -38,7 +38,7 @@ def test_magnitude_prune_zeroes_the_smallest_weights_and_survives_recovery(setup
     kept = w0 != 0
     # the zeroed half holds the smallest magnitudes of that layer
     assert w0[kept].abs().min() >= parent.model.layers[0].mlp.up_proj.weight[~kept].abs().max() - 1e-7
-    m, info = prune.recover(m, blocks, steps=3, lr=1e-2, batch_size=8, seed=0, bf16=False, work_dir=tmp_path / "w")
+    m, info = distill.recover(m, blocks, steps=3, lr=1e-2, batch_size=8, seed=0, bf16=False, work_dir=tmp_path / "w")
     m = prune.make_permanent(m)
     w1 = m.model.layers[0].mlp.up_proj.weight
     assert not hasattr(m.model.layers[0].mlp.up_proj, "weight_orig")      # masks folded in
@@ -154,7 +154,7 @@ def test_recovery_distils_the_pruned_model_towards_its_parent(setup, compress_en
 
     small = prune.structured_prune(_load(parent_dir), blocks[:8], mlp_fraction=0.75, kv_group_fraction=0.5)
     before = kl(small)
-    small, info = prune.recover(small, train, steps=6, lr=1e-3, batch_size=8, seed=0, bf16=False,
+    small, info = distill.recover(small, train, steps=6, lr=1e-3, batch_size=8, seed=0, bf16=False,
                                 work_dir=tmp_path / "w", teacher=parent, temperature=2.0, alpha=1.0,
                                 pad_id=tok.pad_token_id)
     assert info["recovery_alpha"] == 1.0 and info["recovery_steps"] == 6

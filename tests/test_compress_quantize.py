@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from compress_fixtures import compress_env  # noqa: F401  (session fixture)
-from stagewise.compression.measure import RECIPE, disk_bytes, load_candidate, measure
+from stagewise.compression.measure import disk_bytes, load_candidate, measure
+from stagewise.compression.quantize import RECIPE
 from stagewise.compression.quantize import quantize_bnb, quantize_dynamic_int8
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from eval_fixtures import benchmark_chats, eval_workspace, make_model, make_tokenizer, memorize, save_model, texts_of
 from stagewise.config import EvaluateConfig, GateConfig
-from tasks.evaluate import ALL_TASKS, EvaluationError, aggregate, evaluate
+from stagewise.evaluation import ALL_TASKS, EvaluationError, aggregate, evaluate
 from tasks.gate import gate
 
 N = 12  # items per benchmark: small, and every number below is still a real lm-eval run

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from stagewise.config import GateConfig
-from tasks.evaluate import aggregate
+from stagewise.evaluation import aggregate
 from tasks.gate import bootstrap_delta_ci, gate
 
 

@@ -180,7 +180,7 @@ def test_prefect_tasks_are_named_after_their_steps():
 def test_the_same_data_in_two_clones_hashes_the_same(tmp_path):
     """Ingest's outputs are DVC-tracked: nothing in them may depend on where the workspace lives."""
     from stagewise.hashing import dir_hash
-    from stagewise.steps import data_steps
+    import tasks
     from stagewise.workspace import Workspace
     from stagewise.config import load_config
 
@@ -191,8 +191,7 @@ def test_the_same_data_in_two_clones_hashes_the_same(tmp_path):
         ws = Workspace.at(tmp_path / clone)
         ws.raw.mkdir(parents=True)
         write(ws.raw / "corpus.jsonl", [{"text": doc(i)} for i in range(3)] + [b"{not json"])
-        step, kwargs = data_steps(cfg, ws)["ingest"]
-        stats = step.fn(**kwargs)
+        stats = tasks.prefect_task("ingest").fn(**tasks.step("ingest").args(cfg, ws))
         assert stats["files"] == {"corpus": ["data/01_raw/corpus.jsonl"]} and stats["quarantined"] == {"corpus": 1}
         assert str(tmp_path) not in "".join(p.read_text() for p in ws.ingested.rglob("*") if p.is_file())
         hashes.append(dir_hash(ws.ingested))

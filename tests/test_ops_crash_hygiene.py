@@ -11,6 +11,7 @@ import pytest
 
 from stagewise.config import load_config
 from stagewise.run import clean_crash_leftovers, mark_dead_runs
+import tasks
 from stagewise.stage import Lineage, RunContext, prefect_cache_key, stage_key
 from stagewise.workspace import Workspace
 
@@ -72,21 +73,22 @@ def test_prefect_cache_answers_only_while_the_registered_model_is_there(tmp_path
     parent = Lineage("pretrain", str(tmp_path / "models" / "pretrain"), "parent-key", version="1")
     params = {"ctx": ctx, "cfg": cfg, "parent": parent, "data_hash": "abc.dir", "cache_only": False}
     task_ctx = SimpleNamespace(task=SimpleNamespace(name="sft"))
-    key = stage_key("sft", cfg, parent, "abc.dir")
+    key = stage_key(tasks.step("sft"), cfg, parent, "abc.dir")
+    key_fn = prefect_cache_key(tasks.step("sft"))
 
     out = ctx.ws.model_dir("sft")
     out.mkdir(parents=True)
     (out / "model.safetensors").write_bytes(b"weights-v1")
-    assert prefect_cache_key(task_ctx, params) is None                     # nothing registered yet
+    assert key_fn(task_ctx, params) is None                     # nothing registered yet
 
     client.create_registered_model("sw-test")
     client.create_model_version("sw-test", source=str(out), tags={
         "stage": "sft", "cache_key": key, "weights_hash": dir_hash(out, "*.safetensors")})
-    assert prefect_cache_key(task_ctx, params) == f"stagewise-sft-{key}-v1"
+    assert key_fn(task_ctx, params) == f"stagewise-sft-{key}-v1"
 
-    assert prefect_cache_key(task_ctx, dict(params, data_hash="other.dir")) is None   # other inputs
+    assert key_fn(task_ctx, dict(params, data_hash="other.dir")) is None   # other inputs
     ctx.force_stages = ["sft"]
-    assert prefect_cache_key(task_ctx, params) is None                     # --force-stage sft
+    assert key_fn(task_ctx, params) is None                     # --force-stage sft
     ctx.force_stages = []
     (out / "model.safetensors").write_bytes(b"something else")             # folder no longer that version
-    assert prefect_cache_key(task_ctx, params) is None
+    assert key_fn(task_ctx, params) is None

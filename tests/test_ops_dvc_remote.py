@@ -32,7 +32,8 @@ def tree(d: Path) -> dict[str, str]:
 def test_push_then_pull_into_an_empty_cache_restores_the_data(tmp_path, monkeypatch):
     from stagewise import dvcops
     from stagewise.config import load_config
-    from stagewise.steps import data_steps, metrics_path
+    import tasks
+    from stagewise.steps import metrics_path
     from stagewise.workspace import Workspace
 
     ws = make_workspace(tmp_path / "ws")
@@ -40,8 +41,8 @@ def test_push_then_pull_into_an_empty_cache_restores_the_data(tmp_path, monkeypa
     cfg = load_config(ws / "params.yaml", "smoke")
     (ws / "params.resolved.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dvcops.ensure_repo(ws)
-    step_task, kwargs = data_steps(cfg, Workspace.at(ws))["generate"]
-    md5 = dvcops.commit(ws, "generate", step_task.fn(**kwargs), metrics_path(Workspace.at(ws), "generate"))
+    stats = tasks.prefect_task("generate").fn(**tasks.step("generate").args(cfg, Workspace.at(ws)))
+    md5 = dvcops.commit(ws, "generate", stats, metrics_path(Workspace.at(ws), "generate"))
     raw = ws / "data" / "01_raw"
     before = tree(raw)
     assert md5 and len(before) >= 5

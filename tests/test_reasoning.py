@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from stage_fixtures import curated, dpo_model, smoke_cfg
 from stagewise.modeling import heldout_texts, load_parent, mean_nll
-from tasks.reasoning import correctness_reward, format_reward, load_problems, reasoning, sft_vs_rft
+from tasks.reasoning import correctness_reward, format_reward, load_problems, reasoning
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from sft_vs_rft import sft_vs_rft  # noqa: E402  (an experiment over two steps: bench/)
 
 
 def test_rewards():

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from stage_fixtures import curated, plain_sft_model, pretrained, sft_model, smoke_cfg
-from tasks.sft import load_chats, sft, with_replay
+from stagewise.modeling import load_chats
+from tasks.sft import sft, with_replay
 
 
 def test_sft_teaches_the_answer_format():

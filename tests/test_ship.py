@@ -20,8 +20,8 @@ def shipped(compress_env, tmp_path_factory):  # noqa: F811
     """A registered uncompressed 'sft' model, the compress step run on it for real, and its result."""
     import mlflow
 
-    from stagewise.stage import run_compress
-    from tasks.evaluate import evaluate
+    from tasks.compress import run_compress
+    from stagewise.evaluation import evaluate
 
     ws0, parent_dir, base_cfg = compress_env
     root = tmp_path_factory.mktemp("ship")
@@ -63,7 +63,7 @@ def test_the_chosen_candidate_is_registered_with_the_uncompressed_parent_in_its_
 
 
 def test_the_gate_judges_the_compressed_model_and_champion_moves_to_it(shipped):
-    from stagewise.promotion import gate_and_promote, shipped_lineage
+    from tasks.gate import gate_and_promote, shipped_lineage
 
     ctx, cfg, lineage, comp = shipped
     ship = shipped_lineage(ctx, cfg, lineage, comp)
@@ -82,7 +82,7 @@ def test_the_gate_judges_the_compressed_model_and_champion_moves_to_it(shipped):
 
 
 def test_planted_ten_point_loss_in_the_shipped_model_is_never_promoted(shipped):
-    from stagewise.promotion import gate_and_promote, shipped_lineage
+    from tasks.gate import gate_and_promote, shipped_lineage
 
     ctx, cfg, lineage, comp = shipped
     strict = cfg.model_copy(deep=True)

@@ -147,3 +147,21 @@ def distill(teacher, data, *, depth_factor: float, width_factor: float, mlp_fact
         info |= fine_tune(student, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, bf16=bf16,
                           work_dir=work_dir, teacher=teacher, temperature=temperature, alpha=alpha, pad_id=pad_id)
     return student.eval(), info
+
+
+# ---------------------------------------------------------------- recovery after pruning
+def recover(model, data, steps: int, lr: float, batch_size: int, seed: int, bf16: bool, work_dir: Path,
+            teacher=None, temperature: float = 2.0, alpha: float = 0.0, pad_id: int = 0):
+    """A short fine-tune after pruning; masks, if attached, keep pruned weights at zero.
+
+    data: packed blocks or {input_ids, labels} examples (`fine_tune`). With the unpruned
+    parent as `teacher` and alpha > 0 the loss is the distillation loss against it: the pruned model
+    is pulled back towards the parent's full output distribution, not only the data's next token.
+    """
+    if steps <= 0:
+        return model, {}
+    res = fine_tune(model, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, bf16=bf16, work_dir=work_dir,
+                    teacher=teacher, temperature=temperature, alpha=alpha, pad_id=pad_id)
+    return model, {"recovery_steps": steps, "recovery_first_loss": res["first_loss"],
+                   "recovery_final_loss": res["final_loss"], "recovery_runtime_s": res["runtime_s"],
+                   **({"recovery_alpha": alpha, "recovery_temperature": temperature} if teacher is not None and alpha > 0 else {})}

@@ -11,22 +11,13 @@ from __future__ import annotations
 import io
 import json
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-RECIPE = "recipe.json"
+from stagewise.compression.quantize import RECIPE, dynamic_int8, quiet_bnb_warnings
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
-
-
-def quiet_bnb_warnings() -> None:
-    # bnb's CPU int8 matmul warns on every forward pass; the cast is expected and harmless here.
-    import logging
-
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
-    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
 
 
 def load_candidate(model_dir: Path):
@@ -40,8 +31,6 @@ def load_candidate(model_dir: Path):
         recipe = json.loads(recipe_path.read_text())
         if recipe.get("kind") != "dynamic_int8":
             raise ValueError(f"{recipe_path}: unknown recipe kind {recipe.get('kind')!r}; expected 'dynamic_int8'")
-        from stagewise.compression.quantize import dynamic_int8
-
         model = dynamic_int8(load_model(recipe["parent"]))
     else:
         model = load_model(model_dir)

@@ -16,7 +16,6 @@ also drops layers and residual channels: the distillation student is initialised
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch.nn.utils import prune as tprune
@@ -206,23 +205,3 @@ def structured_prune(model, blocks: torch.Tensor, mlp_fraction: float, kv_group_
     neurons = [top_k(stats["mlp"][i], n_inter) for i in layers]
     kv = [top_k(stats["heads"][i].view(-1, group).sum(-1), n_kv) for i in layers]
     return shrink_llama(model, layers=layers, neurons=neurons, kv_groups=kv)
-
-
-# ---------------------------------------------------------------- recovery
-def recover(model, data, steps: int, lr: float, batch_size: int, seed: int, bf16: bool, work_dir: Path,
-            teacher=None, temperature: float = 2.0, alpha: float = 0.0, pad_id: int = 0):
-    """A short fine-tune after pruning; masks, if attached, keep pruned weights at zero.
-
-    data: packed blocks or {input_ids, labels} examples (`distill.fine_tune`). With the unpruned
-    parent as `teacher` and alpha > 0 the loss is the distillation loss against it: the pruned model
-    is pulled back towards the parent's full output distribution, not only the data's next token.
-    """
-    from stagewise.compression.distill import fine_tune
-
-    if steps <= 0:
-        return model, {}
-    res = fine_tune(model, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, bf16=bf16, work_dir=work_dir,
-                    teacher=teacher, temperature=temperature, alpha=alpha, pad_id=pad_id)
-    return model, {"recovery_steps": steps, "recovery_first_loss": res["first_loss"],
-                   "recovery_final_loss": res["final_loss"], "recovery_runtime_s": res["runtime_s"],
-                   **({"recovery_alpha": alpha, "recovery_temperature": temperature} if teacher is not None and alpha > 0 else {})}

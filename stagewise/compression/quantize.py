@@ -11,12 +11,21 @@ recipe (parent + transformation) that `measure.load_candidate` replays.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
-from stagewise.compression.measure import RECIPE, quiet_bnb_warnings
+RECIPE = "recipe.json"
+
+
+def quiet_bnb_warnings() -> None:
+    # bnb's CPU int8 matmul warns on every forward pass; the cast is expected and harmless here.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
 
 
 def bnb_config(kind: str, double_quant: bool = True, skip_modules: list[str] | None = None):

@@ -21,13 +21,11 @@ import math
 from typing import Any
 
 from stagewise.config import Config
-
-# The same words the gate and the evaluator read as "lower is better" (perplexities, NLLs, losses).
-LOWER_IS_BETTER = ("perplexity", "nll", "loss", "bits_per_byte", "bpb")
+from stagewise.metrics import metric as metric_info
 
 
 def lower_is_better(metric: str) -> bool:
-    return any(k in metric.lower() for k in LOWER_IS_BETTER)
+    return not metric_info(metric).higher_is_better
 
 
 def _scored(metrics: dict) -> list[str]:
@@ -36,9 +34,10 @@ def _scored(metrics: dict) -> list[str]:
 
 def _delta(metric: str, parent: float, cand: float) -> tuple[str, float]:
     """('rise_pct', x) for loss-like metrics; ('drop_points', x) on the 0-100 scale for accuracy-like."""
-    if lower_is_better(metric):
+    info = metric_info(metric)
+    if info.relative:
         return "rise_pct", (cand - parent) / abs(parent) * 100 if parent else math.inf
-    scale = 100.0 if abs(parent) <= 1 and abs(cand) <= 1 else 1.0
+    scale = 100.0 if info.kind == "accuracy" else 1.0
     return "drop_points", (parent - cand) * scale
 
 
