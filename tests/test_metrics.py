@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stagewise.evaluation import GENERAL_METRICS, STAGE_TARGETS, aggregate
 from stagewise.metrics import metric
-from tasks.compress import _delta, lower_is_better
+from stagewise.compression.select import _delta, lower_is_better
 from tasks.gate import relative
 
 
