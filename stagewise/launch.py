@@ -1,6 +1,6 @@
 """`train.launcher: accelerate` — run a training stage under `accelerate launch`.
 
-The stage function notices it is not yet inside a launched process and calls `relaunch(...)`:
+A stage function decorated with `@accelerated` notices it is not yet inside a launched process and calls `relaunch(...)`:
 that writes the resolved config and the stage's arguments to a spec file, runs
 `accelerate launch --config_file <train.accelerate_config> -m stagewise.launch <spec>`, waits,
 and returns the result the main process wrote. Inside, every rank runs the same stage function
@@ -11,13 +11,16 @@ the trainers' curves land in the caller's run.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +70,26 @@ def relaunch(fn, cfg, **kwargs) -> dict:
             raise RuntimeError(f"{stage}: `accelerate launch` failed with exit code {proc.returncode} "
                                f"(config {conf}); see the log above")
         return json.loads(result.read_text())
+
+
+def accelerated(fn=None, *, when: Callable[[Any], bool] | None = None):
+    """Decorate a stage function `fn(cfg, ...)`: with `train.launcher: accelerate` (and `when(cfg)`, if
+    given) a call outside a launched process relaunches it under `accelerate launch`; inside one, and
+    with the in-process launcher, it runs as written."""
+    def wrap(f):
+        sig = inspect.signature(f)
+
+        @functools.wraps(f)
+        def run(cfg, *args, **kwargs):
+            if cfg.train.launcher == "accelerate" and not launched() and (when is None or when(cfg)):
+                bound = sig.bind(cfg, *args, **kwargs)
+                bound.apply_defaults()
+                return relaunch(run, cfg, **{k: v for k, v in bound.arguments.items() if k != "cfg"})
+            return f(cfg, *args, **kwargs)
+
+        return run
+
+    return wrap(fn) if fn is not None else wrap
 
 
 def main(spec_path: str) -> None:

@@ -19,7 +19,7 @@ from prefect import task
 from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.config import Config
-from stagewise.launch import launched, relaunch
+from stagewise.launch import accelerated
 from stagewise.modeling import (
     padding_side,
     fit, publish_stage, benchmarks_dir, checkpoint_dir, common_args, final_metrics, greedy_answers, load_parent,
@@ -217,12 +217,10 @@ def rlhf(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report
     return result
 
 
+# rlhf always runs in-process: stagewise/ppo.py is a single-process loop.
+@accelerated(when=lambda cfg: cfg.preference.method == "dpo")
 def preference(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """Preference alignment of the SFT model (`preference.method`: dpo | rlhf)."""
-    if cfg.preference.method == "dpo" and cfg.train.launcher == "accelerate" and not launched():
-        return relaunch(preference, cfg, parent_dir=parent_dir, curated_dir=curated_dir, out_dir=out_dir,
-                        report_to=report_to)
-    # rlhf always runs in-process: stagewise/ppo.py is a single-process loop.
     set_threads(cfg)
     fn = dpo if cfg.preference.method == "dpo" else rlhf
     return fn(cfg, Path(parent_dir), Path(curated_dir), Path(out_dir), report_to)

@@ -16,7 +16,7 @@ from prefect import task
 from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.config import Config
-from stagewise.launch import launched, relaunch
+from stagewise.launch import accelerated
 from stagewise.modeling import (
     fit, publish_stage, build_model, common_args, heldout_texts, load_tokenizer, mean_nll, pack, param_counts,
     perplexity, progress_callback, read_jsonl, set_threads,
@@ -24,14 +24,12 @@ from stagewise.modeling import (
 from tasks import step
 
 
+@accelerated
 def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """Train the base model; save it (with tokenizer and chat template) to out_dir."""
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    if cfg.train.launcher == "accelerate" and not launched():
-        return relaunch(pretrain, cfg, tokenizer_dir=tokenizer_dir, curated_dir=curated_dir, out_dir=out_dir,
-                        report_to=report_to)
     set_threads(cfg)
     p = cfg.pretrain
     out_dir = Path(out_dir)

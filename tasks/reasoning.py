@@ -21,7 +21,7 @@ from prefect import task
 from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.config import Config
-from stagewise.launch import launched, relaunch
+from stagewise.launch import accelerated
 from stagewise.modeling import (
     padding_side,
     fit, publish_stage, arithmetic_accuracy, benchmarks_dir, common_args, load_parent, param_counts,
@@ -167,14 +167,12 @@ def _replay_ends(losses: list[float]) -> dict:
     return {"replay_loss_first": sum(losses[:n]) / n, "replay_loss_last": sum(losses[-n:]) / n}
 
 
+@accelerated
 def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """GRPO with correctness + format rewards; save the model to out_dir."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    if cfg.train.launcher == "accelerate" and not launched():
-        return relaunch(reasoning, cfg, parent_dir=parent_dir, curated_dir=curated_dir, out_dir=out_dir,
-                        report_to=report_to)
     set_threads(cfg)
     r = cfg.reasoning
     out_dir = Path(out_dir)

@@ -20,7 +20,7 @@ from prefect import task
 from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.config import Config
-from stagewise.launch import launched, relaunch
+from stagewise.launch import accelerated
 from stagewise.modeling import (
     fit, publish_stage, arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, greedy_answers,
     heldout_texts, load_chats, load_parent, lora_config, mean_nll, normalize_answer, param_counts, progress_callback,
@@ -84,12 +84,11 @@ def instruct_eval(model, tok, curated_dir: Path, limit: int | None) -> dict:
     return out
 
 
+@accelerated
 def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """Fine-tune the parent on chat data; save a full (merged) model to out_dir."""
     from trl import SFTConfig, SFTTrainer
 
-    if cfg.train.launcher == "accelerate" and not launched():
-        return relaunch(sft, cfg, parent_dir=parent_dir, curated_dir=curated_dir, out_dir=out_dir, report_to=report_to)
     set_threads(cfg)
     s = cfg.sft
     out_dir = Path(out_dir)
