@@ -8,7 +8,9 @@ Sizes and speed do not depend on what the weights learned, so the default parent
 initialised Llama of the demo shape (params.yaml `model:`); quality is the pipeline's job (compress
 step + gate). Speed is greedy generation, timed interleaved across all models (best of N rounds), at
 batch 1 (latency) and batch 16 (throughput), single thread (see measure.tokens_per_s), so the ratios
-are fair on a shared machine. Targets (issue 5): NF4 weights >= 3.5x smaller than fp32; structured
+are fair on a shared machine. Chains (`distill_student+nf4`, ...) quantize the previous link's folder,
+as the compress step does; the last line is what compress.select's defaults would ship on size and
+speed alone (never slower than the parent), with its tokens/s ratio. Targets (issue 5): NF4 weights >= 3.5x smaller than fp32; structured
 pruning removes >= 30% of params and is faster at generation; the distilled student <= half the
 teacher's params.
 """
@@ -78,6 +80,12 @@ def main() -> None:
     models["distill_student"] = distill.make_student(parent, calib, 0.5, 0.75, 0.5, "prune")
     for name in ("prune_magnitude", "prune_2of4", "prune_structured", "distill_student"):
         models[name].save_pretrained(tmp / name)
+        _save_tok(tmp / name, like=parent_dir)
+        dirs[name] = tmp / name
+    # chains: each link from the previous link's folder, as the compress step builds them
+    for first, quant in (("distill_student", "nf4"), ("prune_structured", "nf4"), ("distill_student", "int8")):
+        name = f"{first}+{quant}"
+        models[name] = quantize.quantize_bnb(dirs[first], tmp / name, quant)
         dirs[name] = tmp / name
     # every candidate as it reloads from its folder (what the pipeline ships)
     models = {n: (m if n == "parent" else load_candidate(dirs[n])) for n, m in models.items()}
@@ -89,7 +97,7 @@ def main() -> None:
     rows = []
     print(f"parent: {parent_dir}  ({p['params']:,} params; {args.tokens} new tokens, best of {args.repeats} "
           f"interleaved rounds, 1 thread)\n")
-    print(f"{'method':<18}{'params':>10}{'x params':>10}{'x disk':>9}{'x memory':>10}"
+    print(f"{'method':<24}{'params':>10}{'x params':>10}{'x disk':>9}{'x memory':>10}"
           f"{'tok/s b1':>10}{'speed b1':>10}{'tok/s b16':>11}{'speed b16':>11}{'sparsity':>10}")
     for n, s in sizes.items():
         r = {"method": n, **s, "params_ratio": p["params"] / s["params"], "disk_ratio": p["bytes"] / max(s["bytes"], 1),
@@ -98,20 +106,46 @@ def main() -> None:
              "sparsity": sparsity(models[n]) if n.startswith("prune") else None}
         rows.append(r)
         sp = f"{r['sparsity']:.2f}" if r["sparsity"] is not None else "—"
-        print(f"{n:<18}{s['params']:>10,}{r['params_ratio']:>9.2f}x{r['disk_ratio']:>8.2f}x{r['memory_ratio']:>9.2f}x"
+        print(f"{n:<24}{s['params']:>10,}{r['params_ratio']:>9.2f}x{r['disk_ratio']:>8.2f}x{r['memory_ratio']:>9.2f}x"
               f"{lat[n]:>10.1f}{r['speedup_b1']:>9.2f}x{thr[n]:>11.1f}{r['speedup_b16']:>10.2f}x{sp:>10}")
     removed = 1 - sizes["prune_structured"]["params"] / p["params"]
     print(f"\nNF4 memory {p['memory_bytes'] / sizes['nf4']['memory_bytes']:.2f}x smaller (target >= 3.5x); "
           f"structured pruning removes {removed:.0%} of params (target >= 30%), generation "
           f"{lat['prune_structured'] / lat['parent']:.2f}x (b1) / {thr['prune_structured'] / thr['parent']:.2f}x (b16); "
           f"student {sizes['distill_student']['params'] / p['params']:.2f} of the teacher's params (target <= 0.5)")
+    chosen = _choose(sizes, lat, thr, dirs)
+    if chosen:
+        print(f"chosen by compress.select's defaults (size and speed only: random weights, accuracy is the "
+              f"pipeline's): {chosen} — {lat[chosen] / lat['parent']:.2f}x the parent's tokens/s at batch 1, "
+              f"{p['memory_bytes'] / sizes[chosen]['memory_bytes']:.2f}x smaller in memory")
+    else:
+        print("chosen by compress.select's defaults: none (every candidate slower than the parent)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
 
-def _save_tok(parent_dir: Path) -> bool:
+def _choose(sizes: dict, lat: dict, thr: dict, dirs: dict) -> str | None:
+    """The default policy on this bench's numbers; every accuracy check counted as passed."""
+    from stagewise.compression.measure import RECIPE
+    from stagewise.compression.select import select
+    from stagewise.config import Config
+
+    def row(n):
+        return {"method": n, **sizes[n], "tokens_per_s": lat[n], "tokens_per_s_batched": thr[n],
+                "check": {"passed": True, "failed": []}, "reloadable": not (Path(dirs[n]) / RECIPE).exists(),
+                "reload_error": "recipe folder", "metrics": {}}
+
+    return select(Config(), row("parent"), [row(n) for n in sizes if n != "parent"])["chosen"]
+
+
+def _save_tok(parent_dir: Path, like: Path | None = None) -> bool:
     """quantize_bnb saves the parent's tokenizer; a random bench parent gets a byte-level stand-in."""
     if any(Path(parent_dir).glob("tokenizer*")):
+        return True
+    if like is not None:
+        from stagewise.modeling import load_tokenizer
+
+        load_tokenizer(like).save_pretrained(parent_dir)
         return True
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -185,11 +185,13 @@ def compress_phase(cfg: Config, ctx: RunContext, trained: dict[str, Any]) -> dic
 
 
 @flow(name="gate")
-def gate_phase(cfg: Config, ctx: RunContext, trained: dict[str, Any]) -> dict[str, Any]:
-    """Forgetting guard on the final candidate; challenger always, champion only on a pass."""
+def gate_phase(cfg: Config, ctx: RunContext, trained: dict[str, Any],
+               compression: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Forgetting guard on the model that ships (compressed when one qualified); challenger always,
+    champion only on a pass."""
     from tasks.gate import gate_task
 
-    return gate_task(ctx, cfg, trained["lineage"])
+    return gate_task(ctx, cfg, trained["lineage"], compression)
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -219,7 +221,7 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
             candidate = len(trained["lineage"]) > 1
             compression = (compress_phase(cfg, ctx, trained)
                            if "compress" in selected and cfg.compress.methods and candidate else None)
-            verdict = gate_phase(cfg, ctx, trained) if "gate" in selected and candidate else None
+            verdict = gate_phase(cfg, ctx, trained, compression) if "gate" in selected and candidate else None
         except BaseException as e:
             from stagewise.errors import is_interrupt
             from stagewise.run import fail_run

@@ -71,7 +71,8 @@ def resolve(uri: str, dest_root: Path) -> tuple[Path, dict]:
         registry.download_model(name, version, folder)
     parent = tags.get("parent_version")
     return folder, {"uri": uri, "name": name, "version": str(version), "stage": tags.get("stage"),
-                    "parent_version": None if parent in (None, "", "none") else parent}
+                    "parent_version": None if parent in (None, "", "none") else parent,
+                    "parent_stage": tags.get("parent_stage")}
 
 
 def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Optional[str]) -> tuple[dict, dict]:
@@ -88,6 +89,13 @@ def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Op
     ws = Workspace.at(root)
     cache = ws.root / "models" / "_registry"
     cand_dir, cand = resolve(candidate, cache)
+    uncompressed_dir, unc = None, {}
+    if cand.get("stage") == "compress" and cand.get("parent_version"):
+        # A compressed version is judged like the pipeline's gate judges it: on its uncompressed
+        # model's target vs that model's parent, and against the uncompressed model itself.
+        uncompressed_dir, unc = resolve(f"models:/{cand['name']}/{cand['parent_version']}", cache)
+        stage = stage or cand.get("parent_stage") or unc.get("stage")
+        cand = cand | {"parent_version": unc.get("parent_version")}
     stage = stage or cand.get("stage")
     evals = plan(cfg, ws.root)
     tasks = evals.stage_tasks(stage) if stage in evals.targets else evals.task_names()
@@ -105,6 +113,8 @@ def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Op
                        "champion; pass --baseline <model uri>")
 
     scores = {"candidate": evaluate(cand_dir, tasks, ws, cfg.evaluate)}
+    if uncompressed_dir is not None:
+        scores["uncompressed"] = evaluate(uncompressed_dir, tasks, ws, cfg.evaluate)
     if parent_dir is not None:
         scores["parent"] = evaluate(parent_dir, tasks, ws, cfg.evaluate)
     if base_dir is not None and base_dir != cand_dir and base_dir != parent_dir:
@@ -112,13 +122,15 @@ def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Op
     # No registered parent: the baseline plays the parent (its target must be beaten too).
     parent = scores.get("parent", scores.get("baseline"))
     champion = scores.get("baseline") if "parent" in scores else None
+    sel = cfg.compress.select
     result = gate(stage or "", scores["candidate"], parent, champion, cfg.gate,
-                  bootstrap_iters=cfg.evaluate.bootstrap_iters, evals=evals)
+                  bootstrap_iters=cfg.evaluate.bootstrap_iters, evals=evals, uncompressed=scores.get("uncompressed"),
+                  task_max_drop_points=sel.max_task_drop_points, task_max_rise_pct=sel.max_task_rise_pct)
     if cand.get("version"):
         registry.client().set_model_version_tag(cand["name"], cand["version"], "gate",
                                                 "passed" if result.passed else "failed")
     info = {"candidate": cand, "stage": stage, "baseline": base or None,
-            "parent": cand.get("parent_version"), "tasks": tasks}
+            "parent": cand.get("parent_version"), "uncompressed": unc.get("version"), "tasks": tasks}
     return result.to_dict(), info
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stagewise.errors import UserError
 
@@ -337,6 +337,25 @@ class ReasoningConfig(Section):
 
 CompressMethod = Literal["nf4", "int8", "dynamic_int8", "prune_magnitude", "prune_2of4", "prune_structured",
                          "distill", "merge"]
+COMPRESS_METHODS: tuple[str, ...] = CompressMethod.__args__
+# Quantized weights are not trained or sliced further by our recipes: a quantization ends a chain.
+QUANTIZE_METHODS = ("nf4", "int8", "dynamic_int8")
+
+
+def check_chain(entry: str) -> list[str]:
+    """`distill+nf4` → ["distill", "nf4"]; each link starts from the previous link's output."""
+    links = [x.strip() for x in str(entry).split("+")]
+    bad = [x for x in links if x not in COMPRESS_METHODS]
+    if bad:
+        raise ValueError(f"{entry!r}: unknown method {bad[0]!r}; methods are {', '.join(COMPRESS_METHODS)}, "
+                         "chained with '+' (e.g. distill+nf4)")
+    if len(set(links)) != len(links):
+        raise ValueError(f"{entry!r}: a method appears twice in one chain")
+    if any(x in QUANTIZE_METHODS for x in links[:-1]):
+        raise ValueError(f"{entry!r}: quantization must be the last link (prune or distill first, then quantize)")
+    if "merge" in links[1:]:
+        raise ValueError(f"{entry!r}: merge can only be the first link (its partners share the parent's shape)")
+    return links
 
 
 class QuantizeSettings(Section):
@@ -387,25 +406,54 @@ class MergeSettings(Section):
 
 
 class SelectSettings(Section):
+    """Which compressed candidate ships (docs/compression.md#selection-policy): constraints, then an objective."""
     task_metric: str | None = None     # None: the first evaluated metric not named *general*
-    max_task_drop_points: float = Field(2.0, ge=0)  # accuracy-like task metric (points on the 0-100 scale)
-    max_task_rise_pct: float = Field(5.0, ge=0)     # loss/perplexity-like task metric (relative)
-    size_by: Literal["memory_bytes", "bytes", "params"] = "memory_bytes"
+    max_task_drop_points: float = Field(2.0, ge=0.0, le=100.0)  # accuracy-like task metric (points, 0-100 scale)
+    max_task_rise_pct: float = Field(5.0, ge=0.0)              # loss/perplexity-like task metric (relative)
     # The forgetting guard on metrics named *general* reuses gate.general_max_drop_points and
     # gate.perplexity_max_rise_pct.
+    # tokens/s (speed_by) must be >= min_speed_ratio x the parent's: 1.0 = never slower than the parent;
+    # 0 allows any slowdown (e.g. when memory is all that matters).
+    min_speed_ratio: float = Field(1.0, ge=0.0)
+    max_memory_mb: float | None = Field(None, gt=0.0)          # memory footprint ceiling; None = no ceiling
+    size_by: Literal["memory_bytes", "bytes", "params"] = "memory_bytes"
+    speed_by: Literal["tokens_per_s", "tokens_per_s_batched"] = "tokens_per_s"  # batch 1 or gen_batch_size
+    # smallest: least size_by; fastest: most tokens/s; pareto: on the size x speed Pareto front, the
+    # best size_weight*log(size ratio) + speed_weight*log(speed ratio) vs the parent.
+    objective: Literal["smallest", "fastest", "pareto"] = "smallest"
+    size_weight: float = Field(1.0, ge=0.0)
+    speed_weight: float = Field(1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if self.objective == "pareto" and self.size_weight == 0 and self.speed_weight == 0:
+            raise ValueError("objective pareto needs size_weight or speed_weight > 0")
+        return self
 
 
 class CompressConfig(Section):
-    methods: list[CompressMethod] = Field(default_factory=lambda: [
+    # A method, or a chain of methods joined by '+' (`distill+nf4`): each link compresses the previous
+    # link's output; a chain's prefix that is also an entry (or another chain's prefix) is built once.
+    methods: list[str] = Field(default_factory=lambda: [
         "nf4", "int8", "dynamic_int8", "prune_magnitude", "prune_2of4", "prune_structured", "distill", "merge"])
     quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
     prune: PruneSettings = Field(default_factory=PruneSettings)
     distill: DistillSettings = Field(default_factory=DistillSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
     select: SelectSettings = Field(default_factory=SelectSettings)
-    gen_tokens: int = Field(32, gt=0)               # tokens generated (greedy, batch 1) to measure tokens/s
-    gen_repeats: int = Field(5, gt=0)               # best of N timings
-    eval_texts: int = Field(64, gt=0)               # built-in check (no evaluate_fn): held-out texts per NLL
+    gen_tokens: int = Field(32, ge=1)  # tokens generated (greedy) to measure tokens/s
+    gen_repeats: int = Field(5, ge=1)  # best of N timings, after one warm-up
+    gen_batch_size: int = Field(8, ge=1)  # the batched figure (tokens_per_s_batched); batch 1 is the latency
+    eval_texts: int = Field(64, gt=0)              # built-in check (no evaluate_fn): held-out texts per NLL
+
+    @field_validator("methods")
+    @classmethod
+    def _chains(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            check_chain(entry)
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v}: an entry appears twice")
+        return ["+".join(check_chain(e)) for e in v]
 
 
 class EvalSetConfig(Section):

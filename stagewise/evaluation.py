@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from stagewise.config import EvaluateConfig, hash_obj
-from stagewise.metrics import higher_is_better
 from stagewise.metrics import metric as metric_info
 from stagewise.workspace import Workspace
 

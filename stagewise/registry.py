@@ -2,7 +2,11 @@
 
 Aliases, not stages (deprecated in MLflow 3): `challenger` is the latest gated candidate, `champion`
 moves only when its gate passed, `previous-champion` is what `stagewise rollback` returns to.
-Load the champion anywhere with:
+Every version is logged with MLflow's chat task (`llm/v1/chat`), so the registry serves itself:
+
+    mlflow models serve -m models:/stagewise@champion --env-manager local   # OpenAI-style /invocations
+
+and loads anywhere with:
 
     mlflow.transformers.load_model("models:/stagewise@champion", return_type="components")
 """
@@ -20,6 +24,9 @@ _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 EXPERIMENT = "stagewise"
+# The task every version is logged with: MLflow's OpenAI-compatible chat schema ({"messages": [...]}).
+CHAT_TASK = "llm/v1/chat"
+ADAPTER_DIR = "adapter"   # a LoRA/QLoRA stage's PEFT adapter inside its model folder (tasks/sft.py)
 LINEAGE_KEYS = ("stage", "parent_version", "data_hash", "config_hash", "code_version", "cache_key",
                 "pipeline_run", "weights_hash")
 
@@ -127,10 +134,14 @@ def resaveable(model):
 
 def log_model_version(model_dir: Path, registered_name: str, stage: str, lineage: dict[str, Any],
                       run_id: str, trust_remote_code: bool = False) -> str:
-    """Log the HF folder as an MLflow transformers model inside `run_id`, register it, tag lineage.
+    """Log the HF folder as an MLflow transformers chat model inside `run_id`, register it, tag lineage.
 
     Called only after `model_dir` was written completely (stages save atomically), so a crash can
-    never register a half-written model.
+    never register a half-written model. A LoRA/QLoRA stage's adapter (`<model_dir>/adapter`, PEFT
+    format) is logged beside it as run artifacts `<stage>-adapter/`, its base named in the tags
+    (`adapter_base_version` = the parent version), so multi-adapter servers (vLLM `--enable-lora`,
+    LoRAX) can load many fine-tunes over one base (docs/serving.md). The registered model itself is
+    the merged one: MLflow's transformers flavor records only a hub reference for a PEFT base.
     """
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,18 +154,37 @@ def log_model_version(model_dir: Path, registered_name: str, stage: str, lineage
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tok},
             name=stage,
-            task="text-generation",
+            # OpenAI-style chat in and out; MLflow applies the tokenizer's chat template and generation
+            # stops at its eos token (our end-of-turn token).
+            task=CHAT_TASK,
             # mlflow would infer torchvision etc.; state what the model actually needs.
             pip_requirements=["torch", "transformers", "safetensors", "tokenizers"],
             registered_model_name=registered_name,
         )
+        adapter = Path(model_dir) / ADAPTER_DIR
+        adapter_tags = {}
+        if (adapter / "adapter_config.json").exists():
+            mlflow.log_artifacts(str(adapter), artifact_path=f"{stage}-adapter")
+            adapter_tags = {"adapter_uri": f"runs:/{run_id}/{stage}-adapter", "adapter_format": "peft",
+                            "adapter_base_version": lineage.get("parent_version") or "none",
+                            "adapter_peft": _stage_info(model_dir).get("peft", "lora")}
     version = str(info.registered_model_version)
     c = client()
-    for key, value in lineage.items():
+    for key, value in {**lineage, **adapter_tags}.items():
         if value is not None:
             c.set_model_version_tag(registered_name, version, key, str(value))
     c.set_model_version_tag(registered_name, version, "stage", stage)
     return version
+
+
+def _stage_info(model_dir: Path) -> dict:
+    import json
+
+    f = Path(model_dir) / "stage_info.json"
+    try:
+        return json.loads(f.read_text()) if f.exists() else {}
+    except ValueError:
+        return {}
 
 
 def find_cached_version(registered_name: str, stage: str, cache_key: str) -> dict | None:

@@ -186,8 +186,9 @@ def compression_points(summary: dict) -> list[dict]:
         check = c.get("check") or {}
         rows.append({"name": name, "size": size, "size_key": sk, "quality": q, "quality_key": qk,
                      "is_parent": is_parent, "chosen": name == chosen and not is_parent,
-                     "tokens_per_s": c.get("tokens_per_s"), "error": c.get("error"),
-                     "passes": None if is_parent or c.get("error") else check.get("passed"),
+                     "tokens_per_s": c.get("tokens_per_s"), "tokens_per_s_batched": c.get("tokens_per_s_batched"),
+                     "error": c.get("error"), "failed": c.get("failed") or check.get("failed") or [],
+                     "passes": None if is_parent or c.get("error") else c.get("eligible", check.get("passed")),
                      "higher_is_better": c.get("higher_is_better", higher_is_better(qk or ""))})
     return rows
 
@@ -199,16 +200,52 @@ def _compression_table(summary: dict) -> tuple[list[str], list[list[str]], str]:
     q_key = next((r["quality_key"] for r in rows if r["quality_key"]), "quality")
     scale = 1e6 if size_key in ("bytes", "memory_bytes", "size_bytes") else 1.0
     label = {"memory_bytes": "MB in memory", "bytes": "MB on disk", "size_bytes": "MB"}.get(size_key, size_key)
+    parent = next((r for r in rows if r["is_parent"]), None)
+    base_tps = (parent or {}).get("tokens_per_s")
     out = []
     for r in rows:
+        ratio = (r["tokens_per_s"] / base_tps) if r["tokens_per_s"] and base_tps else None
+        verdict = r["error"] or {True: "yes", False: "no", None: "–"}[r["passes"]]
+        if r["passes"] is False and r["failed"]:
+            verdict += ": " + "; ".join(r["failed"])
         out.append([r["name"] + (" (chosen)" if r["chosen"] else ""),
-                     _num(None if r["size"] is None else r["size"] / scale), _num(r["quality"]),
-                     _num(r["tokens_per_s"]),
-                     r["error"] or {True: "yes", False: "no", None: "–"}[r["passes"]]])
+                    _num(None if r["size"] is None else r["size"] / scale), _num(r["quality"]),
+                    _num(r["tokens_per_s"]), "–" if ratio is None else f"{ratio:.2f}x",
+                    _num(r["tokens_per_s_batched"]), verdict])
     chosen = comp.get("chosen")
     why = comp.get("reason") or ""
     line = f"Chosen: {_cand_name(chosen)}" + (f" — {why}" if why else "")
-    return ["candidate", label, q_key, "tokens/s", "within limits"], out, line
+    return (["candidate", label, q_key, "tokens/s (batch 1)", "vs parent", "tokens/s (batched)", "eligible"],
+            out, line)
+
+
+def shipped_rows(summary: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Uncompressed vs shipped, side by side: what compression changed in the model that was gated."""
+    comp = summary.get("compression") or {}
+    parent = comp.get("parent") or comp.get("parent_measure")
+    chosen = next((c for c in comp.get("candidates") or [] if c.get("method") == comp.get("chosen")), None)
+    if not comp.get("chosen") or not isinstance(parent, dict) or chosen is None:
+        return None
+    up = comp.get("parent_version")
+    head = ["measure", f"uncompressed{f' (v{up})' if up else ''}",
+            f"shipped: {comp['chosen']}" + (f" (v{comp['model_version']})" if comp.get("model_version") else ""),
+            "shipped / uncompressed"]
+
+    def row(label, a, b, scale=1.0, ratio=True):
+        if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+            return None
+        r = f"{b / a:.2f}x" if ratio and a else f"{(b - a):+.4g}"
+        fmt = (lambda v: f"{int(v):,}") if label == "parameters" else (lambda v: _num(v / scale))  # noqa: E731
+        return [label, fmt(a), fmt(b), r]
+
+    rows = [row("parameters", parent.get("params"), chosen.get("params")),
+            row("memory (MB)", parent.get("memory_bytes"), chosen.get("memory_bytes"), 1e6),
+            row("weights on disk (MB)", parent.get("bytes"), chosen.get("bytes"), 1e6),
+            row("tokens/s, batch 1", parent.get("tokens_per_s"), chosen.get("tokens_per_s")),
+            row("tokens/s, batched", parent.get("tokens_per_s_batched"), chosen.get("tokens_per_s_batched"))]
+    pm, cm = parent.get("metrics") or {}, chosen.get("metrics") or {}
+    rows += [row(k, pm[k], cm.get(k), ratio=False) for k in pm if k in cm]
+    return head, [r for r in rows if r is not None]
 
 
 # ---------------------------------------------------------------- plots
@@ -319,7 +356,8 @@ def plot_funnel(summary: dict) -> str | None:
 def plot_pareto(summary: dict) -> str | None:
     """Compression candidates: size vs quality, the Pareto front and the chosen one.
 
-    tasks/compress.py draws a richer plot (latency as marker size): embedded as is when it exists.
+    tasks/compress.py draws the richer plot (size × tokens/s, task metric as colour): embedded as is
+    when it exists.
     """
     existing = (summary.get("compression") or {}).get("plot")
     if existing and Path(existing).is_file():
@@ -377,6 +415,9 @@ def render_markdown(summary: dict) -> str:
         out += ["Reasons and notes:", ""] + [f"- {r}" for r in gate["reasons"]] + [""]
     if gate.get("comparisons"):
         out += [f"{COMPARISON_TITLE}:", "", _md_table(COMPARISON_HEADERS, _comparison_rows(gate)), ""]
+    side = shipped_rows(summary)
+    if side:
+        out += ["## Uncompressed vs shipped", "", _md_table(*side), ""]
     out += ["## Stages (target metric along the lineage)", "", _md_table(STAGE_HEADERS, _stage_rows(summary)), ""]
     from stagewise.summary import stage_notes
 
@@ -451,6 +492,9 @@ def render_html(summary: dict) -> str:
         parts.append("<ul>" + "".join(f"<li>{e(r)}</li>" for r in gate["reasons"]) + "</ul>")
     if gate.get("comparisons"):
         parts += [f"<h3>{e(COMPARISON_TITLE)}</h3>", _html_table(COMPARISON_HEADERS, _comparison_rows(gate))]
+    side = shipped_rows(summary)
+    if side:
+        parts += ["<h2>Uncompressed vs shipped</h2>", _html_table(*side)]
     parts += ["<h2>Stages: target metric along the lineage</h2>",
               _html_table(STAGE_HEADERS, _stage_rows(summary), verdict_col=None),
               img(plot_lineage(summary), "target metric per stage")]

@@ -161,7 +161,16 @@ def summary_table(summary: dict) -> str:
         out.append(f"eval: {note}")
     comp = summary.get("compression")
     if comp:
-        out.append(f"compress: {'cached' if comp.get('cached') else 'ran'}, chose {comp.get('chosen') or 'nothing'}")
+        line = f"compress: {'cached' if comp.get('cached') else 'ran'}, chose {comp.get('chosen') or 'nothing'}"
+        chosen = next((c for c in comp.get("candidates") or [] if c.get("method") == comp.get("chosen")), None)
+        parent = comp.get("parent") or {}
+        if chosen and parent.get("tokens_per_s") and parent.get("memory_bytes"):
+            line += (f" ({chosen['tokens_per_s'] / parent['tokens_per_s']:.2f}x the parent's tokens/s, "
+                     f"{parent['memory_bytes'] / max(chosen['memory_bytes'], 1):.2f}x smaller in memory"
+                     + (f", registered v{comp['model_version']}" if comp.get("model_version") else "") + ")")
+        if comp.get("runner_up"):
+            line += f"; runner-up {comp['runner_up']}"
+        out.append(line)
     gate = summary.get("gate") or {}
     verdict = {True: "PASSED", False: "FAILED", None: "not run"}[gate.get("passed")]
     out.append(f"gate: {verdict}" + ("" if not gate.get("reasons") else " — " + "; ".join(gate["reasons"])))

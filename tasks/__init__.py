@@ -40,7 +40,8 @@ STEPS: tuple[Step, ...] = (
     Step("reasoning", "train", reads=("reasoning", "sft", "pretrain", "model", "train"), inputs=("curated",)),
     # candidates are checked against the gate's limits, on the gate's evaluations
     Step("compress", "ship", reads=("compress", "evaluate", "gate", "train")),
-    Step("gate", "ship", reads=("gate", "evaluate")),
+    # a compressed candidate's task may drop at most compress.select's limit vs its uncompressed model
+    Step("gate", "ship", reads=("gate", "evaluate", "compress")),
 )
 
 BY_NAME = {s.name: s for s in STEPS}

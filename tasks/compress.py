@@ -2,16 +2,17 @@
 
 Recipe, top to bottom:
 1. measure and evaluate the parent (the yardstick for every ratio and every delta);
-2. for each method in `compress.methods` write a candidate folder under out_root/<method>/:
+2. for each entry in `compress.methods` write a candidate folder under out_root/<entry>/:
    nf4 / int8 (bitsandbytes), dynamic_int8 (PyTorch), prune_magnitude / prune_2of4 (masks, optional
    recovery fine-tune, made permanent), prune_structured (a smaller dense Llama + recovery),
    distill (a student cut from the teacher, trained on (1-λ)CE + λT²KL), merge (mergekit, with
-   checkpoints that share the parent's base);
-3. measure (params, bytes on disk, memory footprint, tokens/s) and evaluate each candidate;
-4. select: the smallest candidate within `compress.select` limits of the parent on the task
-   metric and within the gate's forgetting guard on every *general* metric (docs/compression.md);
-5. report: out_root/compress.json, a markdown table and a Pareto plot (accuracy vs size, marker
-   size = latency) at out_root/pareto.png.
+   checkpoints that share the parent's base); an entry may be a chain (`distill+nf4`), each link
+   compressing the previous link's output;
+3. measure (params, bytes on disk, memory footprint, tokens/s at batch 1 and batched) and evaluate
+   each candidate from its folder, the way the registry and the gate will reload it;
+4. select on accuracy, size and latency together (stagewise/compression/select.py, `compress.select`);
+5. report: out_root/compress.json, a markdown table and the Pareto plot (size × tokens/s, task
+   metric as colour) at out_root/pareto.png.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import gc
 import inspect
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -33,14 +33,16 @@ from stagewise.compression import distill as distill_mod
 from stagewise.compression import prune, quantize
 from stagewise.compression.data import curated_texts, lm_blocks, task_examples
 from stagewise.compression.measure import load_candidate, measure, quiet_bnb_warnings, sparsity, tokens_per_s
+from stagewise.compression.quantize import RECIPE
+from stagewise.compression.select import check, lower_is_better, select, task_metric_of
 from stagewise.config import Config, StepConfig, hash_obj
-from stagewise.metrics import metric as metric_info
 from stagewise.stage import Lineage, RunContext, eval_tasks_dir, flat_params, stage_key
 from stagewise.workspace import Workspace
 from tasks import step
 
 log = logging.getLogger("stagewise")
 
+__all__ = ["builtin_evaluator", "check", "compress", "compress_task", "select"]
 
 
 # ---------------------------------------------------------------- built-in check (no evaluate_fn)
@@ -68,127 +70,96 @@ def builtin_evaluator(cfg: Config, ws: Workspace) -> Callable[..., dict]:
     return evaluate
 
 
-def _call_evaluate(evaluate_fn: Callable, model_dir: Path, model, needs_model: bool) -> dict:
-    """Recipe candidates (dynamic int8) exist only in memory: hand the model over when the evaluator takes one."""
-    takes_model = "model" in inspect.signature(evaluate_fn).parameters
-    if takes_model:
+
+def _call_evaluate(evaluate_fn: Callable, model_dir: Path, model, recipe: bool) -> dict:
+    """Score a candidate the way it will be loaded: HF folders from the folder (what the registry and
+    the gate reload), recipe candidates (dynamic int8) in memory, when the evaluator takes a model."""
+    if not recipe:
+        return evaluate_fn(model_dir)
+    if "model" in inspect.signature(evaluate_fn).parameters:
         return evaluate_fn(model_dir, model=model)
-    if needs_model:
-        return {}  # the folder alone cannot be loaded by a plain HF evaluator: not selectable, said in the report
-    return evaluate_fn(model_dir)
+    return {}  # the folder alone cannot be loaded by a plain HF evaluator: not selectable, said in the report
 
 
-# ---------------------------------------------------------------- selection policy
-def lower_is_better(metric: str) -> bool:
-    return not metric_info(metric).higher_is_better
+def reload_error(model_dir: Path) -> str | None:
+    """Why this folder cannot ship (None: it reloads with `from_pretrained`, as the registry and gate load it)."""
+    from stagewise.modeling import load_model
 
-
-def _scored(metrics: dict) -> list[str]:
-    return [k for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k.lower()]
-
-
-def _delta(metric: str, parent: float, cand: float) -> tuple[str, float]:
-    """('rise_pct', x) for loss-like metrics; ('drop_points', x) on the 0-100 scale for accuracy-like."""
-    info = metric_info(metric)
-    if info.relative:
-        return "rise_pct", (cand - parent) / abs(parent) * 100 if parent else math.inf
-    scale = 100.0 if info.kind == "accuracy" else 1.0
-    return "drop_points", (parent - cand) * scale
-
-
-def check(cfg: Config, parent_metrics: dict, metrics: dict) -> dict:
-    """Per-metric deltas vs the parent and whether the candidate passes the task limit and the guard."""
-    sel, gate = cfg.compress.select, cfg.gate
-    names = _scored(parent_metrics)
-    task_metric = sel.task_metric or next((k for k in names if "general" not in k.lower()), None)
-    general = [k for k in names if "general" in k.lower()]
-    out = {"task_metric": task_metric, "deltas": {}, "failed": []}
-    for m in ([task_metric] if task_metric else []) + general:
-        if m not in metrics or not isinstance(metrics[m], (int, float)):
-            out["failed"].append(f"{m}: not evaluated")
-            continue
-        kind, d = _delta(m, parent_metrics[m], metrics[m])
-        d = round(d, 6)  # (0.17 - 0.15) * 100 is 2.0000000000000018: a 2-point drop must pass a 2-point limit
-        out["deltas"][m] = {kind: round(d, 3)}
-        if m == task_metric:
-            limit = sel.max_task_rise_pct if kind == "rise_pct" else sel.max_task_drop_points
-        else:
-            limit = gate.perplexity_max_rise_pct if kind == "rise_pct" else gate.general_max_drop_points
-        if d > limit:
-            out["failed"].append(f"{m}: {kind.replace('_', ' ')} {d:.2f} > {limit}")
-    if task_metric is None:
-        out["failed"].append("no task metric (set compress.select.task_metric)")
-    out["passed"] = not out["failed"]
-    return out
-
-
-def select(cfg: Config, parent: dict, candidates: list[dict]) -> tuple[str | None, str]:
-    """The smallest candidate (by compress.select.size_by) no larger than the parent that passes `check`."""
-    key = cfg.compress.select.size_by
-    ok = [c for c in candidates if c.get("check", {}).get("passed") and c[key] <= parent[key]]
-    if not ok:
-        why = "; ".join(f"{c['method']}: {', '.join(c.get('check', {}).get('failed', [c.get('error', 'failed')]))}"
-                        for c in candidates)
-        return None, f"no candidate within limits — keep the parent ({why})"
-    tm = ok[0]["check"]["task_metric"]
-    sign = 1 if lower_is_better(tm) else -1  # tie on size: better task metric wins
-    best = min(ok, key=lambda c: (c[key], sign * c["metrics"][tm]))
-    ratio = parent[key] / max(best[key], 1)
-    return best["method"], (f"{best['method']}: smallest passing candidate by {key} ({ratio:.2f}x smaller than the "
-                            f"parent); {tm} {best['metrics'][tm]} vs parent {parent['metrics'][tm]}")
+    if (Path(model_dir) / RECIPE).exists():
+        return "recipe folder (no safetensors form): only load_candidate() rebuilds it, the registry cannot load it"
+    try:
+        load_model(model_dir)
+    except Exception as e:  # noqa: BLE001 - any failure to reload means it cannot ship
+        return f"does not reload with from_pretrained ({type(e).__name__}: {e})"
+    return None
 
 
 # ---------------------------------------------------------------- report
-def pareto_plot(parent: dict, candidates: list[dict], chosen: str | None, size_by: str, task_metric: str | None,
+def pareto_plot(cfg: Config, parent: dict, candidates: list[dict], sel: dict, task_metric: str | None,
                 path: Path) -> Path | None:
-    """Task metric vs size; marker area grows with latency (ms/token); the frontier is drawn."""
+    """Size × tokens/s, colour = task metric; the size × speed Pareto front dashed; ineligible as x."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [parent] + [c for c in candidates if task_metric in c.get("metrics", {})]
-    if task_metric is None or task_metric not in parent.get("metrics", {}):
+    size_by, speed_by = cfg.compress.select.size_by, cfg.compress.select.speed_by
+    rows = [parent] + [c for c in candidates if "error" not in c]
+    if len(rows) < 2:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [r[size_by] / (1e6 if size_by != "params" else 1e3) for r in rows]
-    ys = [r["metrics"][task_metric] for r in rows]
-    lat = [1000.0 / max(r["tokens_per_s"], 1e-9) for r in rows]
-    areas = [40 + 400 * v / max(lat) for v in lat]
-    colors = ["black" if r is parent else ("tab:red" if r["method"] == chosen else "tab:blue") for r in rows]
-    ax.scatter(xs, ys, s=areas, c=colors, alpha=0.6, edgecolors="k")
-    for x, y, r, l in zip(xs, ys, rows, lat):
-        ax.annotate(f"{r['method']} ({l:.1f} ms/tok)", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    better = (lambda a, b: a <= b) if lower_is_better(task_metric) else (lambda a, b: a >= b)
-    front = sorted((x, y) for i, (x, y) in enumerate(zip(xs, ys))
-                   if not any(xs[j] <= x and better(ys[j], y) and (xs[j], ys[j]) != (x, y) for j in range(len(xs))))
+    scale = 1e3 if size_by == "params" else 1e6
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    vals = [r.get("metrics", {}).get(task_metric) for r in rows]
+    known = [v for v in vals if isinstance(v, (int, float))]
+    lo, hi = (min(known), max(known)) if known else (0.0, 1.0)
+    cmap = plt.get_cmap("viridis_r" if task_metric and lower_is_better(task_metric) else "viridis")
+    norm = matplotlib.colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
+    for r, v in zip(rows, vals):
+        x, y = r[size_by] / scale, r[speed_by]
+        colour = cmap(norm(v)) if isinstance(v, (int, float)) else "lightgray"
+        eligible = r is parent or r.get("eligible")
+        ax.scatter([x], [y], s=120, c=[colour], marker="o" if eligible else "X", edgecolors="k",
+                   linewidths=2.5 if r["method"] == sel.get("chosen") else 0.8, zorder=3)
+        label = r["method"] + (" (chosen)" if r["method"] == sel.get("chosen") else "")
+        ax.annotate(label, (x, y), fontsize=7, xytext=(5, 4), textcoords="offset points")
+    front = sorted((r[size_by] / scale, r[speed_by]) for r in rows if r["method"] in sel.get("front", []))
     if len(front) > 1:
-        ax.plot(*zip(*front), "--", color="gray", lw=1, label="Pareto frontier")
-        ax.legend(fontsize=8)
-    ax.set_xlabel({"memory_bytes": "memory footprint (MB)", "bytes": "weights on disk (MB)", "params": "parameters (k)"}[size_by])
-    ax.set_ylabel(task_metric + (" (lower is better)" if lower_is_better(task_metric) else ""))
-    ax.set_title("compress: black = parent, red = chosen, marker size = latency", fontsize=10)
+        ax.plot(*zip(*front), "--", color="gray", lw=1, label="Pareto front (size × speed)", zorder=2)
+        ax.legend(fontsize=8, loc="lower right")
+    floor = parent[speed_by] * cfg.compress.select.min_speed_ratio
+    if floor > 0:
+        ax.axhline(floor, color="tab:red", lw=0.8, ls=":")
+        ax.annotate(f"min_speed_ratio {cfg.compress.select.min_speed_ratio:g}x", (ax.get_xlim()[0], floor),
+                    fontsize=7, color="tab:red", xytext=(2, 2), textcoords="offset points")
+    sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
+    fig.colorbar(sm, ax=ax, label=task_metric or "task metric")
+    ax.set_xlabel({"memory_bytes": "memory footprint (MB)", "bytes": "weights on disk (MB)",
+                   "params": "parameters (k)"}[size_by])
+    ax.set_ylabel({"tokens_per_s": "tokens/s (batch 1)", "tokens_per_s_batched": "tokens/s (batched)"}[speed_by])
+    ax.set_title("compress: thick edge = chosen, X = not eligible, dotted = speed floor", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def table(parent: dict, candidates: list[dict], chosen: str | None) -> str:
-    """Markdown table: sizes and speed as ratios vs the parent, metric deltas, pass/fail."""
-    head = "| method | params | MB on disk | MB in memory | tokens/s | size ratio | speedup | metrics | passes |\n"
-    head += "|---|---|---|---|---|---|---|---|---|\n"
+def table(parent: dict, candidates: list[dict], chosen: str | None, size_by: str = "memory_bytes",
+          speed_by: str = "tokens_per_s") -> str:
+    """Markdown table: sizes and speed as ratios vs the parent, metric values, eligible or why not."""
+    head = ("| method | params | MB on disk | MB in memory | tokens/s (b1) | tokens/s (batched) | size ratio | "
+            "speed ratio | metrics | eligible |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
     def row(r, ref):
         if "error" in r:
-            return f"| {r['method']} | — | — | — | — | — | — | {r['error']} | no |\n"
+            return f"| {r['method']} | — | — | — | — | — | — | — | {r['error']} | no |\n"
         mark = " **(chosen)**" if r["method"] == chosen else ""
-        ratio = ref["memory_bytes"] / max(r["memory_bytes"], 1)
-        speed = r["tokens_per_s"] / max(ref["tokens_per_s"], 1e-9)
+        ratio = ref[size_by] / max(r[size_by], 1)
+        speed = r[speed_by] / max(ref[speed_by], 1e-9)
         mets = ", ".join(f"{k}={v:.4g}" for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float)))
-        ok = "—" if r is ref else ("yes" if r.get("check", {}).get("passed") else "no: " + "; ".join(r.get("check", {}).get("failed", [])))
+        ok = "—" if r is ref else ("yes" if r.get("eligible") else "no: " + "; ".join(r.get("failed", [])))
         return (f"| {r['method']}{mark} | {r['params']:,} | {r['bytes'] / 1e6:.2f} | {r['memory_bytes'] / 1e6:.2f} | "
-                f"{r['tokens_per_s']:.1f} | {ratio:.2f}x | {speed:.2f}x | {mets} | {ok} |\n")
+                f"{r['tokens_per_s']:.1f} | {r.get('tokens_per_s_batched', 0):.1f} | {ratio:.2f}x | {speed:.2f}x | "
+                f"{mets} | {ok} |\n")
 
     return head + row(parent, parent) + "".join(row(c, parent) for c in candidates)
 
@@ -197,7 +168,7 @@ def table(parent: dict, candidates: list[dict], chosen: str | None) -> str:
 def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
              evaluate_fn: Callable[[Path], dict] | None = None,
              merge_with: list[Path] | None = None) -> dict:
-    """Write, measure and evaluate one candidate per method; pick one. See the module docstring."""
+    """Write, measure and evaluate one candidate per entry (a method or a chain); pick one. See the module docstring."""
     from stagewise.modeling import load_model, load_tokenizer, save_model, use_bf16
 
     c = cfg.compress
@@ -226,20 +197,20 @@ def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
     def train_data(kind: str, n: int, seq_len: int):
         return blocks(n, seq_len) if kind == "text" else task_examples(ws, tok, n, seq_len, seed=seed)
 
-    def work(method: str) -> Path:
-        return out_root / ".work" / method
+    def work(name: str) -> Path:
+        return out_root / ".work" / name
 
-    def run(method: str):
-        """Returns (model, folder, info, needs_in_memory_eval) for one method."""
-        out = out_root / method
+    def build(method: str, src_dir: Path, src_model, out: Path, name: str):
+        """One link: compress `src` (folder + loaded model) with `method` into `out`.
+        Returns (model, folder, info, is_recipe_folder)."""
         p = c.prune
         if method in ("nf4", "int8"):
-            m = quantize.quantize_bnb(parent_dir, out, method, c.quantize.nf4_double_quant, c.quantize.skip_modules)
+            m = quantize.quantize_bnb(src_dir, out, method, c.quantize.nf4_double_quant, c.quantize.skip_modules)
             return m, out, {"quantization": method}, False
         if method == "dynamic_int8":
-            return quantize.quantize_dynamic_int8(parent_dir, out), out, {"quantization": "torch.ao dynamic int8"}, True
+            return quantize.quantize_dynamic_int8(src_dir, out), out, {"quantization": "torch.ao dynamic int8"}, True
         if method in ("prune_magnitude", "prune_2of4", "prune_structured"):
-            model = load_model(parent_dir)
+            model = load_model(src_dir)
             if method == "prune_magnitude":
                 model = prune.magnitude_prune(model, p.sparsity)
             elif method == "prune_2of4":
@@ -249,7 +220,7 @@ def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
                                                p.kv_group_fraction, p.layer_fraction)
             rec = train_data(p.recovery_data, p.recovery_steps * p.batch_size, p.seq_len) if p.recovery_steps > 0 else None
             model, info = distill_mod.recover(model, rec, p.recovery_steps, p.recovery_learning_rate, p.batch_size,
-                                        seed, bf16, work(method), teacher=parent_model,
+                                              seed, bf16, work(name), teacher=src_model,
                                         temperature=p.recovery_temperature, alpha=p.recovery_alpha,
                                         pad_id=tok.pad_token_id)
             info["recovery_data"] = p.recovery_data
@@ -260,25 +231,25 @@ def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
                          "intermediate_size": model.config.intermediate_size,
                          "num_attention_heads": model.config.num_attention_heads,
                          "num_key_value_heads": model.config.num_key_value_heads}
-            save_model(model, tok, out, info={"method": method, "parent": str(parent_dir), **info})
+            save_model(model, tok, out, info={"method": method, "parent": str(src_dir), **info})
             return model, out, info, False
         if method == "distill":
             d = c.distill
             student, info = distill_mod.distill(
-                parent_model, train_data(d.data, max(d.steps, 1) * d.batch_size, d.seq_len), pad_id=tok.pad_token_id,
+                src_model, train_data(d.data, max(d.steps, 1) * d.batch_size, d.seq_len), pad_id=tok.pad_token_id,
                 depth_factor=d.depth_factor, width_factor=d.width_factor, mlp_factor=d.mlp_factor, init=d.init,
                 steps=d.steps, lr=d.learning_rate, batch_size=d.batch_size, temperature=d.temperature,
-                alpha=d.alpha, seed=seed, bf16=bf16, work_dir=work(method),
+                alpha=d.alpha, seed=seed, bf16=bf16, work_dir=work(name),
                 calib_blocks=blocks(c.prune.calibration_texts, d.seq_len))
             info["data"] = d.data
-            save_model(student, tok, out, info={"method": method, "parent": str(parent_dir), **info})
+            save_model(student, tok, out, info={"method": method, "parent": str(src_dir), **info})
             return student, out, info, False
         if method == "merge":
             from stagewise.compression.merge import TASK_VECTOR_METHODS, merge_models
 
             mg = c.merge
             others = [Path(x) for x in merge_with] if merge_with is not None else \
-                [ws.model_dir(s) for s in mg.with_stages if ws.model_dir(s).resolve() != parent_dir.resolve()]
+                [ws.model_dir(s) for s in mg.with_stages if ws.model_dir(s).resolve() != src_dir.resolve()]
             others = [o for o in others if (o / "config.json").exists()]
             if not others:
                 raise _Skip(f"nothing to merge with (compress.merge.with_stages={mg.with_stages} not found under "
@@ -286,7 +257,7 @@ def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
             base = ws.model_dir(mg.base_stage) if mg.method in TASK_VECTOR_METHODS else None
             if base is not None and not (base / "config.json").exists():
                 raise _Skip(f"{base}: merge base missing (compress.merge.base_stage={mg.base_stage!r})")
-            models = [parent_dir] + others
+            models = [src_dir] + others
             if mg.method == "slerp":
                 models = models[:2]
             merge_models(mg.method, models, out, base=base, weights=mg.weights, density=mg.density, t=mg.t, seed=seed)
@@ -294,41 +265,75 @@ def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
                                                   "base": str(base) if base else None}, False
         raise ValueError(f"compress.methods: unknown method {method!r}")
 
+    # A chain's links run in order, each from the previous link's output; a prefix already built (an
+    # entry of its own, or an earlier chain's) is reused from its folder, not built twice.
+    built: dict[str, tuple[Path, dict, bool]] = {}
+
+    def run(entry: str):
+        """Returns (model, folder, info, is_recipe_folder) of one entry; a chain's info lists its links."""
+        links = entry.split("+")
+        src_dir, src_model, steps = parent_dir, parent_model, []
+        for i, method in enumerate(links):
+            name = "+".join(links[: i + 1])
+            if name in built:
+                folder, info, recipe = built[name]
+                model = load_candidate(folder)
+                steps.append({"link": method, "from": str(src_dir), "to": str(folder), "reused": True, "info": info})
+            else:
+                model, folder, info, recipe = build(method, src_dir, src_model, out_root / name, name)
+                built[name] = (folder, info, recipe)
+                steps.append({"link": method, "from": str(src_dir), "to": str(folder), "info": info})
+            src_dir, src_model = folder, model
+        if len(links) == 1:
+            return model, folder, dict(info), recipe
+        return model, folder, {**info, "chain": links, "links": steps}, recipe
+
     candidates = []
-    for method in c.methods:
-        print(f"[compress] {method} ...", flush=True)
+    for entry in c.methods:
+        print(f"[compress] {entry} ...", flush=True)
         try:
-            model, folder, info, in_memory = run(method)
+            model, folder, info, recipe = run(entry)
         except _Skip as e:
-            candidates.append({"method": method, "model_dir": None, "error": f"skipped: {e}", "parent": str(parent_dir)})
-            print(f"[compress] {method} skipped: {e}", flush=True)
+            candidates.append({"method": entry, "model_dir": None, "error": f"skipped: {e}", "parent": str(parent_dir)})
+            print(f"[compress] {entry} skipped: {e}", flush=True)
             continue
-        row = {"method": method, "model_dir": str(folder), **measure(model, folder),
-               "metrics": _call_evaluate(evaluate, folder, model, in_memory), "info": info, "parent": str(parent_dir)}
-        if in_memory and not row["metrics"]:
+        row = {"method": entry, "model_dir": str(folder), **measure(model, folder),
+               "metrics": _call_evaluate(evaluate, folder, model, recipe), "info": info, "parent": str(parent_dir)}
+        if recipe and not row["metrics"]:
             row["info"]["note"] = "evaluate_fn takes only a folder; this recipe candidate needs load_candidate()"
+        why = reload_error(folder)
+        row["reloadable"] = why is None
+        if why:
+            row["reload_error"] = why
         row["check"] = check(cfg, parent["metrics"], row["metrics"])
         candidates.append(row)
-        print(f"[compress] {method}: {row['params']:,} params, {row['memory_bytes'] / 1e6:.2f} MB, "
+        print(f"[compress] {entry}: {row['params']:,} params, {row['memory_bytes'] / 1e6:.2f} MB, "
               f"{row['metrics']}", flush=True)
         del model
         gc.collect()
 
     # Speed last, all models timed interleaved (fair under a shared CPU's varying load), each reloaded
-    # from its folder — which also proves every candidate folder reloads.
+    # from its folder — which also proves every candidate folder reloads. Batch 1 is the latency a chat
+    # user sees; the batched figure is throughput (compress.gen_batch_size).
     measured = [r for r in candidates if "error" not in r]
     models = {"parent": parent_model} | {r["method"]: load_candidate(Path(r["model_dir"])) for r in measured}
     speed = tokens_per_s(models, c.gen_tokens, c.gen_repeats)
+    batched = tokens_per_s(models, c.gen_tokens, max(1, c.gen_repeats // 2), batch_size=c.gen_batch_size)
     for r in [parent] + measured:
-        r["tokens_per_s"] = speed[r["method"]]
+        r["tokens_per_s"], r["tokens_per_s_batched"] = speed[r["method"]], batched[r["method"]]
+        r["speed_ratio"] = round(speed[r["method"]] / max(speed["parent"], 1e-9), 3)
+        r["speed_ratio_batched"] = round(batched[r["method"]] / max(batched["parent"], 1e-9), 3)
     del models
     gc.collect()
     shutil.rmtree(out_root / ".work", ignore_errors=True)  # Trainer scratch dirs (no checkpoints are kept)
-    chosen, reason = select(cfg, parent, measured)
-    task_metric = check(cfg, parent["metrics"], parent["metrics"])["task_metric"]
-    plot = pareto_plot(parent, measured, chosen, c.select.size_by, task_metric, out_root / "pareto.png")
-    md = table(parent, candidates, chosen)
+    sel = select(cfg, parent, candidates)
+    chosen, reason = sel["chosen"], sel["reason"]
+    task_metric = task_metric_of(cfg, parent["metrics"])
+    plot = pareto_plot(cfg, parent, candidates, sel, task_metric, out_root / "pareto.png")
+    md = table(parent, candidates, chosen, c.select.size_by, c.select.speed_by)
     result = {"candidates": candidates, "chosen": chosen, "reason": reason, "parent_measure": parent,
+              "runner_up": sel["runner_up"], "ranking": sel["ranking"], "front": sel["front"],
+              "objective": sel["objective"], "task_metric": task_metric,
               "chosen_dir": next((r["model_dir"] for r in measured if r["method"] == chosen), None),
               "plot": str(plot) if plot else None, "table": md}
     (out_root / "compress.md").write_text(f"# compress\n\nchosen: {chosen}\n\n{reason}\n\n{md}")
@@ -352,7 +357,8 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
 
     Cached on (compress config, parent cache key, compression code). Every candidate's numbers go to an
     MLflow run `compress` (table, Pareto plot); the chosen one is registered as a model version tagged
-    `compression=<method>` with its parent, when its folder loads as a transformers model.
+    `compression=<entry>`, `parent_version` = `uncompressed_version` = the uncompressed model's version:
+    the model the gate judges next (`shipped` in the result).
     """
     import mlflow
 
@@ -370,7 +376,7 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
     marker, result_file = out_root / "cache_key", out_root / "compress.json"
     if not ctx.forced("compress") and marker.exists() and marker.read_text() == key and result_file.exists():
         result = json.loads(result_file.read_text())
-        return _compress_summary(result, cached=True)
+        return _compress_summary(result, cached=True, parent=parent)
 
     eval_tasks = evals.stage_tasks(parent.stage)
     tasks_dir = eval_tasks_dir(cfg, ctx.root)
@@ -391,43 +397,65 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
         result = compress(StepConfig(cfg, "compress", step("compress").reads), Path(parent.model_dir), ctx.ws,
                           out_root, evaluate_fn)
         for c in result["candidates"]:
-            for k in ("params", "bytes", "memory_bytes", "tokens_per_s"):
+            for k in ("params", "bytes", "memory_bytes", "tokens_per_s", "tokens_per_s_batched", "speed_ratio"):
                 if isinstance(c.get(k), (int, float)):
-                    mlflow.log_metric(f"{c['method']}.{k}", float(c[k]))
+                    # MLflow metric names take no '+': a chain distill+nf4 logs as distill-then-nf4
+                    mlflow.log_metric(f"{c['method'].replace('+', '-then-')}.{k}", float(c[k]))
         mlflow.log_text(result.get("table") or "", "compress.md")
         if result.get("plot"):
             mlflow.log_artifact(result["plot"])
-        version = None
-        if result.get("chosen_dir"):
+        version, errors = None, {}
+        # The chosen candidate becomes a model version; one MLflow cannot log cannot ship, and the next
+        # in the policy's ranking is tried.
+        by = {c["method"]: c for c in result["candidates"]}
+        for method in result.get("ranking") or []:
+            folder = Path(by[method]["model_dir"])
             try:
                 version = registry.log_model_version(
-                    Path(result["chosen_dir"]), ctx.registered_model, "compress",
-                    lineage={"parent_version": parent.version or "none", "compression": result["chosen"],
+                    folder, ctx.registered_model, "compress",
+                    lineage={"parent_version": parent.version or "none", "compression": method,
+                             "uncompressed_version": parent.version or "none", "parent_stage": parent.stage,
                              "data_hash": parent.data_hash, "code_version": ctx.code_version,
                              "config_hash": hash_obj(cfg.compress.model_dump(mode="json")), "cache_key": key,
-                             "pipeline_run": ctx.run_id,
-                             "weights_hash": dir_hash(Path(result["chosen_dir"]), "*.safetensors")},
+                             "pipeline_run": ctx.run_id, "weights_hash": dir_hash(folder, "*.safetensors"),
+                             "memory_bytes": by[method]["memory_bytes"],
+                             "speed_ratio": by[method].get("speed_ratio")},
                     run_id=run.info.run_id)
             except Exception as e:  # noqa: BLE001 - a candidate MLflow cannot log as a transformers model
-                # (bitsandbytes 4-bit folders can, via registry.resaveable): keep the folder as run
-                # artifacts, with the reason, instead of a model version.
                 why = f"{type(e).__name__}: {e}".rstrip(": ")
-                log.warning("compress: chosen %s kept as artifacts, not registered (%s)", result["chosen"], why)
-                mlflow.log_artifacts(result["chosen_dir"], artifact_path=f"chosen/{result['chosen']}")
-                result["registration_error"] = why
+                log.warning("compress: %s cannot be registered, so it cannot ship (%s)", method, why)
+                errors[method] = why
+                continue
+            if method != result["chosen"]:
+                result["reason"] += (f" — {result['chosen']} could not be registered ({errors[result['chosen']]}); "
+                                     f"{method} ships")
+                result["chosen"], result["chosen_dir"] = method, str(folder)
+            break
+        if errors:
+            result["registration_error"] = "; ".join(f"{m}: {w}" for m, w in errors.items())
+        if version is None and result.get("chosen"):
+            result["chosen"], result["chosen_dir"] = None, None
         result["model_version"] = version
         result["seconds"] = round(time.time() - t0, 1)
     result_file.write_text(json.dumps(result, indent=1, default=str))
     marker.write_text(key)
-    return _compress_summary(result, cached=False)
+    return _compress_summary(result, cached=False, parent=parent)
 
 
-def _compress_summary(result: dict, cached: bool) -> dict[str, Any]:
-    keep = ("method", "params", "bytes", "memory_bytes", "tokens_per_s", "metrics", "check", "error", "model_dir")
+def _compress_summary(result: dict, cached: bool, parent: Lineage) -> dict[str, Any]:
+    keep = ("method", "params", "bytes", "memory_bytes", "tokens_per_s", "tokens_per_s_batched", "speed_ratio",
+            "speed_ratio_batched", "metrics", "check", "eligible", "failed", "reloadable", "error", "model_dir")
+    shipped = None
+    if result.get("chosen") and result.get("model_version"):
+        shipped = {"method": result["chosen"], "version": result["model_version"], "model_dir": result["chosen_dir"]}
     return {
-        "candidates": [{k: c.get(k) for k in keep if k in c} for c in result["candidates"]],
+        "candidates": [{k: c.get(k) for k in keep if k in c} | ({"chain": c["info"]["chain"]} if "chain" in
+                                                                 (c.get("info") or {}) else {})
+                       for c in result["candidates"]],
         "parent": {k: result.get("parent_measure", {}).get(k) for k in keep if k in result.get("parent_measure", {})},
-        "chosen": result.get("chosen"), "reason": result.get("reason"), "plot": result.get("plot"),
-        "model_version": result.get("model_version"), "registration_error": result.get("registration_error"),
-        "cached": cached, "seconds": result.get("seconds"),
+        "parent_version": parent.version, "parent_stage": parent.stage,
+        "chosen": result.get("chosen"), "reason": result.get("reason"), "runner_up": result.get("runner_up"),
+        "front": result.get("front"), "objective": result.get("objective"), "task_metric": result.get("task_metric"),
+        "plot": result.get("plot"), "model_version": result.get("model_version"), "shipped": shipped,
+        "registration_error": result.get("registration_error"), "cached": cached, "seconds": result.get("seconds"),
     }

@@ -7,6 +7,10 @@ Rules (params.yaml `gate:`):
      started: pretrain output or model.base, so that forgetting spread over several stages still
      adds up) and the champion, whichever exist.
   3. general_ppl_rise: no perplexity-like general metric rises more than `perplexity_max_rise_pct` %.
+  4. task_within_limit (a compressed candidate only): against the uncompressed model it was made
+     from, the stage's target may drop at most `compress.select.max_task_drop_points` (or rise at
+     most `max_task_rise_pct` % when loss-like); rules 2-3 apply against the uncompressed model too.
+     Rule 1 still compares with the training parent: the stage's gain must survive compression.
 
 Every delta carries a bootstrap confidence interval from the per-item scores evaluate() keeps
 (paired over the same benchmark items when both sides scored the same items), and each rule says
@@ -17,6 +21,7 @@ and the report says so instead of pretending to a precision the eval set does no
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -154,6 +159,12 @@ def _describe(r: dict) -> str:
             return (f"target {r['metric']} improvement over the {r['against']} is within noise: {vals}, {d}{ci} "
                     "(gate.decide_on=ci needs the whole CI to improve)")
         return f"target {r['metric']} did not improve over the {r['against']}: {vals}, {d}{ci}"
+    if r["rule"] == "task_within_limit":
+        if r["unit"] == "points":
+            return (f"compression cost: target {r['metric']} dropped {-r['delta']:.2f} points{ci} vs the uncompressed "
+                    f"model ({vals}); limit -{r['threshold']:g} points (compress.select.max_task_drop_points)")
+        return (f"compression cost: target {r['metric']} rose {r['delta']:.1f}%{ci} vs the uncompressed model "
+                f"({vals}); limit +{r['threshold']:g}% (compress.select.max_task_rise_pct)")
     if r["rule"] == "general_no_drop":
         d = f"{-r['delta']:.2f} points"
         return (f"forgetting: {r['metric']} dropped {d}{ci} vs the {r['against']} ({vals}); "
@@ -164,11 +175,15 @@ def _describe(r: dict) -> str:
 
 
 def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None, cfg: GateConfig,
-         bootstrap_iters: int = 1000, seed: int = 0, base: dict | None = None, evals=None) -> GateResult:
+         bootstrap_iters: int = 1000, seed: int = 0, base: dict | None = None, evals=None,
+         uncompressed: dict | None = None, task_max_drop_points: float = 2.0,
+         task_max_rise_pct: float = 5.0) -> GateResult:
     """Apply the forgetting guard to evaluate() results of a candidate, its parent, base and champion.
 
     `base`: the model fine-tuning started from, when it is not the parent itself (None otherwise).
     `evals`: the run's stagewise.evalsets.EvalPlan (targets, general metrics); None: the demo world's.
+    `uncompressed`: when the candidate is a compressed model, the results of the model it was made
+    from (rule 4, with the compress.select task limits); `parent` stays the training stage's parent.
     """
     from stagewise.evalsets import demo_plan
 
@@ -191,8 +206,21 @@ def gate(stage: str, candidate: dict, parent: dict | None, champion: dict | None
     else:
         notes.append(f"stage {stage!r} has no target metric of its own: only the forgetting guard applies")
 
+    if uncompressed is not None and target is not None:
+        t, m, hib = target.task, target.metric, target.higher_is_better
+        rel = relative(m, hib)
+        row = _compare("task_within_limit", t, m, hib, "uncompressed", candidate, uncompressed,
+                       task_max_rise_pct if rel else task_max_drop_points, "max_drop" if hib else "max_rise",
+                       iters, conf, enforced=True, decide_on=cfg.decide_on)
+        if row is None:
+            notes.append(f"target {t}.{m} not evaluated on the uncompressed model: compression cost not checked")
+        else:
+            rules.append(row)
+
     baselines = [(a, b) for a, b in (("parent", parent), ("base", base), ("champion", champion))
                  if a in cfg.against and b is not None]
+    if uncompressed is not None:
+        baselines.insert(1, ("uncompressed", uncompressed))
     for against, ref in baselines:
         for g in evals.general:
             t, m, hib = g.task, g.metric, g.higher_is_better
@@ -274,25 +302,56 @@ def fine_tuning_base(lineage: list[Lineage]) -> tuple[Lineage, dict] | None:
     return lineage[root], lineage[root + 1].parent_metrics
 
 
-def gate_and_promote(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[str, Any]:
-    """Gate the final candidate against its parent, the fine-tuning base and the champion, then move
-    aliases: `challenger` always points at the newest gated candidate; `champion` moves only on a pass
-    (the old champion keeps `previous-champion`)."""
-    candidate = lineage[-1]
+def shipped_lineage(ctx: RunContext, cfg: Config, lineage: list[Lineage], compression: dict | None) -> Lineage | None:
+    """The registered compressed model the compress step chose, scored on the uncompressed model's
+    evals (the compress step scored the same folder: evaluate()'s cache answers), or None."""
+    shipped = (compression or {}).get("shipped")
+    if not shipped or not shipped.get("version"):
+        return None
+    folder = Path(shipped["model_dir"])
+    want = registry.version_tags(ctx.registered_model, shipped["version"]).get("weights_hash")
+    if not folder.exists() or dir_hash(folder, "*.safetensors") != want:
+        registry.download_model(ctx.registered_model, shipped["version"], folder)
+    uncompressed = lineage[-1]
+    metrics = evaluate(folder, stage_evals(uncompressed.stage, cfg, ctx.root), ctx.ws, cfg.evaluate,
+                       tasks_dir=eval_tasks_dir(cfg, ctx.root))
+    return Lineage("compress", str(folder), shipped.get("cache_key", ""), shipped["version"], uncompressed.data_hash,
+                   metrics, parent_metrics=uncompressed.metrics, weights_hash=want)
+
+
+def gate_and_promote(ctx: RunContext, cfg: Config, lineage: list[Lineage],
+                     shipped: Lineage | None = None, compression: str | None = None) -> dict[str, Any]:
+    """Gate the final candidate and move the aliases.
+
+    The candidate is `shipped` (the compressed model chosen by the compress step) when there is one:
+    it is judged on the uncompressed model's stage target against the training parent, against the
+    uncompressed model (lineage[-1]: task within compress.select's limits, general guard), the base
+    and the champion. Without it, the uncompressed model is the candidate, as it always was.
+    """
     from stagewise.evalsets import plan
 
-    champ_version, champ = champion_metrics(ctx, cfg, stage_evals(candidate.stage, cfg, ctx.root), candidate.version)
+    trained = lineage[-1]
+    candidate = shipped or trained
+    champ_version, champ = champion_metrics(ctx, cfg, stage_evals(trained.stage, cfg, ctx.root), candidate.version)
     base = fine_tuning_base(lineage)
-    result = gate(candidate.stage, candidate.metrics, candidate.parent_metrics, champ, cfg.gate,
+    sel = cfg.compress.select
+    result = gate(trained.stage, candidate.metrics, trained.parent_metrics, champ, cfg.gate,
                   bootstrap_iters=cfg.evaluate.bootstrap_iters, seed=cfg.run.seed,
-                  base=base[1] if base else None, evals=plan(cfg, ctx.root))
+                  base=base[1] if base else None, evals=plan(cfg, ctx.root),
+                  uncompressed=trained.metrics if shipped else None,
+                  task_max_drop_points=sel.max_task_drop_points, task_max_rise_pct=sel.max_task_rise_pct)
     name = ctx.registered_model
     registry.set_challenger(name, candidate.version)
     moved = registry.promote(name, candidate.version, result.passed)
     now = registry.alias_version(name, registry.CHAMPION)
     gate_dict = result.to_dict()
-    gate_dict.update(candidate={"stage": candidate.stage, "version": candidate.version},
-                     compared_with={"parent": lineage[-2].version or lineage[-2].stage, "champion": champ_version,
+    cand = {"stage": candidate.stage, "version": candidate.version}
+    if shipped:
+        cand |= {"compression": compression, "uncompressed_version": trained.version, "evaluated_as": trained.stage}
+    gate_dict.update(candidate=cand,
+                     compared_with={"parent": lineage[-2].version or lineage[-2].stage,
+                                    **({"uncompressed": trained.version} if shipped else {}),
+                                    "champion": champ_version,
                                     "base": (base[0].version or base[0].stage) if base else None},
                      champion_moved=moved and now == candidate.version and champ_version != candidate.version)
     return {
@@ -303,6 +362,8 @@ def gate_and_promote(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> di
 
 
 @task(name="gate", retries=0)
-def gate_task(ctx, cfg, lineage) -> dict:
-    """Forgetting guard on the final candidate, then the registry aliases."""
-    return gate_and_promote(ctx, cfg, lineage)
+def gate_task(ctx, cfg, lineage, compression: dict | None = None) -> dict:
+    """Forgetting guard on the model that ships (the compress step's choice, else the final trained
+    model), then the registry aliases."""
+    shipped = shipped_lineage(ctx, cfg, lineage, compression)
+    return gate_and_promote(ctx, cfg, lineage, shipped, compression=(compression or {}).get("chosen"))

@@ -12,14 +12,16 @@ from stagewise.config import Config
 from tasks.compress import check, compress, select
 
 
-def _cand(method, mem, metrics):
-    return {"method": method, "memory_bytes": mem, "bytes": mem, "params": mem, "metrics": metrics}
+def _cand(method, mem, metrics, tps=1000.0):
+    return {"method": method, "memory_bytes": mem, "bytes": mem, "params": mem, "metrics": metrics,
+            "tokens_per_s": tps, "tokens_per_s_batched": tps}
 
 
 def _score(cfg, parent, cands):
     for c in cands:
         c["check"] = check(cfg, parent["metrics"], c["metrics"])
-    return select(cfg, parent, cands)
+    sel = select(cfg, parent, cands)
+    return sel["chosen"], sel["reason"]
 
 
 def test_policy_picks_the_smallest_within_limits_and_guard():
@@ -48,7 +50,7 @@ def test_policy_keeps_the_parent_when_nothing_passes_and_says_why():
     parent = _cand("parent", 100, {"task_nll": 2.0, "general_nll": 3.0})
     cands = [_cand("distill", 30, {"task_nll": 2.5, "general_nll": 3.0})]
     chosen, reason = _score(cfg, parent, cands)
-    assert chosen is None and "keep the parent" in reason and "task_nll" in reason
+    assert chosen is None and "uncompressed parent ships" in reason and "task_nll" in reason
 
 
 def test_policy_uses_the_configured_task_metric_and_ignores_stderr():
@@ -131,3 +133,39 @@ def test_a_drop_exactly_at_the_limit_passes():
     c = _cand("prune_structured", 60, {"sw_arithmetic/exact_match": 0.15})
     chosen, _ = _score(cfg, parent, [c])
     assert chosen == "prune_structured" and c["check"]["deltas"]["sw_arithmetic/exact_match"] == {"drop_points": 2.0}
+
+
+def test_a_chain_applies_its_links_in_order_each_from_the_previous_output(compress_env, tmp_path):  # noqa: F811
+    import torch
+
+    from stagewise.compression.measure import load_candidate
+
+    ws, parent_dir, base_cfg = compress_env
+    cfg = base_cfg.model_copy(deep=True)
+    cfg.compress.methods = ["prune_structured", "prune_structured+nf4", "distill+prune_structured"]
+    cfg.compress.select.min_speed_ratio = 0.0
+    out_root = tmp_path / "c"
+    res = compress(cfg, parent_dir, ws, out_root,
+                   evaluate_fn=lambda d: {"task_acc": 0.5, "general_acc": 0.5})
+    by = {c["method"]: c for c in res["candidates"]}
+    chain = by["prune_structured+nf4"]["info"]
+    assert chain["chain"] == ["prune_structured", "nf4"]
+    first, second = chain["links"]
+    # link 1 is the already-built prune_structured candidate (reused, not pruned twice); link 2 quantizes it
+    assert first["from"] == str(parent_dir) and first["to"] == str(out_root / "prune_structured") and first["reused"]
+    assert second["from"] == first["to"] and second["to"] == str(out_root / "prune_structured+nf4")
+    model = load_candidate(out_root / "prune_structured+nf4")
+    assert model.config.intermediate_size == 192 // 2          # pruned first ...
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"   # ... then quantized
+    assert by["prune_structured+nf4"]["memory_bytes"] < by["prune_structured"]["memory_bytes"] / 2
+    # distill, then prune the student: the pruned model has the student's depth and half its MLP
+    d = by["distill+prune_structured"]["info"]
+    assert [x["link"] for x in d["links"]] == ["distill", "prune_structured"]
+    student = load_candidate(out_root / "distill")
+    final = load_candidate(out_root / "distill+prune_structured")
+    assert final.config.num_hidden_layers == student.config.num_hidden_layers == 1
+    assert final.config.intermediate_size == student.config.intermediate_size // 2
+    assert not torch.equal(final.model.embed_tokens.weight, load_candidate(parent_dir).model.embed_tokens.weight)
+    for c in res["candidates"]:
+        assert c["tokens_per_s"] > 0 and c["tokens_per_s_batched"] > 0 and c["reloadable"]
+    assert "| prune_structured+nf4" in res["table"]

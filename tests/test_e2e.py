@@ -112,6 +112,15 @@ def test_champion_follows_the_gate_verdict_and_challenger_is_the_candidate(smoke
     mlflow.set_registry_uri(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
     # the last stage that was kept (a stage worse on its own target is rejected: train.keep_parent_on_regression)
     final = next(r["model_version"] for r in reversed(s["stages"]) if not r.get("kept_parent"))
+    trained = final
+    shipped = (s.get("compression") or {}).get("shipped")
+    # the gate judges what ships: the compressed model the compress step chose, else the trained one
+    final = shipped["version"] if shipped else trained
+    assert s["gate"]["candidate"]["version"] == final
+    if shipped:
+        tags = registry.version_tags("stagewise", final)
+        assert tags["stage"] == "compress" and tags["parent_version"] == trained
+        assert s["gate"]["compared_with"]["uncompressed"] == trained
     assert registry.alias_version("stagewise", registry.CHALLENGER) == final
     champion = registry.alias_version("stagewise", registry.CHAMPION)
     if s["gate"]["passed"]:

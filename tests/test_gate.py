@@ -199,3 +199,21 @@ def test_a_drop_of_exactly_the_limit_is_within_it():
     assert row(ok)["delta"] == pytest.approx(-3.0) and row(ok)["passed"] and ok.passed
     bad = gate("sft", beyond, parent, None, GateConfig(), bootstrap_iters=200)
     assert not row(bad)["passed"] and not bad.passed
+
+
+def test_a_compressed_candidate_is_judged_against_the_uncompressed_model_too():
+    trained_parent = model_results(ones(10), ones(48), BASE_LL)     # what the stage had to beat
+    uncompressed = model_results(ones(40), ones(48), BASE_LL)       # target 0.67
+    kept = model_results(ones(39), ones(48), BASE_LL)               # -1.7 points: within the 2-point limit
+    res = gate("sft", kept, trained_parent, None, GateConfig(), bootstrap_iters=200, uncompressed=uncompressed)
+    assert res.passed
+    cost = next(r for r in res.rules if r["rule"] == "task_within_limit")
+    assert cost["against"] == "uncompressed" and cost["delta"] == pytest.approx(-100 / 60) and cost["threshold"] == 2.0
+    assert {r["against"] for r in res.rules if r["rule"] == "general_no_drop"} == {"parent", "uncompressed"}
+    # planted: the compressed model lost 10 points vs the uncompressed one, though it still beats the
+    # training parent — the gate fails it and says why
+    lost = model_results(ones(34), ones(48), BASE_LL)
+    res = gate("sft", lost, trained_parent, None, GateConfig(), bootstrap_iters=200, uncompressed=uncompressed)
+    assert not res.passed
+    assert res.reasons[0].startswith("compression cost: target sw_instruct.token_f1 dropped 10.00 points")
+    assert next(r for r in res.rules if r["rule"] == "target_improves")["passed"]

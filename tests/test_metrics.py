@@ -5,7 +5,7 @@ from __future__ import annotations
 from stagewise.evalsets import KINDS, demo_plan
 from stagewise.evaluation import aggregate
 from stagewise.metrics import metric
-from tasks.compress import _delta, lower_is_better
+from stagewise.compression.select import _delta, lower_is_better
 from tasks.gate import relative
 
 

@@ -111,3 +111,34 @@ def test_nf4_folder_registers_and_downloads_as_the_same_quantized_model(store, t
     x = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():
         assert torch.equal(load_candidate(out)(x).logits, load_candidate(nf4)(x).logits)
+
+
+def test_a_lora_stage_registers_its_adapter_folder_with_the_base_named(store, tmp_path):
+    """PEFT adapter beside the merged model: logged as run artifacts, base version in the tags, reloadable."""
+    import shutil
+
+    import mlflow
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from stagewise.modeling import load_model
+
+    folder = tmp_path / "sft"
+    shutil.copytree(store / "model", folder)
+    peft = get_peft_model(load_model(folder), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                         task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.01)   # a non-trivial adapter
+    peft.save_pretrained(folder / registry.ADAPTER_DIR)
+    (folder / "stage_info.json").write_text('{"peft": "qlora"}')
+    with mlflow.start_run(run_name="sft") as run:
+        v = registry.log_model_version(folder, "reg-lora", "sft", {"parent_version": "7"}, run.info.run_id)
+    tags = registry.version_tags("reg-lora", v)
+    assert tags["adapter_uri"] == f"runs:/{run.info.run_id}/sft-adapter" and tags["adapter_format"] == "peft"
+    assert tags["adapter_base_version"] == "7" and tags["adapter_peft"] == "qlora"
+    got = Path(mlflow.artifacts.download_artifacts(tags["adapter_uri"], dst_path=str(tmp_path / "dl")))
+    reloaded = PeftModel.from_pretrained(load_model(store / "model"), got)
+    want = dict(peft.named_parameters())
+    assert all(torch.equal(p, want[n]) for n, p in reloaded.named_parameters() if "lora_" in n)

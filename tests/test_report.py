@@ -127,7 +127,7 @@ def test_compress_step_result_is_reported_with_its_own_pareto_plot(tmp_path):
     md, page = write_gate_report(tmp_path / "r", summary)
     text = md.read_text()
     section = text.split("## Compression candidates")[1]
-    assert "| quantize_int8 (chosen) | 4.3 | 30.4 |" in section and "| prune_50 | 7 | 45 | 50 | no |" in section
+    assert "| quantize_int8 (chosen) | 4.3 | 30.4 |" in section and "| prune_50 | 7 | 45 | 50 | 1.00x | – | no |" in section
     assert "skipped: no second model" in section and "Chosen: quantize_int8 — quantize_int8: smallest" in section
     assert images(page.read_text())[-1] == plot.read_bytes()       # the compress step's own plot, embedded
     plot.unlink()                                                  # gone: we draw one from the numbers
@@ -179,3 +179,20 @@ def test_metrics_scored_beside_the_rules_are_shown_not_enforced(tmp_path):
     assert text.index("Also measured") < text.index("## Stages")
     assert "sw_arithmetic.exact_match" in page.read_text() and "Also measured" in page.read_text()
     assert headline(s)[0] is True      # shown, and the verdict is still the rules'
+
+
+def test_gate_report_shows_uncompressed_and_shipped_side_by_side(tmp_path):
+    def row(method, mem, tps, acc):
+        return {"method": method, "params": mem // 4, "bytes": mem, "memory_bytes": mem, "tokens_per_s": tps,
+                "tokens_per_s_batched": tps * 3, "metrics": {"sw_arithmetic_sampled/pass1": acc}}
+    summary = make_summary(passed_gate=True)
+    summary["compression"] = {"parent": row("parent", 3_660_000, 987.0, 0.2375), "parent_version": "4",
+                              "candidates": [row("distill", 1_500_000, 1530.0, 0.2475)], "chosen": "distill",
+                              "model_version": "6", "reason": "distill won"}
+    md, page = write_gate_report(tmp_path / "r", summary)
+    section = md.read_text().split("## Uncompressed vs shipped")[1].split("##")[0]
+    assert "| measure | uncompressed (v4) | shipped: distill (v6) | shipped / uncompressed |" in section
+    assert "| memory (MB) | 3.66 | 1.5 | 0.41x |" in section
+    assert "| tokens/s, batch 1 | 987 | 1530 | 1.55x |" in section
+    assert "| sw_arithmetic_sampled/pass1 | 0.2375 | 0.2475 | +0.01 |" in section
+    assert "Uncompressed vs shipped" in page.read_text()

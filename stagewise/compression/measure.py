@@ -73,8 +73,10 @@ def memory_bytes(model) -> int:
 @torch.no_grad()
 def tokens_per_s(models: dict[str, object], n_tokens: int = 32, repeats: int = 3, prompt_len: int = 8,
                  batch_size: int = 1, threads: int = 1) -> dict[str, float]:
-    """Greedy generation speed (new tokens/s) of several models, timed interleaved: every round times
-    each model once and the best round counts, so load from other processes hits all models alike.
+    """Greedy generation speed (new tokens/s) of several models, timed interleaved: one warm-up
+    generation each, then every round times each model once and the best round counts, so load from
+    other processes hits all models alike. Runs on each model's own device (CPU here; a model placed
+    on a GPU is timed there, synchronised).
 
     One thread by default: batch-1 decoding of small models does not scale with threads, and on a
     shared machine a second spinning OpenMP thread makes timings swing by 10x.
@@ -85,7 +87,8 @@ def tokens_per_s(models: dict[str, object], n_tokens: int = 32, repeats: int = 3
         g = torch.Generator().manual_seed(0)
         jobs = {}
         for name, model in models.items():
-            ids = torch.randint(8, model.config.vocab_size, (batch_size, prompt_len), generator=g)
+            device = getattr(model, "device", torch.device("cpu"))
+            ids = torch.randint(8, model.config.vocab_size, (batch_size, prompt_len), generator=g).to(device)
             pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
             kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
                       do_sample=False, pad_token_id=pad)
@@ -94,12 +97,19 @@ def tokens_per_s(models: dict[str, object], n_tokens: int = 32, repeats: int = 3
         best = {name: float("inf") for name in jobs}
         for _ in range(max(1, repeats)):
             for name, (model, ids, kw) in jobs.items():
+                _sync(ids.device)
                 t0 = time.perf_counter()
                 model.generate(ids, **kw)
+                _sync(ids.device)
                 best[name] = min(best[name], time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
     return {name: round(n_tokens * batch_size / t, 2) for name, t in best.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure(model, model_dir: Path | None) -> dict:
