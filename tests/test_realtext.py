@@ -20,7 +20,7 @@ from realtext_world import build
 from test_e2e import run_cli
 
 # two smoke runs of a world bigger than the demo's smoke one: minutes each on 2 shared cores
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(5400)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(5400)]
 
 TARGETS = {"pretrain": "my_text", "sft": "my_qa", "preference": "my_pairs", "reasoning": "my_verifiable"}
 
