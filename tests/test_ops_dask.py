@@ -21,7 +21,11 @@ def run_data_phase(ws: Path, overrides: list[str], monkeypatch) -> dict:
 
     monkeypatch.chdir(ws)   # like `stagewise run` and deployments: DVC resolves params files from the cwd
     cfg = load_config(ws / "params.yaml", "smoke", overrides)
-    (ws / "params.resolved.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from stagewise.hashing import input_hashes
+
+    # as start_run writes it: dvc.yaml's ingest and decontaminate read the `inputs.*` hashes
+    (ws / "params.resolved.yaml").write_text(
+        yaml.safe_dump({**cfg.to_dict(), "inputs": input_hashes(cfg, ws)}, sort_keys=False))
     dvcops.ensure_repo(ws)
     registry.setup_tracking(ws)   # data steps log nested MLflow runs
     ctx = RunContext(run_id="dask-test", root=ws, mlflow_run_id=None, registered_model="stagewise",

@@ -22,6 +22,7 @@ def shipped(compress_env, tmp_path_factory):  # noqa: F811
 
     from tasks.compress import run_compress
     from stagewise.evaluation import evaluate
+    from stagewise.stage import eval_tasks_dir
 
     ws0, parent_dir, base_cfg = compress_env
     root = tmp_path_factory.mktemp("ship")
@@ -42,8 +43,8 @@ def shipped(compress_env, tmp_path_factory):  # noqa: F811
     with mlflow.start_run(run_name="sft") as run:
         v_sft = registry.log_model_version(parent_dir, "ship", "sft", {"parent_version": "none"}, run.info.run_id)
     evals = ["sw_instruct", "sw_general_text", "sw_general_mc"]
-    trained = Lineage("sft", str(parent_dir), "k-sft", v_sft, None, evaluate(parent_dir, evals, ctx.ws, cfg.evaluate),
-                      weights_hash="w")
+    scores = evaluate(parent_dir, evals, ctx.ws, cfg.evaluate, tasks_dir=eval_tasks_dir(cfg, root))
+    trained = Lineage("sft", str(parent_dir), "k-sft", v_sft, None, scores, weights_hash="w")
     trained.parent_metrics = copy.deepcopy(trained.metrics)
     lineage = [Lineage("init", str(parent_dir), "k-init"), trained]
     compression = run_compress(ctx, cfg, lineage)
