@@ -155,12 +155,17 @@ def prefect_cache_key(step: Step) -> Callable[[Any, dict[str, Any]], str | None]
 
 
 def flat_params(prefix: str, obj: Any) -> dict[str, Any]:
+    """A config section as MLflow params, credentials in any URI value redacted (a source or base URI
+    may carry user:password@)."""
+    from stagewise.redact import redact
+
     out: dict[str, Any] = {}
     if isinstance(obj, dict):
         for k, v in obj.items():
             out.update(flat_params(f"{prefix}.{k}" if prefix else str(k), v))
     else:
-        out[prefix] = obj if not isinstance(obj, list) else ",".join(map(str, obj))
+        value = obj if not isinstance(obj, list) else ",".join(map(str, obj))
+        out[prefix] = redact(value) if isinstance(value, str) else value
     return out
 
 

@@ -515,3 +515,15 @@ def test_a_read_only_or_full_tracking_database_is_a_store_error():
     assert code == 3 and message.startswith("the tracking store cannot be written (")
     assert "attempt to write a readonly database" in message
     assert user_facing(ValueError("a bug")) is None
+
+
+def test_stage_params_logged_to_mlflow_carry_no_credentials():
+    """Every stage logs its params sections to MLflow through flat_params: a source URI with a
+    password in it is logged with the password masked."""
+    from stagewise.stage import flat_params
+
+    params = flat_params("data", {"sources": {"web": {"path": "s3://alice:s3cr3t@bucket/corpus", "kind": "corpus"}},
+                                  "steps": [1, 2]})
+    assert params["data.sources.web.path"] == "s3://alice:***@bucket/corpus"
+    assert params["data.sources.web.kind"] == "corpus" and params["data.steps"] == "1,2"
+    assert "s3cr3t" not in repr(params)
