@@ -537,7 +537,7 @@ class RecipeConfig(Section):
     reference_lr: dict[str, float] = Field(default_factory=lambda: {
         "pretrain": 3e-3, "sft": 2e-3, "preference": 1e-4, "reasoning": 3e-4})
     tokens_per_param: float = Field(20.0, gt=0)        # pretraining budget (Chinchilla: ~20)
-    pretrain_max_epochs: float = Field(8.0, gt=0)      # ... at most this many passes over the corpus
+    pretrain_max_epochs: float = Field(16.0, gt=0)     # ... at most this many passes over the corpus
     min_steps: dict[str, int] = Field(default_factory=lambda: {
         "pretrain": 100, "sft": 300, "preference": 50, "reasoning": 30})
     min_epochs: float = Field(1.0, gt=0)

@@ -82,12 +82,12 @@ def test_user_data_leaves_auto_until_resolved_and_resolve_gives_numbers(tmp_path
     out, lines = recipes.resolve(cfg, FACTS)
     assert recipes.unresolved(out) == []
     got = {r.setting: r.value for r in lines}
-    assert got["pretrain.max_steps"] == 235
-    assert got["pretrain.eval_steps"] == got["pretrain.save_steps"] == 24 and got["pretrain.early_stopping_patience"] == 3
+    assert got["pretrain.max_steps"] == 469                       # 16 epochs x 60k tokens / 2,048 per step
+    assert got["pretrain.eval_steps"] == got["pretrain.save_steps"] == 47 and got["pretrain.early_stopping_patience"] == 3
     assert got["pretrain.learning_rate"] == 3e-3                  # demo width = the reference width
     assert got["sft.epochs"] == 8.0                               # 300 chats + 300 replayed documents
     assert got["preference.epochs"] == 3.0 and got["reasoning.max_steps"] == 38
-    assert "480,000 tokens" in next(r.line() for r in lines if r.setting == "pretrain.max_steps")
+    assert "960,000 tokens" in next(r.line() for r in lines if r.setting == "pretrain.max_steps")
     # a wider model: smaller steps, by the same rule
     wide, _ = recipes.resolve(cfg, Facts(**{**FACTS.__dict__, "width": 256}))
     assert (wide.pretrain.learning_rate, wide.sft.learning_rate) == (1.5e-3, 1e-3)
@@ -111,7 +111,7 @@ def test_a_changed_dataset_changes_the_stage_key(tmp_path):
     a, _ = recipes.resolve(cfg, FACTS)
     b, _ = recipes.resolve(cfg, Facts(**{**FACTS.__dict__, "corpus_tokens": 120_000}))
     c, _ = recipes.resolve(cfg, Facts(**{**FACTS.__dict__, "chats": 1_200}))
-    assert b.pretrain.max_steps == 469
+    assert b.pretrain.max_steps == 938
     assert stage_key(step("pretrain"), a, None, "d") != stage_key(step("pretrain"), b, None, "d")
     assert c.sft.epochs == 2.0
     assert stage_key(step("sft"), a, None, "d") != stage_key(step("sft"), c, None, "d")
