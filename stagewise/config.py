@@ -271,8 +271,14 @@ class SFTConfig(Section):
     # loss on every token. The usual cure for chat SFT wiping out general language modelling (the
     # forgetting guard's general perplexity); docs/training.md has the measurement.
     replay_ratio: float = Field(0.0, ge=0.0)
-    save_steps: int = Field(50, gt=0)
+    save_steps: Auto(int, gt=0) = 50
     eval_limit: int | None = Field(60, gt=0)        # held-out instruct/arithmetic items for the before/after self-check
+    # Early stopping on held-out loss (transformers' EarlyStoppingCallback, best checkpoint kept): the
+    # loss on the assistant tokens of eval_fraction of the chats (at least 8), taken out of training,
+    # every eval_steps; null: off, every chat trains.
+    early_stopping_patience: Auto(int | None, gt=0) = None
+    eval_steps: Auto(int, gt=0) = 50
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
     # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
     # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
     # held-out share of the stage's own data). docs/evaluation.md.

@@ -33,7 +33,7 @@ AUTO = "auto"
 # The settings that may be `auto`, per section (each has a rule below and a demo-world value).
 AUTO_FIELDS: dict[str, tuple[str, ...]] = {
     "pretrain": ("max_steps", "learning_rate", "warmup_ratio", "eval_steps", "save_steps", "early_stopping_patience"),
-    "sft": ("epochs", "learning_rate", "warmup_ratio"),
+    "sft": ("epochs", "learning_rate", "warmup_ratio", "eval_steps", "save_steps", "early_stopping_patience"),
     "preference": ("epochs", "learning_rate"),
     "reasoning": ("max_steps", "learning_rate"),
 }
@@ -86,6 +86,11 @@ def epochs_for_rows(rows: int, batch_size: int, min_steps: int, min_epochs: floa
 
 def steps_of_epochs(rows: int, batch_size: int, epochs: float) -> int:
     return max(1, math.ceil(rows / batch_size) * epochs)
+
+
+def sft_eval_rows(chats: int, fraction: float) -> int:
+    """Chats SFT holds out for its early-stopping loss: `fraction` of them, at least 8, never all."""
+    return min(max(8, round(chats * fraction)), max(chats - 1, 0))
 
 
 def width_lr(ref_lr: float, ref_width: int, width: int) -> float:
@@ -198,17 +203,30 @@ def resolve(cfg, facts: Facts) -> tuple[Any, list[Resolved]]:
             f"stop after {rc.early_stopping_patience} evaluations without a lower held-out loss; keep the best")
 
     s = cfg.sft
-    sft_rows = round(facts.chats * (1 + s.replay_ratio))   # replayed documents are rows too
+    if is_auto(s.early_stopping_patience):
+        put("sft", "early_stopping_patience", rc.early_stopping_patience,
+            f"stop after {rc.early_stopping_patience} evaluations without a lower held-out loss on "
+            f"{s.eval_fraction:g} of the chats; keep the best")
+    chats = facts.chats
+    if cur("sft", "early_stopping_patience"):
+        chats -= sft_eval_rows(facts.chats, s.eval_fraction)   # held out for the early-stopping loss
+    sft_rows = round(chats * (1 + s.replay_ratio))   # replayed documents are rows too
     if is_auto(s.epochs):
         put("sft", "epochs", epochs_for_rows(sft_rows, s.batch_size, rc.min_steps["sft"], rc.min_epochs,
                                               rc.max_epochs["sft"]),
-            f"{rc.min_steps['sft']} steps × batch {s.batch_size} / {sft_rows:,} rows ({facts.chats:,} chats + "
+            f"{rc.min_steps['sft']} steps × batch {s.batch_size} / {sft_rows:,} rows ({chats:,} chats + "
             f"replay {s.replay_ratio:g}), within [{rc.min_epochs:g}, {rc.max_epochs['sft']:g}] epochs")
     lr("sft")
     if is_auto(s.warmup_ratio):
         total = s.max_steps if s.max_steps > 0 else steps_of_epochs(sft_rows, s.batch_size, cur("sft", "epochs"))
         put("sft", "warmup_ratio", warmup_ratio(total, ADAM_BETA2["sft"], rc.max_warmup_ratio),
             f"2/(1-β2={ADAM_BETA2['sft']}) steps of {total:g}, at most {rc.max_warmup_ratio:g}")
+    if is_auto(s.eval_steps):
+        total = s.max_steps if s.max_steps > 0 else steps_of_epochs(sft_rows, s.batch_size, cur("sft", "epochs"))
+        put("sft", "eval_steps", eval_every(math.ceil(total), rc.evals_per_run),
+            f"{math.ceil(total)} steps / {rc.evals_per_run} evaluations")
+    if is_auto(s.save_steps):
+        put("sft", "save_steps", cur("sft", "eval_steps"), "= eval_steps (the best checkpoint is kept)")
 
     pc = cfg.preference
     if is_auto(pc.epochs):

@@ -87,7 +87,7 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
     if patience and trainer.state.global_step < p.max_steps:
         run["stopped_early"] = (
             f"early stopping at step {trainer.state.global_step} of {p.max_steps}: held-out loss did not improve "
-            f"for {patience} evaluations; kept the best checkpoint ({trainer.state.best_model_checkpoint and Path(trainer.state.best_model_checkpoint).name}, "
+            f"for {patience} evaluations; kept the best checkpoint (step {trainer.state.best_global_step}, "
             f"eval loss {trainer.state.best_metric:.4f})")
     run["train_metrics"].update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     tokens = trainer.state.num_input_tokens_seen

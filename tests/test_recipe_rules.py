@@ -45,6 +45,10 @@ def test_epochs_follow_the_dataset_size():
     assert recipes.epochs_for_rows(400, 8, 50, 1, 3) == 1.0
 
 
+def test_sft_holds_out_a_share_of_the_chats_for_early_stopping():
+    assert [recipes.sft_eval_rows(n, 0.1) for n in (300, 1_200, 40, 5)] == [30, 120, 8, 4]
+
+
 def test_learning_rate_scales_as_one_over_width():
     assert recipes.width_lr(3e-3, 128, 128) == 3e-3
     assert recipes.width_lr(3e-3, 128, 64) == 6e-3
@@ -85,7 +89,9 @@ def test_user_data_leaves_auto_until_resolved_and_resolve_gives_numbers(tmp_path
     assert got["pretrain.max_steps"] == 469                       # 16 epochs x 60k tokens / 2,048 per step
     assert got["pretrain.eval_steps"] == got["pretrain.save_steps"] == 47 and got["pretrain.early_stopping_patience"] == 3
     assert got["pretrain.learning_rate"] == 3e-3                  # demo width = the reference width
-    assert got["sft.epochs"] == 8.0                               # 300 chats + 300 replayed documents
+    # 300 chats, 30 held out for early stopping: 270 chats + 270 replayed documents, 300 x 16 / 540 = 8.9 epochs
+    assert got["sft.epochs"] == 8.9 and got["sft.early_stopping_patience"] == 3
+    assert got["sft.eval_steps"] == got["sft.save_steps"] == 31   # ceil(540 / 16) x 8.9 = 302.6 steps / 10
     assert got["preference.epochs"] == 3.0 and got["reasoning.max_steps"] == 38
     assert "960,000 tokens" in next(r.line() for r in lines if r.setting == "pretrain.max_steps")
     # a wider model: smaller steps, by the same rule
@@ -113,7 +119,7 @@ def test_a_changed_dataset_changes_the_stage_key(tmp_path):
     c, _ = recipes.resolve(cfg, Facts(**{**FACTS.__dict__, "chats": 1_200}))
     assert b.pretrain.max_steps == 938
     assert stage_key(step("pretrain"), a, None, "d") != stage_key(step("pretrain"), b, None, "d")
-    assert c.sft.epochs == 2.0
+    assert c.sft.epochs == 2.2          # 1,200 chats - 120 held out, x 2 with replay: 300 x 16 / 2,160
     assert stage_key(step("sft"), a, None, "d") != stage_key(step("sft"), c, None, "d")
 
 
