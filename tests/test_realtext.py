@@ -78,6 +78,25 @@ def test_nothing_is_scored_on_the_demo_world(realtext_run):
     assert "Evaluation sets behind these numbers" in (ws / "reports" / s["run_id"] / "gate.md").read_text()
 
 
+def test_auto_settings_are_resolved_from_this_world(realtext_run):
+    """The training settings left at `auto` became numbers measured on this world's curated data, and
+    those numbers are what the run recorded (params.resolved.yaml, the report's config.yaml)."""
+    ws, _, proc, s = realtext_run
+    facts, resolved = s["recipe"]["facts"], {r["setting"]: r["value"] for r in s["recipe"]["resolved"]}
+    curated = ws / "data" / "05_curated"
+    assert facts["chats"] == sum(1 for _ in (curated / "chat.jsonl").open())
+    assert facts["problems"] == sum(1 for _ in (curated / "verifiable.jsonl").open())
+    assert facts["width"] == 64 and facts["corpus_tokens"] > 0
+    assert {"pretrain.max_steps", "sft.epochs", "preference.epochs", "reasoning.max_steps"} <= set(resolved)
+    for where in (ws / "params.resolved.yaml", ws / "reports" / s["run_id"] / "config.yaml"):
+        cfg = yaml.safe_load(where.read_text())
+        assert cfg["pretrain"]["max_steps"] == resolved["pretrain.max_steps"], where
+        assert cfg["sft"]["epochs"] == resolved["sft.epochs"], where
+    assert "recipe: pretrain.max_steps: auto → " in proc.stdout + proc.stderr
+    rows = {r["name"]: r for r in s["stages"]}
+    assert rows["pretrain"]["steps"] <= resolved["pretrain.max_steps"]
+
+
 def test_appending_a_record_to_a_source_reruns_ingest_and_what_follows(realtext_run):
     ws, world, _, first = realtext_run
     chat = Path(world["sources"]["chat"])
