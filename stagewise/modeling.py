@@ -14,6 +14,7 @@ The gate's numbers come from stagewise/evaluation.py (lm-eval); these are the st
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -522,10 +523,8 @@ def gguf_to_folder(gguf: Path, out_dir: Path, trust_remote_code: bool = False) -
     marker = out_dir / "gguf_source.json"
     if marker.exists() and json.loads(marker.read_text()).get("sha") == src:
         return out_dir
-    try:
-        import gguf as _gguf  # noqa: F401
-    except ImportError:
-        raise ImportError(f"model.base: {gguf}: reading GGUF needs the `gguf` package (pip install gguf)") from None
+    if importlib.util.find_spec("gguf") is None:   # transformers' own error names neither the setting nor the fix
+        raise ImportError(f"model.base: {gguf}: reading GGUF needs the `gguf` package (pip install gguf)")
     kw = {"gguf_file": gguf.name, "trust_remote_code": trust_remote_code}
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)

@@ -16,7 +16,6 @@ from stagewise.config import PPOConfigSection
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------- the pieces (unit-tested)

@@ -55,7 +55,7 @@ def removal_warnings(stats: dict[str, dict], max_share: float) -> list[dict]:
                             "message": (f"{step} removed {removed} of {n_in} {kind} records ({removed / n_in:.0%}, "
                                         f"more than data.warn_removed_share={max_share:g}); top reasons: "
                                         + ", ".join(f"{r} {n}" for r, n in top)
-                                        + f" — see data/*/removed/ and docs/data.md")})
+                                        + " — see data/*/removed/ and docs/data.md")})
     return out
 
 
