@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import make_workspace
-from realtext_world import build
+from realtext_world import TARGETS, build, user_params
 from test_e2e import run_cli
 
 # two smoke runs (the second from ingest to sft): 7.5 min for the module at run.threads=1 on a shared
@@ -26,18 +26,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 # as tests/stage_fixtures.py: on a shared 2-core box a second OpenMP thread costs more than it gives these
 # tiny models (not a user setting: the run's params.yaml is the user's)
 ONE_THREAD = ("--set", "run.threads=1")
-TARGETS = {"pretrain": "my_text", "sft": "my_qa", "preference": "my_pairs", "reasoning": "my_verifiable"}
-
-
-def user_params(ws: Path, world: dict) -> None:
-    """What a user edits in params.yaml: sources, declared sets, targets, general metrics (absolute paths)."""
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["data"]["sources"] = {k: {"path": p, "kind": k} for k, p in world["sources"].items()}
-    params["evaluate"]["sets"] = {f"my_{k}": {"path": p, "kind": k} for k, p in world["sets"].items()}
-    for stage, name in TARGETS.items():
-        params[stage]["target"] = name
-    params["gate"]["general"] = ["my_text"]
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +33,7 @@ def realtext_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("realtext")
     world = build(root / "world")
     ws = make_workspace(root / "ws")
-    user_params(ws, world)
+    user_params(ws / "params.yaml", world)
     proc = run_cli(ws, "run", "--profile", "smoke", *ONE_THREAD, timeout=1800)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
     return ws, world, proc, json.loads((ws / "reports" / "latest" / "summary.json").read_text())
