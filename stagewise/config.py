@@ -47,7 +47,10 @@ def Auto(tp: Any, **constraints: Any) -> Any:
         try:
             return adapter.validate_python(v)
         except ValidationError as e:
-            raise ValueError(f"{e.errors()[0]['msg']}, or auto") from None
+            err = e.errors()[0]
+            # a value of the wrong type may also be `auto`; a number out of range is just out of range
+            wrong_type = "parsing" in err["type"] or err["type"].endswith("_type")
+            raise ValueError(f"{err['msg']}, or auto" if wrong_type else err["msg"]) from None
 
     return Annotated[tp | Literal["auto"], PlainValidator(check)]
 
