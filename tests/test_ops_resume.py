@@ -24,7 +24,9 @@ import pytest
 
 from conftest import make_workspace
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+# Several smoke pipelines per fixture: under a loaded machine the cold run alone took 824 s (2026-12-01,
+# load 5-6), so the 1200 s default of pyproject would cut the first test; finish() bounds each run.
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
 BIN = Path(sys.executable).parent
 DATA = ["generate", "ingest", "quality", "dedup", "decontaminate", "validate", "tokenizer"]
 TRAIN = ["pretrain", "sft", "preference", "reasoning"]
