@@ -68,6 +68,14 @@ def gate_report_task(ctx: RunContext, summary: dict[str, Any]) -> list[str]:
     return [str(md), str(html)]
 
 
+@task(name="recipe")
+def recipe_task(ctx: RunContext, cfg: Config, parent: Lineage) -> Config:
+    """`auto` training settings → numbers from the curated data and the starting model (stagewise/recipes.py)."""
+    from stagewise.run import resolve_recipes
+
+    return resolve_recipes(ctx, cfg, Path(parent.model_dir))
+
+
 @task(name="track-data-step", retries=1)
 def track_data_step_task(ctx: RunContext, step: str, stats: dict, out_dir: Path | None) -> None:
     """Counts per reason as MLflow metrics of a nested run `<step>`; Data Docs as its artifacts."""
@@ -156,8 +164,9 @@ def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: li
     train_steps = [s.name for s in tasks.of_kind("train")]
     last = max((train_steps.index(s) for s in selected if s in train_steps), default=-1)
     if last < 0:
-        return {"lineage": [], "rows": []}
+        return {"lineage": [], "rows": [], "cfg": cfg}
     parent: Lineage = base_task(cfg, ctx, data["hashes"].get("tokenizer"))
+    cfg = recipe_task(ctx, cfg, parent)   # the stages (and their cache keys) see numbers, never `auto`
     lineage, rows = [parent], []
     for stage in train_steps[: last + 1]:
         if stage == "pretrain" and cfg.model.base:
@@ -173,7 +182,7 @@ def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: li
             continue   # worse on its own target: registered as rejected, the chain goes on from the parent
         lineage.append(child)
         parent = child
-    return {"lineage": lineage, "rows": rows}
+    return {"lineage": lineage, "rows": rows, "cfg": cfg}
 
 
 @flow(name="compress")
@@ -217,6 +226,7 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
         try:
             data = data_phase.with_options(task_runner=data_task_runner(cfg.ops))(cfg, ctx, selected)
             trained = train_phase(cfg, ctx, data, selected)
+            cfg = trained.get("cfg", cfg)   # auto settings resolved (stagewise/recipes.py)
             # a candidate exists once one trained stage was kept (lineage[0] is the untrained init or model.base)
             candidate = len(trained["lineage"]) > 1
             compression = (compress_phase(cfg, ctx, trained)

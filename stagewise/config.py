@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError, field_validator,
+    model_validator,
+)
 
 from stagewise.errors import UserError
 
@@ -31,6 +34,25 @@ def _steps(v: int) -> int:
 
 # -1 = let `epochs` decide; anything else must be a real step count (HF reads -5 as "no limit").
 MaxSteps = Annotated[int, AfterValidator(_steps)]
+
+
+def Auto(tp: Any, **constraints: Any) -> Any:
+    """`tp` (with its Field constraints) or the string `auto`: derived from the data and the model by
+    stagewise/recipes.py before the stage runs (docs/training.md#recipes-that-transfer)."""
+    adapter = TypeAdapter(Annotated[tp, Field(**constraints)] if constraints else tp)
+
+    def check(v: Any) -> Any:
+        if v == "auto":
+            return v
+        try:
+            return adapter.validate_python(v)
+        except ValidationError as e:
+            err = e.errors()[0]
+            # a value of the wrong type may also be `auto`; a number out of range is just out of range
+            wrong_type = "parsing" in err["type"] or err["type"].endswith("_type")
+            raise ValueError(f"{err['msg']}, or auto" if wrong_type else err["msg"]) from None
+
+    return Annotated[tp | Literal["auto"], PlainValidator(check)]
 
 
 class Section(BaseModel):
@@ -207,14 +229,19 @@ class TrainConfig(Section):
 
 
 class PretrainConfig(Section):
-    max_steps: int = Field(600, gt=0)
+    # auto (max_steps, learning_rate, warmup_ratio, eval_steps, save_steps, early_stopping_patience):
+    # stagewise/recipes.py derives them from the corpus and the model
+    max_steps: Auto(int, gt=0) = 600
     batch_size: int = Field(16, gt=0)
     seq_len: int = Field(128, gt=0)
-    learning_rate: float = Field(3e-3, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    learning_rate: Auto(float, gt=0) = 3e-3
+    warmup_ratio: Auto(float, ge=0, lt=1) = 0.05
     weight_decay: float = Field(0.1, ge=0)
-    eval_steps: int = Field(100, gt=0)
-    save_steps: int = Field(100, gt=0)
+    eval_steps: Auto(int, gt=0) = 100
+    save_steps: Auto(int, gt=0) = 100
+    # Stop after this many evaluations without a lower held-out loss and keep the best checkpoint
+    # (transformers' EarlyStoppingCallback, load_best_model_at_end); null: train all max_steps.
+    early_stopping_patience: Auto(int | None, gt=0) = None
     eval_fraction: float = Field(0.05, gt=0, lt=1)   # corpus documents held out for the periodic eval loss
     max_eval_blocks: int = Field(64, gt=0)     # cap on eval blocks: periodic eval stays cheap
     heldout_limit: int | None = Field(None, gt=0)  # benchmark general_text items for the before/after perplexity
@@ -234,11 +261,11 @@ class LoraConfigSection(Section):
 
 
 class SFTConfig(Section):
-    epochs: float = Field(3.0, gt=0)
+    epochs: Auto(float, gt=0) = 3.0            # auto: from the dataset size (stagewise/recipes.py)
     max_steps: MaxSteps = -1
     batch_size: int = Field(16, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    learning_rate: Auto(float, gt=0) = 1e-3    # auto: scaled with the model's width
+    warmup_ratio: Auto(float, ge=0, lt=1) = 0.05
     max_length: int = Field(128, gt=0)
     peft: Literal["none", "lora", "qlora"] = "none"
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
@@ -247,8 +274,14 @@ class SFTConfig(Section):
     # loss on every token. The usual cure for chat SFT wiping out general language modelling (the
     # forgetting guard's general perplexity); docs/training.md has the measurement.
     replay_ratio: float = Field(0.0, ge=0.0)
-    save_steps: int = Field(50, gt=0)
+    save_steps: Auto(int, gt=0) = 50
     eval_limit: int | None = Field(60, gt=0)        # held-out instruct/arithmetic items for the before/after self-check
+    # Early stopping on held-out loss (transformers' EarlyStoppingCallback, best checkpoint kept): the
+    # loss on the assistant tokens of eval_fraction of the chats (at least 8), taken out of training,
+    # every eval_steps; null: off, every chat trains.
+    early_stopping_patience: Auto(int | None, gt=0) = None
+    eval_steps: Auto(int, gt=0) = 50
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
     # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
     # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
     # held-out share of the stage's own data). docs/evaluation.md.
@@ -281,10 +314,10 @@ class PPOConfigSection(Section):
 
 class PreferenceConfig(Section):
     method: Literal["dpo", "rlhf"] = "dpo"
-    epochs: float = Field(1.0, gt=0)
+    epochs: Auto(float, gt=0) = 1.0     # auto: from the number of pairs (stagewise/recipes.py)
     max_steps: MaxSteps = -1           # dpo: > 0 caps optimizer steps (overrides epochs)
     batch_size: int = Field(8, gt=0)
-    learning_rate: float = Field(5e-5, gt=0)
+    learning_rate: Auto(float, gt=0) = 5e-5   # auto: scaled with the model's width
     beta: float = Field(0.1, gt=0)
     max_length: int = Field(128, gt=0)
     peft: Literal["none", "lora"] = "none"   # dpo with LoRA (sft.lora settings); merged before saving
@@ -299,9 +332,9 @@ class PreferenceConfig(Section):
 
 
 class ReasoningConfig(Section):
-    max_steps: int = Field(50, gt=0)
+    max_steps: Auto(int, gt=0) = 50            # auto: passes over the problems (stagewise/recipes.py)
     num_generations: int = Field(4, ge=2)
-    learning_rate: float = Field(1e-5, gt=0)
+    learning_rate: Auto(float, gt=0) = 1e-5    # auto: scaled with the model's width
     batch_size: int = Field(16, gt=0)          # completions per optimizer step (a multiple of num_generations)
     max_completion_length: int = Field(12, gt=0)
     temperature: float = Field(1.0, gt=0)
@@ -501,6 +534,48 @@ class GateConfig(Section):
     against: list[Literal["parent", "base", "champion"]] = ["parent", "base", "champion"]
 
 
+class RecipeConfig(Section):
+    """What `auto` training settings become (stagewise/recipes.py; the numbers behind each rule:
+    docs/training.md#recipes-that-transfer)."""
+    # While data.sources is empty (the built-in demo world), auto settings take these values, tuned on
+    # that world: {section: {setting: value}}. false: the rules decide on the demo world too.
+    use_demo_world_values: bool = True
+    demo_world: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Learning rates tuned at this width (the demo model); auto = ref · reference_width / width.
+    reference_width: int = Field(128, gt=0)
+    reference_lr: dict[str, float] = Field(default_factory=lambda: {
+        "pretrain": 3e-3, "sft": 2e-3, "preference": 1e-4, "reasoning": 3e-4})
+    tokens_per_param: float = Field(20.0, gt=0)        # pretraining budget (Chinchilla: ~20)
+    pretrain_max_epochs: float = Field(16.0, gt=0)     # ... at most this many passes over the corpus
+    min_steps: dict[str, int] = Field(default_factory=lambda: {
+        "pretrain": 100, "sft": 300, "preference": 50, "reasoning": 30})
+    min_epochs: float = Field(1.0, gt=0)
+    max_epochs: dict[str, float] = Field(default_factory=lambda: {"sft": 10.0, "preference": 3.0})
+    reasoning_passes: float = Field(2.0, gt=0)         # GRPO: draws of each training problem
+    max_warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    early_stopping_patience: int = Field(3, gt=0)      # evaluations without a lower held-out loss
+    evals_per_run: int = Field(10, gt=0)
+
+    @field_validator("demo_world")
+    @classmethod
+    def _demo_world_keys(cls, v: dict) -> dict:
+        from stagewise.recipes import check_demo_world
+
+        check_demo_world(v)
+        return v
+
+    @field_validator("reference_lr", "min_steps", "max_epochs")
+    @classmethod
+    def _stages_named(cls, v: dict, info) -> dict:
+        need = {"reference_lr": ("pretrain", "sft", "preference", "reasoning"),
+                "min_steps": ("pretrain", "sft", "preference", "reasoning"),
+                "max_epochs": ("sft", "preference")}[info.field_name]
+        missing = [k for k in need if k not in v]
+        if missing:
+            raise ValueError(f"needs a value for {', '.join(missing)}")
+        return v
+
+
 class OpsConfig(Section):
     # How runs are executed, not what they compute: never part of a cache key (docs/operations.md).
     lock_timeout: float = 3600     # seconds a run waits for another run in the same workspace; 0 = fail at once
@@ -532,6 +607,7 @@ class Config(Section):
     compress: CompressConfig = Field(default_factory=CompressConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
     ops: OpsConfig = Field(default_factory=OpsConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
@@ -739,7 +815,9 @@ def load_config(
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, str(path))) from None
     check_evaluation(cfg, Path(root) if root is not None else path.resolve().parent, path)
-    return cfg
+    from stagewise.recipes import pin_demo_world
+
+    return pin_demo_world(cfg)
 
 
 def _line_of(path: Path, keys: list[str]) -> int | None:

@@ -90,6 +90,86 @@ def start_run(root: Path, config_path: Path, profile: str | None, overrides: lis
 
 
 # ------------------------------------------------------------------ cross-links and crash hygiene
+def count_params(model_dir) -> int:
+    """Parameters stored in a model folder's safetensors (a tied embedding counts once), read from the
+    file headers: nothing is loaded."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                total += math.prod(st.get_slice(k).get_shape())
+    return total
+
+
+def measure_recipe_facts(cfg: Config, model_dir: Path, curated_dir: Path):
+    """The numbers the rules need: the starting model's width and size (its folder: the random init or
+    model.base), the curated corpus' tokens in that model's tokenizer, and the curated record counts.
+    Only what an `auto` setting needs is measured (tokenizing the corpus costs seconds)."""
+    from stagewise.recipes import Facts, unresolved
+
+    model_dir, curated_dir = Path(model_dir), Path(curated_dir)
+    width = int(json.loads((model_dir / "config.json").read_text())["hidden_size"])
+    todo = set(unresolved(cfg))
+
+    def lines(kind: str) -> int:
+        f = curated_dir / f"{kind}.jsonl"
+        return sum(1 for line in f.open() if line.strip()) if f.exists() else 0
+
+    params = corpus_tokens = None
+    if "pretrain.max_steps" in todo:
+        import random
+
+        from stagewise.modeling import load_tokenizer, read_jsonl
+
+        params = count_params(model_dir)
+        tok = load_tokenizer(model_dir)
+        docs = [r["text"] for r in read_jsonl(curated_dir / "corpus.jsonl", ["text"])]
+        # the documents pretraining trains on: it holds out eval_fraction of them, like tasks/pretrain.py
+        random.Random(cfg.run.seed).shuffle(docs)
+        n_eval = max(1, int(len(docs) * cfg.pretrain.eval_fraction))
+        corpus_tokens = sum(len(tok(d + tok.eos_token)["input_ids"]) for d in docs[n_eval:])
+    return Facts(width=width, params=params, corpus_tokens=corpus_tokens, chats=lines("chat"),
+                 pairs=lines("preference"), problems=lines("verifiable"))
+
+
+def resolve_recipes(ctx: RunContext, cfg: Config, model_dir: Path) -> Config:
+    """`auto` training settings → numbers (stagewise/recipes.py), from the curated data and the starting
+    model; printed, written to params.resolved.yaml and the run's config.yaml, logged on the MLflow parent
+    run (`recipe.<setting>`). The stages get the resolved config: their cache keys and MLflow params hold
+    the numbers, not `auto`."""
+    import mlflow
+
+    from stagewise import recipes
+
+    if not recipes.unresolved(cfg):
+        return cfg
+    ws = ctx.ws
+    facts = measure_recipe_facts(cfg, model_dir, ws.curated)
+    cfg, resolved = recipes.resolve(cfg, facts)
+    log = logging.getLogger("stagewise")
+    for r in resolved:
+        log.info("recipe: %s", r.line())
+    doc = yaml.safe_load(ws.resolved_params.read_text()) if ws.resolved_params.exists() else {}
+    inputs = (doc or {}).get("inputs", {})
+    tmp = ws.resolved_params.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump({**cfg.to_dict(), "inputs": inputs}, sort_keys=False))
+    tmp.replace(ws.resolved_params)
+    run_dir = ws.reports / ctx.run_id
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(redact_obj(cfg.to_dict()), sort_keys=False))
+    (run_dir / "recipe.json").write_text(json.dumps(
+        {"facts": facts.__dict__, "resolved": [r.__dict__ for r in resolved]}, indent=1))
+    if ctx.mlflow_run_id:
+        client = mlflow.MlflowClient()
+        for r in resolved:
+            client.log_param(ctx.mlflow_run_id, f"recipe.{r.setting}", r.value)
+        client.log_artifact(ctx.mlflow_run_id, str(run_dir / "recipe.json"))
+    return cfg
+
+
 def write_run_links(ctx: RunContext, run_dir: Path, tracking_uri: str, experiment_id: str) -> dict[str, Any]:
     """reports/<run_id>/run.json: the ids that tie the Prefect flow run, the MLflow run and this folder.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from prefect import task
@@ -65,6 +66,7 @@ def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dic
     stats = data.get("stats", {})
     decon = stats.get("decontaminate") or {}
     rows = trained.get("rows", [])
+    recipe = ctx.ws.reports / ctx.run_id / "recipe.json"   # what `auto` settings became (stagewise/run.py)
     return {
         "run_id": ctx.run_id,
         "profile": profile,
@@ -92,6 +94,7 @@ def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dic
             ],
         },
         "stages": rows,
+        **({"recipe": json.loads(recipe.read_text())} if recipe.exists() else {}),
         "gate": (verdict or {}).get("gate", {"passed": None, "reasons": ["gate not run"]}),
         # without a gate in this run the champion is whatever the registry says (not "none")
         "champion": (verdict or {}).get("champion") or {"name": ctx.registered_model,
@@ -150,6 +153,10 @@ def summary_table(summary: dict) -> str:
     out.append(f"data steps: ran {', '.join(data.get('ran') or []) or 'none'}; "
                f"cached {', '.join(data.get('cached') or []) or 'none'}")
     out += stage_notes(summary)
+    resolved = (summary.get("recipe") or {}).get("resolved") or []
+    if resolved:
+        out.append("recipe (auto settings, docs/training.md#recipes-that-transfer): "
+                   + ", ".join(f"{r['setting']}={_fmt(r['value'])}" for r in resolved))
     for w in data.get("warnings") or []:
         out.append(f"WARNING: {w['message']}")
     sets = summary.get("eval_sets") or {}

@@ -28,7 +28,7 @@ from tasks import step
 def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """Train the base model; save it (with tokenizer and chat template) to out_dir."""
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling, EarlyStoppingCallback, Trainer, TrainingArguments
 
     set_threads(cfg)
     p = cfg.pretrain
@@ -42,6 +42,11 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
     if not train_blocks:
         raise ValueError(f"{curated_dir}/corpus.jsonl: too little text for one {p.seq_len}-token block")
 
+    patience = p.early_stopping_patience
+    if patience and p.save_steps % p.eval_steps:
+        raise ValueError(f"pretrain.early_stopping_patience needs a checkpoint at every evaluation: "
+                         f"pretrain.save_steps ({p.save_steps}) must be a multiple of pretrain.eval_steps "
+                         f"({p.eval_steps}); set both to the same number, or both to auto")
     model = build_model(cfg.model, tok, seed=cfg.run.seed)
     counts = param_counts(model)
     heldout = heldout_texts(curated_dir, p.heldout_limit)
@@ -61,6 +66,10 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
         eval_strategy="steps",
         eval_steps=p.eval_steps,
         save_steps=p.save_steps,
+        # early stopping on the held-out blocks' loss: the best checkpoint is what the stage saves
+        load_best_model_at_end=bool(patience),
+        metric_for_best_model="eval_loss" if patience else None,
+        greater_is_better=False if patience else None,
     )
     trainer = Trainer(
         model=model,
@@ -69,11 +78,17 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
         eval_dataset=Dataset.from_dict({"input_ids": eval_blocks}),
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
         processing_class=tok,
-        callbacks=[progress_callback("pretrain")],
+        callbacks=[progress_callback("pretrain")]
+        + ([EarlyStoppingCallback(early_stopping_patience=patience)] if patience else []),
     )
     run = fit(trainer, out_dir)
     if run is None:
         return {}
+    if patience and trainer.state.global_step < p.max_steps:
+        run["stopped_early"] = (
+            f"early stopping at step {trainer.state.global_step} of {p.max_steps}: held-out loss did not improve "
+            f"for {patience} evaluations; kept the best checkpoint (step {trainer.state.best_global_step}, "
+            f"eval loss {trainer.state.best_metric:.4f})")
     run["train_metrics"].update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     tokens = trainer.state.num_input_tokens_seen
     model.config.use_cache = True

@@ -28,6 +28,7 @@ from stagewise.modeling import (
     heldout_texts, load_chats, load_parent, lora_config, mean_nll, normalize_answer, param_counts, progress_callback,
     read_jsonl, set_threads, token_f1,
 )
+from stagewise.recipes import sft_eval_rows
 from tasks import step
 
 # "The fox is red." / "The fox lives in the forest." / "The fox eats fish." / "The answer is 7."
@@ -104,10 +105,26 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
     if quant is not None:
         model, _ = load_parent(cfg, parent_dir, quant)
     rows, skipped = load_chats(curated_dir)
+    patience = s.early_stopping_patience
+    eval_rows = []
+    if patience:
+        if s.save_steps % s.eval_steps:
+            raise ValueError(f"sft.early_stopping_patience needs a checkpoint at every evaluation: sft.save_steps "
+                             f"({s.save_steps}) must be a multiple of sft.eval_steps ({s.eval_steps}); set both "
+                             "to the same number, or both to auto")
+        import random
+
+        # held out for the early-stopping loss (assistant tokens only): a seeded shuffle, not the file order
+        order = list(range(len(rows)))
+        random.Random(cfg.run.seed).shuffle(order)
+        n_eval = sft_eval_rows(len(rows), s.eval_fraction)
+        eval_rows = [encode_chat(tok, rows[i]["messages"]) for i in order[:n_eval]]
+        rows = [rows[i] for i in sorted(order[n_eval:])]
     n_chats = len(rows)
     rows, n_replay = with_replay(tok, rows, curated_dir, s.replay_ratio, cfg.run.seed)
 
     from datasets import Dataset
+    from transformers import EarlyStoppingCallback
 
     args = SFTConfig(
         **common_args(cfg, out_dir, report_to),
@@ -123,18 +140,30 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         assistant_only_loss=False,
         packing=False,
         save_steps=s.save_steps,
+        eval_strategy="steps" if patience else "no",
+        eval_steps=s.eval_steps if patience else None,
+        load_best_model_at_end=bool(patience),
+        metric_for_best_model="eval_loss" if patience else None,
+        greater_is_better=False if patience else None,
     )
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tok,
         peft_config=lora_config(cfg.sft.lora) if s.peft != "none" else None,
-        callbacks=[progress_callback("sft")],
+        callbacks=[progress_callback("sft")]
+        + ([EarlyStoppingCallback(early_stopping_patience=patience)] if patience else []),
     )
     run = fit(trainer, out_dir)
     if run is None:
         return {}
+    if patience and trainer.state.global_step < trainer.state.max_steps:
+        run["stopped_early"] = (
+            f"early stopping at step {trainer.state.global_step} of {trainer.state.max_steps}: held-out loss "
+            f"({len(eval_rows)} chats) did not improve for {patience} evaluations; kept the best checkpoint "
+            f"(step {trainer.state.best_global_step}, eval loss {trainer.state.best_metric:.4f})")
 
     adapter_tmp = None
     if s.peft != "none":
@@ -157,6 +186,7 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         **param_counts(model),
         "peft": s.peft,
         "n_train": n_chats,
+        "n_eval_early_stopping": len(eval_rows),
         "n_replay": n_replay,
         "skipped": skipped,
         "before": before,

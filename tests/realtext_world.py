@@ -190,7 +190,27 @@ def params_overrides(world: dict[str, dict[str, str]]) -> list[str]:
             "preference.target=my_pairs", "reasoning.target=my_verifiable", "gate.general=[my_text]"]
 
 
+TARGETS = {"pretrain": "my_text", "sft": "my_qa", "preference": "my_pairs", "reasoning": "my_verifiable"}
+
+
+def user_params(params_yaml: Path, world: dict) -> None:
+    """What a user edits in params.yaml: sources, declared sets, targets, general metrics (absolute paths)."""
+    import yaml
+
+    params = yaml.safe_load(Path(params_yaml).read_text())
+    params["data"]["sources"] = {k: {"path": p, "kind": k} for k, p in world["sources"].items()}
+    params["evaluate"]["sets"] = {f"my_{k}": {"path": p, "kind": k} for k, p in world["sets"].items()}
+    for stage, name in TARGETS.items():
+        params[stage]["target"] = name
+    params["gate"]["general"] = ["my_text"]
+    Path(params_yaml).write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 if __name__ == "__main__":
+    # python tests/realtext_world.py OUT [PARAMS_YAML]: write the world under OUT (and point PARAMS_YAML at it)
     w = build(Path(sys.argv[1]))
-    for kind, p in {**w["sources"], **w["sets"]}.items():
+    for kind, p in [*w["sources"].items(), *(("set:" + k, v) for k, v in w["sets"].items())]:
         print(kind, sum(1 for _ in open(p)), p)
+    if len(sys.argv) > 2:
+        user_params(Path(sys.argv[2]), w)
+        print("edited", sys.argv[2])

@@ -16,24 +16,16 @@ import pytest
 import yaml
 
 from conftest import make_workspace
-from realtext_world import build
+from realtext_world import TARGETS, build, user_params
 from test_e2e import run_cli
 
-# two smoke runs of a world bigger than the demo's smoke one: minutes each on 2 shared cores
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(5400)]
+# two smoke runs (the second from ingest to sft): 7.5 min for the module at run.threads=1 on a shared
+# 2-core box (2026-12-01), so slow but not heavy
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-TARGETS = {"pretrain": "my_text", "sft": "my_qa", "preference": "my_pairs", "reasoning": "my_verifiable"}
-
-
-def user_params(ws: Path, world: dict) -> None:
-    """What a user edits in params.yaml: sources, declared sets, targets, general metrics (absolute paths)."""
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["data"]["sources"] = {k: {"path": p, "kind": k} for k, p in world["sources"].items()}
-    params["evaluate"]["sets"] = {f"my_{k}": {"path": p, "kind": k} for k, p in world["sets"].items()}
-    for stage, name in TARGETS.items():
-        params[stage]["target"] = name
-    params["gate"]["general"] = ["my_text"]
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+# as tests/stage_fixtures.py: on a shared 2-core box a second OpenMP thread costs more than it gives these
+# tiny models (not a user setting: the run's params.yaml is the user's)
+ONE_THREAD = ("--set", "run.threads=1")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +33,8 @@ def realtext_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("realtext")
     world = build(root / "world")
     ws = make_workspace(root / "ws")
-    user_params(ws, world)
-    proc = run_cli(ws, "run", "--profile", "smoke", timeout=1800)
+    user_params(ws / "params.yaml", world)
+    proc = run_cli(ws, "run", "--profile", "smoke", *ONE_THREAD, timeout=1800)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
     return ws, world, proc, json.loads((ws / "reports" / "latest" / "summary.json").read_text())
 
@@ -78,6 +70,25 @@ def test_nothing_is_scored_on_the_demo_world(realtext_run):
     assert "Evaluation sets behind these numbers" in (ws / "reports" / s["run_id"] / "gate.md").read_text()
 
 
+def test_auto_settings_are_resolved_from_this_world(realtext_run):
+    """The training settings left at `auto` became numbers measured on this world's curated data, and
+    those numbers are what the run recorded (params.resolved.yaml, the report's config.yaml)."""
+    ws, _, proc, s = realtext_run
+    facts, resolved = s["recipe"]["facts"], {r["setting"]: r["value"] for r in s["recipe"]["resolved"]}
+    curated = ws / "data" / "05_curated"
+    assert facts["chats"] == sum(1 for _ in (curated / "chat.jsonl").open())
+    assert facts["problems"] == sum(1 for _ in (curated / "verifiable.jsonl").open())
+    assert facts["width"] == 64 and facts["corpus_tokens"] > 0
+    assert {"pretrain.max_steps", "sft.epochs", "preference.epochs", "reasoning.max_steps"} <= set(resolved)
+    for where in (ws / "params.resolved.yaml", ws / "reports" / s["run_id"] / "config.yaml"):
+        cfg = yaml.safe_load(where.read_text())
+        assert cfg["pretrain"]["max_steps"] == resolved["pretrain.max_steps"], where
+        assert cfg["sft"]["epochs"] == resolved["sft.epochs"], where
+    assert "recipe: pretrain.max_steps: auto → " in proc.stdout + proc.stderr
+    rows = {r["name"]: r for r in s["stages"]}
+    assert rows["pretrain"]["steps"] <= resolved["pretrain.max_steps"]
+
+
 def test_appending_a_record_to_a_source_reruns_ingest_and_what_follows(realtext_run):
     ws, world, _, first = realtext_run
     chat = Path(world["sources"]["chat"])
@@ -85,7 +96,7 @@ def test_appending_a_record_to_a_source_reruns_ingest_and_what_follows(realtext_
         f.write(json.dumps({"messages": [{"role": "user", "content": "What does textwrap.dedent do?"},
                                          {"role": "assistant", "content": "Remove any common leading whitespace."}]})
                 + "\n")
-    proc = run_cli(ws, "run", "--profile", "smoke", "--stages",
+    proc = run_cli(ws, "run", "--profile", "smoke", *ONE_THREAD, "--stages",
                    "ingest,quality,dedup,decontaminate,validate,tokenizer,pretrain,sft", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     s = json.loads((ws / "reports" / "latest" / "summary.json").read_text())
