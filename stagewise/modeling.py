@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import time
@@ -459,6 +460,15 @@ def pack(tok, texts: list[str], block: int) -> list[list[int]]:
         stream.append(tok.eos_token_id)
     n = len(stream) // block
     return [stream[i * block:(i + 1) * block] for i in range(n)]
+
+
+def split_corpus(docs: list[str], seed: int, eval_fraction: float) -> tuple[list[str], list[str]]:
+    """Pretraining's (train, held-out) documents: a seeded shuffle, eval_fraction (at least one) held out.
+    One function, because the recipe rules count the tokens of exactly the documents pretraining trains on."""
+    docs = list(docs)
+    random.Random(seed).shuffle(docs)
+    n_eval = max(1, int(len(docs) * eval_fraction))
+    return docs[n_eval:], docs[:n_eval]
 
 
 def load_chats(curated_dir: Path) -> tuple[list[dict], dict]:

@@ -8,7 +8,6 @@ before (the untrained model) and after.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from prefect import task
@@ -18,7 +17,7 @@ from stagewise.stage import Lineage, RunContext, run_stage
 from stagewise.config import Config
 from stagewise.launch import accelerated
 from stagewise.modeling import (
-    fit, publish_stage, build_model, common_args, heldout_texts, load_tokenizer, mean_nll, pack, param_counts,
+    fit, publish_stage, build_model, common_args, heldout_texts, load_tokenizer, mean_nll, pack, param_counts, split_corpus,
     perplexity, progress_callback, read_jsonl, set_threads,
 )
 from tasks import step
@@ -35,10 +34,9 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
     out_dir = Path(out_dir)
     tok = load_tokenizer(tokenizer_dir)
     docs = [r["text"] for r in read_jsonl(Path(curated_dir) / "corpus.jsonl", ["text"])]
-    random.Random(cfg.run.seed).shuffle(docs)
-    n_eval = max(1, int(len(docs) * p.eval_fraction))
-    train_blocks = pack(tok, docs[n_eval:], p.seq_len)
-    eval_blocks = pack(tok, docs[:n_eval], p.seq_len)[: p.max_eval_blocks]
+    train_docs, eval_docs = split_corpus(docs, cfg.run.seed, p.eval_fraction)
+    train_blocks = pack(tok, train_docs, p.seq_len)
+    eval_blocks = pack(tok, eval_docs, p.seq_len)[: p.max_eval_blocks]
     if not train_blocks:
         raise ValueError(f"{curated_dir}/corpus.jsonl: too little text for one {p.seq_len}-token block")
 
