@@ -36,6 +36,17 @@ def workspace(tmp_path: Path) -> Path:
     return make_workspace(tmp_path / "ws")
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks_between_tests():
+    """`mlflow.set_tracking_uri()` exports MLFLOW_TRACKING_URI into os.environ (MLflow 3), so a test
+    that reads its workspace's registry in-process would point every later test's pipeline
+    subprocess at *that* store: the next workspace then "finds" its models cached in a stranger's
+    registry (the CI failure of 2026-12-01, test_ops_prefect_server → test_ops_resume)."""
+    yield
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(k, None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_prefect_temporary_server():
     """Stop Prefect's temporary server while pytest's streams are still open.

@@ -35,6 +35,7 @@ CHANGE = ["--set", "sft.learning_rate=0.002", "--set", "sft.save_steps=5"]
 
 def start(ws: Path, log: Path, *args: str) -> subprocess.Popen:
     env = dict(os.environ, PREFECT_HOME=str(ws / ".prefect"), PATH=f"{BIN}:{os.environ['PATH']}")
+    env.pop("MLFLOW_TRACKING_URI", None)          # each run uses its workspace's own store
     return subprocess.Popen([str(BIN / "stagewise"), "run", "--profile", "smoke", "--config", str(ws / "params.yaml"),
                              *args], cwd=ws, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -63,8 +64,8 @@ def rows(summary: dict) -> dict[str, dict]:
 def registry(ws: Path):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
-    return mlflow.MlflowClient()
+    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"      # a client, not set_tracking_uri: that exports the env var
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def versions_of(client, stage: str) -> list:

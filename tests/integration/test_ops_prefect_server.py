@@ -122,8 +122,8 @@ def test_serve_cron_deployment_runs_smoke_and_registers_a_model(prefect_server, 
     assert links["mlflow_run_id"] == summary["mlflow_run_id"]
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["prefect_flow_run_id"] == run["id"]
