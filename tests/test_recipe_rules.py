@@ -134,3 +134,16 @@ def test_auto_and_bad_values_in_the_file(tmp_path):
     p.write_text("sft:\n  epochs: 0\n")
     with pytest.raises(ConfigError, match=r"'sft.epochs'.*greater than 0"):
         load_config(p)
+
+
+@pytest.mark.parametrize("profile", [None, "demo", "smoke", "smollm2"])
+def test_every_profile_on_user_data_checkpoints_at_its_evaluations(tmp_path, profile):
+    """Early stopping keeps the best checkpoint, so save_steps must be a multiple of eval_steps (pretrain
+    and sft refuse to start otherwise): no profile may pin one and leave the other to the rules — the
+    smollm2 profile once pinned sft.save_steps: 100, which a user's sft.max_steps=30 (eval every 3) broke."""
+    for steps in (None, "30"):
+        over = [] if steps is None else [f"sft.max_steps={steps}"]
+        cfg, _ = recipes.resolve(load_config(_user_params(tmp_path), profile, over), FACTS)
+        for section in (cfg.pretrain, cfg.sft):
+            if section.early_stopping_patience:
+                assert section.save_steps % section.eval_steps == 0, (profile, steps, section)
