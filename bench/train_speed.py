@@ -11,7 +11,8 @@ on the smoke profile's generated chats, in the model's own ChatML template. In o
              rows (seeded random order, padded to the longest row, labels on the assistant tokens):
              forward, backward, step — nothing else;
   stage    — tasks.sft.sft() with the same rows, batch size, steps and dtype (self-check off): TRL
-             SFTTrainer plus our callbacks; its training-loop time is the Trainer's train_runtime.
+             SFTTrainer plus our callbacks; its rate is the stage's own steady_tokens_per_s (non-padding
+             tokens of steps 2..N over their wall time, from the progress callback).
 
 Prints, per mode (full fine-tune, LoRA r=16): tokens/s of both (non-padding tokens), the ratio
 stage/bare (goal >= 0.9), and model FLOPs/s (6·N per token full, 4·N LoRA — no weight gradients
@@ -70,8 +71,13 @@ def rows_for(tok, cur: Path, max_length: int) -> list[dict]:
     return out
 
 
-def bare_loop(model, rows: list[dict], steps: int, batch: int, lr: float, pad_id: int, bf16: bool, seed: int):
-    """forward + backward + AdamW step over `steps` batches; returns (seconds, non-pad tokens), warm-up excluded."""
+def bare_loop(model, rows: list[dict], steps: int, batch: int, lr: float, pad_id: int, bf16: bool, seed: int,
+              fused: bool = False):
+    """forward + backward + AdamW step over `steps` batches; returns (seconds, non-pad tokens), warm-up excluded.
+
+    fused: the loss through TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, the head SFTTrainer
+    installs: per-token log-probs, entropy and top-1 in chunks, recomputed in backward) instead of the
+    model's own logits + cross-entropy — so the gap splits into TRL's head and the Trainer's loop."""
     import torch
 
     rng = random.Random(seed)
@@ -92,7 +98,8 @@ def bare_loop(model, rows: list[dict], steps: int, batch: int, lr: float, pad_id
             lab[j, :n] = torch.tensor([i if m else -100 for i, m in zip(r["input_ids"], r["assistant_masks"])])
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+            extra = {"fused_lm_head": True} if fused else {}
+            loss = model(input_ids=ids, attention_mask=att, labels=lab, **extra).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -140,30 +147,39 @@ def main() -> None:
         for mode in a.modes.split(","):
             cfg = load_config(ROOT / "params.yaml", profile="smoke",
                               overrides=common + [f"sft.peft={'lora' if mode == 'lora' else 'none'}"])
-            model, tok = load_parent(cfg, base)
-            n = param_counts(model)["params"]
-            rows = rows_for(tok, cur, a.max_length)
-            if mode == "lora":
-                from peft import get_peft_model
-
-                model = get_peft_model(model, lora_config(cfg.sft.lora))
             lr = cfg.sft.lora_learning_rate if mode == "lora" else cfg.sft.learning_rate
-            t_bare, tok_bare = bare_loop(model, rows, a.steps, a.batch, lr, tok.pad_token_id, bf16, cfg.run.seed)
-            del model
+            bare = {}
+            for fused in (False, True):
+                model, tok = load_parent(cfg, base)
+                n = param_counts(model)["params"]
+                rows = rows_for(tok, cur, a.max_length)
+                if fused:
+                    from trl.trainer.utils import add_fused_lm_head
+
+                    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))   # as SFTTrainer does
+                if mode == "lora":
+                    from peft import get_peft_model
+
+                    model = get_peft_model(model, lora_config(cfg.sft.lora))
+                t, k = bare_loop(model, rows, a.steps, a.batch, lr, tok.pad_token_id, bf16, cfg.run.seed, fused)
+                bare[fused] = k / t
+                del model
             res = sft(cfg, base, cur, root / f"out-{mode}")
-            m = res["train_metrics"]
-            # the Trainer's loop time over steps+1 steps; its rows are drawn like the bare loop's (random,
-            # same distribution), so tokens per step are estimated from the bare loop's batches
-            t_stage = m["train_runtime"] * a.steps / (a.steps + 1)
-            tps_bare, tps_stage = tok_bare / t_bare, tok_bare / t_stage
+            # steps 2..N of the stage: its non-padding tokens over their time, the first step left out
+            # as in the bare loop (stagewise.modeling.progress_callback)
+            tps_bare, tps_fused, tps_stage = bare[False], bare[True], res["train_metrics"]["steady_tokens_per_s"]
             flop_tok = (6 if mode == "full" else 4) * n
             ref = ceil["bf16" if bf16 else "fp32"]
-            results[mode] = {"bare_tok_s": tps_bare, "stage_tok_s": tps_stage, "ratio": tps_stage / tps_bare,
+            results[mode] = {"bare_tok_s": tps_bare, "bare_trl_head_tok_s": tps_fused, "stage_tok_s": tps_stage,
+                             "ratio": tps_stage / tps_bare, "trl_head_ratio": tps_fused / tps_bare,
+                             "loop_ratio": tps_stage / tps_fused,
                              "bare_gflops": tps_bare * flop_tok / 1e9, "stage_gflops": tps_stage * flop_tok / 1e9,
                              "ceiling": ref}
             r = results[mode]
             print(f"{mode:4s}: bare {tps_bare:7.0f} tok/s  stage {tps_stage:7.0f} tok/s  ratio stage/bare "
-                  f"{r['ratio']:.2f} (goal >= 0.9)  model FLOPs: bare {r['bare_gflops']:.0f} GFLOP/s "
+                  f"{r['ratio']:.2f} (goal >= 0.9) = TRL's fused head {r['trl_head_ratio']:.2f} x Trainer loop "
+                  f"{r['loop_ratio']:.2f} (bare with TRL's head {tps_fused:.0f} tok/s)\n"
+                  f"      model FLOPs: bare {r['bare_gflops']:.0f} GFLOP/s "
                   f"({r['bare_gflops'] / ref:.0%} of ceiling), stage {r['stage_gflops']:.0f} GFLOP/s "
                   f"({r['stage_gflops'] / ref:.0%})", flush=True)
         print(json.dumps({"ceiling": ceil, "bf16": bf16, "results": results}))

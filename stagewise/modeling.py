@@ -225,7 +225,8 @@ def common_args(cfg, out_dir: Path, report_to: str) -> dict:
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,   # tiny models: recompute costs time and saves nothing that matters
         disable_tqdm=True,
-        include_num_input_tokens_seen=True,
+        # non-padding tokens: what tokens/s should count (padding is work, not progress)
+        include_num_input_tokens_seen="non_padding",
         # under `accelerate launch` on CPU, DDP goes over gloo
         ddp_backend="gloo" if ("LOCAL_RANK" in os.environ and not torch.cuda.is_available()) else None,
     )
@@ -236,16 +237,31 @@ def set_threads(cfg) -> None:
 
 
 def progress_callback(stage: str):
-    """Periodic log line: step, loss, tokens/s (from the Trainer's input-token counter)."""
+    """Periodic log line: step, loss, tokens/s (from the Trainer's input-token counter).
+
+    Also keeps the steady-state rate (`steady_tokens_per_s`): tokens of steps 2..N over their time,
+    the first step (allocator, kernel selection, lazy init) left out — the number to compare with a
+    bare training loop (bench/train_speed.py), which leaves its first step out the same way.
+    """
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         def __init__(self):
             self.t0 = None
             self.tok0 = 0
+            self.first_step = None      # (time, tokens) at the end of this invocation's first step
+            self.steady_tokens_per_s = None
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen or 0
+            self.first_step = None
+
+        def on_step_end(self, args, state, control, **kw):
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen or 0
+            if self.first_step is None:
+                self.first_step = (now, tokens)
+            elif now > self.first_step[0]:
+                self.steady_tokens_per_s = (tokens - self.first_step[1]) / (now - self.first_step[0])
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
@@ -284,7 +300,12 @@ def fit(trainer, out_dir: Path) -> dict | None:
     wall = time.perf_counter() - t0
     if not trainer.is_world_process_zero():
         return None
-    return {"train_metrics": final_metrics(trainer, out), "steps": trainer.state.global_step,
+    metrics = final_metrics(trainer, out)
+    steady = [c.steady_tokens_per_s for c in trainer.callback_handler.callbacks
+              if getattr(c, "steady_tokens_per_s", None)]
+    if steady:
+        metrics["steady_tokens_per_s"] = float(steady[0])
+    return {"train_metrics": metrics, "steps": trainer.state.global_step,
             "resumed_from_step": resumed, "steps_run": steps_run(trainer, resumed), "wall_s": wall}
 
 

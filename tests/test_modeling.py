@@ -109,3 +109,23 @@ def test_an_unknown_template_is_an_error_naming_the_setting(tmp_path):
     prepare_tokenizer(tok, good)   # what load_tokenizer does with model.chat_template
     enc = encode_chat(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
     assert tok.decode([i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]).strip() == "a|"
+
+
+def test_steady_tokens_per_s_leaves_the_first_step_out():
+    """The progress callback's steady rate counts steps 2..N only: a slow first step (allocator,
+    kernel selection) must not drag it down — it is what bench/train_speed.py compares with a bare loop."""
+    import time
+    from types import SimpleNamespace
+
+    from stagewise.modeling import progress_callback
+
+    cb, state = progress_callback("t"), SimpleNamespace(num_input_tokens_seen=0)
+    cb.on_train_begin(None, state, None)
+    t0 = time.perf_counter()
+    for pause in (0.5, 0.01, 0.01):             # the first step is 50x slower than the others
+        state.num_input_tokens_seen += 100
+        time.sleep(pause)
+        cb.on_step_end(None, state, None)
+    overall = 300 / (time.perf_counter() - t0)
+    assert cb.steady_tokens_per_s > 5 * overall    # ~200 tokens / 0.02 s vs 300 / 0.52 s
+    assert cb.steady_tokens_per_s <= 200 / 0.02 * 1.01
