@@ -473,12 +473,19 @@ def perplexity(nll: float) -> float:
 
 
 # ---------------------------------------------------------------- training data shared by stages
-def pack(tok, texts: list[str], block: int) -> list[list[int]]:
-    """Concatenate tokenized documents (each + end token) and cut into equal blocks (no padding)."""
+def token_stream(tok, texts: list[str]) -> list[int]:
+    """Documents as pretraining sees them: each tokenized without the tokenizer's own specials (a BOS a
+    Llama tokenizer would add), followed by the end token, all concatenated."""
     stream: list[int] = []
     for ids in tok(texts, add_special_tokens=False).input_ids:
         stream.extend(ids)
         stream.append(tok.eos_token_id)
+    return stream
+
+
+def pack(tok, texts: list[str], block: int) -> list[list[int]]:
+    """Concatenate tokenized documents (each + end token) and cut into equal blocks (no padding)."""
+    stream = token_stream(tok, texts)
     n = len(stream) // block
     return [stream[i * block:(i + 1) * block] for i in range(n)]
 

@@ -121,13 +121,13 @@ def measure_recipe_facts(cfg: Config, model_dir: Path, curated_dir: Path):
 
     params = corpus_tokens = None
     if "pretrain.max_steps" in todo:
-        from stagewise.modeling import load_tokenizer, read_jsonl, split_corpus
+        from stagewise.modeling import load_tokenizer, read_jsonl, split_corpus, token_stream
 
         params = count_params(model_dir)
         tok = load_tokenizer(model_dir)
         docs = [r["text"] for r in read_jsonl(curated_dir / "corpus.jsonl", ["text"])]
         train_docs, _ = split_corpus(docs, cfg.run.seed, cfg.pretrain.eval_fraction)   # what pretraining trains on
-        corpus_tokens = sum(len(tok(d + tok.eos_token)["input_ids"]) for d in train_docs)
+        corpus_tokens = len(token_stream(tok, train_docs))   # counted as pack() builds pretraining's blocks
     return Facts(width=width, params=params, corpus_tokens=corpus_tokens, chats=lines("chat"),
                  pairs=lines("preference"), problems=lines("verifiable"))
 
