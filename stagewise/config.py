@@ -275,7 +275,7 @@ class SFTConfig(Section):
     # forgetting guard's general perplexity); docs/training.md has the measurement.
     replay_ratio: float = Field(0.0, ge=0.0)
     save_steps: Auto(int, gt=0) = 50
-    eval_limit: int | None = Field(60, gt=0)        # held-out instruct/arithmetic items for the before/after self-check
+    eval_limit: int | None = Field(60, ge=0)        # held-out instruct/arithmetic items for the before/after self-check (0: off, null: all)
     # Early stopping on held-out loss (transformers' EarlyStoppingCallback, best checkpoint kept): the
     # loss on the assistant tokens of eval_fraction of the chats (at least 8), taken out of training,
     # every eval_steps; null: off, every chat trains.
@@ -322,7 +322,7 @@ class PreferenceConfig(Section):
     max_length: int = Field(128, gt=0)
     peft: Literal["none", "lora"] = "none"   # dpo with LoRA (sft.lora settings); merged before saving
     save_steps: int = Field(50, gt=0)
-    eval_limit: int | None = Field(60, gt=0)   # held-out preference items for the before/after self-check
+    eval_limit: int | None = Field(60, ge=0)   # held-out preference items for the before/after self-check (0: off, null: all)
     # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
     # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
     # held-out share of the stage's own data). docs/evaluation.md.
@@ -341,7 +341,7 @@ class ReasoningConfig(Section):
     beta: float = Field(0.0, ge=0)             # KL to the reference (TRL's default 0: no reference model kept)
     format_weight: float = Field(0.5, ge=0)    # weight of the format reward next to correctness (1.0)
     save_steps: int = Field(25, gt=0)
-    eval_limit: int | None = Field(100, gt=0)  # held-out arithmetic items for pass@1 (and pass@k)
+    eval_limit: int | None = Field(100, ge=0)  # held-out arithmetic items for pass@1 (and pass@k) (0: off, null: all)
     pass_k: int = Field(4, gt=0)               # k of the sampled pass@k
     # γ of InstructGPT's PPO-ptx: a next-token loss on the parent's training mix (SFT chats and corpus
     # documents) added to every GRPO step, so RL does not buy reward with what earlier stages taught.

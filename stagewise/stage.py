@@ -279,7 +279,9 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
     row.update(target_row(stage, child_metrics, parent_metrics, evals))
     row["eval_sets"] = used_sets
     if row["improved"] is False and cfg.train.keep_parent_on_regression and parent.version is not None:
-        row["kept_parent"] = (f"{row['target_metric']} got worse ({row['baseline_value']:.4g} → {row['value']:.4g}): "
+        worse = row["value"] != row["baseline_value"]      # not improved and not equal
+        row["kept_parent"] = (f"{row['target_metric']} {'got worse' if worse else 'did not improve'} "
+                              f"({row['baseline_value']:.4g} → {row['value']:.4g}): "
                               f"version {row.get('model_version')} is registered as a rejected candidate and the "
                               f"next stage trains on the parent's weights (version {parent.version}); "
                               "train.keep_parent_on_regression")
