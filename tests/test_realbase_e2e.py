@@ -46,6 +46,7 @@ def test_champion_loads_through_mlflow_and_lm_eval_gives_the_gates_numbers(real_
     from stagewise.config import load_config
     from stagewise.workspace import Workspace
     from stagewise.evaluation import evaluate
+    from stagewise.stage import eval_tasks_dir
 
     ws, s = real_run
     assert [r["name"] for r in s["stages"]] == ["sft", "preference", "reasoning"]
@@ -70,12 +71,14 @@ def test_champion_loads_through_mlflow_and_lm_eval_gives_the_gates_numbers(real_
     tok.save_pretrained(champion)
     # the gate's numbers for the candidate: evaluate() answers from the cache the gate filled
     cfg = load_config(ws / "params.yaml", profile="smollm2", overrides=SHORT)
-    gate = evaluate(ws / "models" / "reasoning", ["sw_instruct"], Workspace.at(ws), cfg.evaluate)["sw_instruct"]
+    # the compiled eval sets the run scored with (evaluate.sets → lm-eval YAMLs, stagewise/evalsets.py)
+    gate = evaluate(ws / "models" / "reasoning", ["sw_instruct"], Workspace.at(ws), cfg.evaluate,
+                    tasks_dir=eval_tasks_dir(cfg, ws))["sw_instruct"]
     assert gate["cached"] is True
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     proc = subprocess.run(
         [str(BIN / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={champion},dtype=float32",
-         "--include_path", "evals", "--tasks", "sw_instruct", "--apply_chat_template", "--batch_size",
+         "--include_path", str(ws / "reports" / s["run_id"] / "evals"), "--tasks", "sw_instruct", "--apply_chat_template", "--batch_size",
          str(cfg.evaluate.batch_size), "--limit", str(cfg.evaluate.limit), "--output_path", str(tmp_path / "out")],
         cwd=ws, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
