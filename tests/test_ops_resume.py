@@ -130,12 +130,14 @@ def killed(ws, concurrent):
     before = dir_hash(sft_dir, "*.safetensors")
     proc = start(ws, ws.parent / "c.log", *CHANGE)
     deadline = time.time() + 1800
-    while not list(ckpts.glob("checkpoint-*")):       # kill -9 as soon as SFT has a checkpoint
+    # kill -9 as soon as SFT has a *complete* checkpoint (HF writes trainer_state.json last): on a quiet
+    # machine a kill at the first checkpoint-* folder can land mid-write, and resume rightly skips it
+    while not list(ckpts.glob("checkpoint-*/trainer_state.json")):
         assert proc.poll() is None and time.time() < deadline, (ws.parent / "c.log").read_text()[-4000:]
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)               # the pipeline and its temporary Prefect server
     proc.wait(60)
-    steps = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*"))
+    steps = sorted(int(p.parent.name.split("-")[1]) for p in ckpts.glob("checkpoint-*/trainer_state.json"))
     c_id = json.loads((ws / ".stagewise" / "run.lock.json").read_text())["run"]
     return {"steps": steps, "sft_before": before, "run_id": c_id}
 
