@@ -217,12 +217,11 @@ def resolve(cfg, facts: Facts) -> tuple[Any, list[Resolved]]:
             f"{rc.min_steps['sft']} steps × batch {s.batch_size} / {sft_rows:,} rows ({chats:,} chats + "
             f"replay {s.replay_ratio:g}), within [{rc.min_epochs:g}, {rc.max_epochs['sft']:g}] epochs")
     lr("sft")
+    total = s.max_steps if s.max_steps > 0 else steps_of_epochs(sft_rows, s.batch_size, cur("sft", "epochs"))
     if is_auto(s.warmup_ratio):
-        total = s.max_steps if s.max_steps > 0 else steps_of_epochs(sft_rows, s.batch_size, cur("sft", "epochs"))
         put("sft", "warmup_ratio", warmup_ratio(total, ADAM_BETA2["sft"], rc.max_warmup_ratio),
             f"2/(1-β2={ADAM_BETA2['sft']}) steps of {total:g}, at most {rc.max_warmup_ratio:g}")
     if is_auto(s.eval_steps):
-        total = s.max_steps if s.max_steps > 0 else steps_of_epochs(sft_rows, s.batch_size, cur("sft", "epochs"))
         put("sft", "eval_steps", eval_every(math.ceil(total), rc.evals_per_run),
             f"{math.ceil(total)} steps / {rc.evals_per_run} evaluations")
     if is_auto(s.save_steps):
@@ -244,4 +243,20 @@ def resolve(cfg, facts: Facts) -> tuple[Any, list[Resolved]]:
             f"problems per step, at least {rc.min_steps['reasoning']}")
     lr("reasoning")
     return (_set(cfg, updates) if updates else cfg), out
+
+
+def check(cfg) -> None:
+    """Settings that are valid alone but not together, once `auto` is resolved: raised before any stage
+    starts, naming the settings, rather than from inside the stage that would trip on them."""
+    from stagewise.config import ConfigError
+
+    for section in ("pretrain", "sft"):
+        c = cfg.section(section)
+        if is_auto(c.save_steps) or is_auto(c.eval_steps) or not c.early_stopping_patience:
+            continue
+        # early stopping keeps the best checkpoint (load_best_model_at_end): one must exist at every evaluation
+        if c.save_steps % c.eval_steps:
+            raise ConfigError(f"{section}.early_stopping_patience needs a checkpoint at every evaluation: "
+                              f"{section}.save_steps ({c.save_steps}) must be a multiple of {section}.eval_steps "
+                              f"({c.eval_steps}); set both to the same number, or both to auto")
 

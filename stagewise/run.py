@@ -142,10 +142,12 @@ def resolve_recipes(ctx: RunContext, cfg: Config, model_dir: Path) -> Config:
     from stagewise import recipes
 
     if not recipes.unresolved(cfg):
+        recipes.check(cfg)
         return cfg
     ws = ctx.ws
     facts = measure_recipe_facts(cfg, model_dir, ws.curated)
     cfg, resolved = recipes.resolve(cfg, facts)
+    recipes.check(cfg)
     log = logging.getLogger("stagewise")
     for r in resolved:
         log.info("recipe: %s", r.line())

@@ -40,11 +40,7 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
     if not train_blocks:
         raise ValueError(f"{curated_dir}/corpus.jsonl: too little text for one {p.seq_len}-token block")
 
-    patience = p.early_stopping_patience
-    if patience and p.save_steps % p.eval_steps:
-        raise ValueError(f"pretrain.early_stopping_patience needs a checkpoint at every evaluation: "
-                         f"pretrain.save_steps ({p.save_steps}) must be a multiple of pretrain.eval_steps "
-                         f"({p.eval_steps}); set both to the same number, or both to auto")
+    patience = p.early_stopping_patience   # save_steps vs eval_steps: checked before the run (recipes.check)
     model = build_model(cfg.model, tok, seed=cfg.run.seed)
     counts = param_counts(model)
     heldout = heldout_texts(curated_dir, p.heldout_limit)

@@ -107,11 +107,7 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
     rows, skipped = load_chats(curated_dir)
     patience = s.early_stopping_patience
     eval_rows = []
-    if patience:
-        if s.save_steps % s.eval_steps:
-            raise ValueError(f"sft.early_stopping_patience needs a checkpoint at every evaluation: sft.save_steps "
-                             f"({s.save_steps}) must be a multiple of sft.eval_steps ({s.eval_steps}); set both "
-                             "to the same number, or both to auto")
+    if patience:   # save_steps vs eval_steps: checked before the run (recipes.check)
         import random
 
         # held out for the early-stopping loss (assistant tokens only): a seeded shuffle, not the file order

@@ -138,12 +138,23 @@ def test_auto_and_bad_values_in_the_file(tmp_path):
 
 @pytest.mark.parametrize("profile", [None, "demo", "smoke", "smollm2"])
 def test_every_profile_on_user_data_checkpoints_at_its_evaluations(tmp_path, profile):
-    """Early stopping keeps the best checkpoint, so save_steps must be a multiple of eval_steps (pretrain
-    and sft refuse to start otherwise): no profile may pin one and leave the other to the rules — the
+    """Early stopping keeps the best checkpoint, so save_steps must be a multiple of eval_steps (the run
+    refuses to start otherwise): no profile may pin one and leave the other to the rules — the
     smollm2 profile once pinned sft.save_steps: 100, which a user's sft.max_steps=30 (eval every 3) broke."""
     for steps in (None, "30"):
         over = [] if steps is None else [f"sft.max_steps={steps}"]
         cfg, _ = recipes.resolve(load_config(_user_params(tmp_path), profile, over), FACTS)
-        for section in (cfg.pretrain, cfg.sft):
-            if section.early_stopping_patience:
-                assert section.save_steps % section.eval_steps == 0, (profile, steps, section)
+        assert cfg.sft.early_stopping_patience, profile   # the rule below is exercised, not skipped
+        recipes.check(cfg)
+
+
+@pytest.mark.parametrize("section", ["pretrain", "sft"])
+def test_a_checkpoint_off_the_evaluations_is_refused_before_the_run_naming_both_settings(tmp_path, section):
+    over = [f"{section}.early_stopping_patience=2", f"{section}.eval_steps=4", f"{section}.save_steps=6"]
+    cfg, _ = recipes.resolve(load_config(_user_params(tmp_path), None, over), FACTS)
+    with pytest.raises(ConfigError, match=rf"{section}.save_steps \(6\) must be a multiple of "
+                                          rf"{section}.eval_steps \(4\)"):
+        recipes.check(cfg)
+    fixed, _ = recipes.resolve(load_config(_user_params(tmp_path), None, over[:2] + [f"{section}.save_steps=8"]),
+                               FACTS)
+    recipes.check(fixed)   # a multiple is fine
