@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from stagewise.errors import UserError
+from stagewise.errors import ConfigError
 
 
 def _steps(v: int) -> int:
@@ -665,10 +665,6 @@ class StepConfig:
 
     def unrestricted(self) -> "Config":
         return self._cfg
-
-
-class ConfigError(UserError, ValueError):
-    """A params.yaml problem, phrased for the person who has to fix it."""
 
 
 def hash_obj(obj: Any) -> str:

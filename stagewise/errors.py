@@ -28,6 +28,10 @@ class UserError(StagewiseError):
     """Bad input, arguments or settings (exit 2)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A params.yaml problem, phrased for the person who has to fix it (stagewise.config raises it)."""
+
+
 class StoreError(StagewiseError):
     """The workspace or a store (MLflow, Prefect, disk) cannot be used as it is (exit 3)."""
 

@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from stagewise.errors import ConfigError
+
 AUTO = "auto"
 
 # The settings that may be `auto`, per section (each has a rule below and a demo-world value).
@@ -248,8 +250,6 @@ def resolve(cfg, facts: Facts) -> tuple[Any, list[Resolved]]:
 def check(cfg) -> None:
     """Settings that are valid alone but not together, once `auto` is resolved: raised before any stage
     starts, naming the settings, rather than from inside the stage that would trip on them."""
-    from stagewise.config import ConfigError
-
     for section in ("pretrain", "sft"):
         c = cfg.section(section)
         if is_auto(c.save_steps) or is_auto(c.eval_steps) or not c.early_stopping_patience:
