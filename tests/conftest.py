@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,11 +24,22 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def make_workspace(dest: Path) -> Path:
-    """A fresh workspace: the project's params.yaml, dvc.yaml and evals/, nothing else."""
+    """A fresh workspace: the project's params.yaml, dvc.yaml and evals/, nothing else.
+
+    Under pytest-xdist (.ci/run runs the slow tests on 2 workers) the cores are shared out: each
+    worker's pipelines get run.threads = cores / workers, as oversubscribed OpenMP threads spin-wait
+    on each other (a second process slows a 2-thread torch run 3-4x on 2 cores)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(ROOT / name, dest / name)
     shutil.copytree(ROOT / "evals", dest / "evals", dirs_exist_ok=True)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        params = dest / "params.yaml"
+        text, n = re.subn(r"(?m)^(run:\n(?:  .*\n)*?  threads: )\d+$", rf"\g<1>{max(1, os.cpu_count() // workers)}",
+                          params.read_text())
+        assert n == 1, "params.yaml: run.threads not found"
+        params.write_text(text)
     return dest
 
 
