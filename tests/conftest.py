@@ -21,23 +21,25 @@ for k, v in {
 }.items():
     os.environ[k] = v
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Under pytest-xdist the cores are shared out between the workers (torch reads this when it starts):
+# oversubscribed OpenMP threads spin-wait on each other, a second process slows a 2-thread torch run
+# 3-4x on 2 cores. Pipelines the tests start get the same share (make_workspace).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 
 def make_workspace(dest: Path) -> Path:
-    """A fresh workspace: the project's params.yaml, dvc.yaml and evals/, nothing else.
-
-    Under pytest-xdist (.ci/run runs the slow tests on 2 workers) the cores are shared out: each
-    worker's pipelines get run.threads = cores / workers, as oversubscribed OpenMP threads spin-wait
-    on each other (a second process slows a 2-thread torch run 3-4x on 2 cores)."""
+    """A fresh workspace: the project's params.yaml, dvc.yaml and evals/, nothing else (under
+    pytest-xdist, run.threads is the worker's share of the cores)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(ROOT / name, dest / name)
     shutil.copytree(ROOT / "evals", dest / "evals", dirs_exist_ok=True)
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
+    if _WORKERS > 1:
         params = dest / "params.yaml"
-        text, n = re.subn(r"(?m)^(run:\n(?:  .*\n)*?  threads: )\d+$", rf"\g<1>{max(1, os.cpu_count() // workers)}",
-                          params.read_text())
+        text, n = re.subn(r"(?m)^(run:\n(?:  .*\n)*?  threads: )\d+$", rf"\g<1>{_THREADS}", params.read_text())
         assert n == 1, "params.yaml: run.threads not found"
         params.write_text(text)
     return dest
