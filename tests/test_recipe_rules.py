@@ -158,3 +158,6 @@ def test_a_checkpoint_off_the_evaluations_is_refused_before_the_run_naming_both_
     fixed, _ = recipes.resolve(load_config(_user_params(tmp_path), None, over[:2] + [f"{section}.save_steps=8"]),
                                FACTS)
     recipes.check(fixed)   # a multiple is fine
+    if section == "pretrain":   # unused with a base model: not an error
+        based, _ = recipes.resolve(load_config(_user_params(tmp_path), None, over + ["model.base=some/base"]), FACTS)
+        recipes.check(based)
