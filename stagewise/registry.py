@@ -27,8 +27,17 @@ EXPERIMENT = "stagewise"
 # The task every version is logged with: MLflow's OpenAI-compatible chat schema ({"messages": [...]}).
 CHAT_TASK = "llm/v1/chat"
 ADAPTER_DIR = "adapter"   # a LoRA/QLoRA stage's PEFT adapter inside its model folder (tasks/sft.py)
-LINEAGE_KEYS = ("stage", "parent_version", "data_hash", "config_hash", "code_version", "cache_key",
+LINEAGE_KEYS = ("stage", "parent_version", "base_model", "data_hash", "config_hash", "code_version", "cache_key",
                 "pipeline_run", "weights_hash")
+
+
+def base_model_tag(base: str | None) -> str:
+    """Where a version's chain of stages started: `model.base` (a hub id, a folder, `pkg://…`; credentials
+    in a URI redacted) or "none" (random init). A registered version has no parent for the first stage
+    over a base, so this is what names the base an adapter needs (docs/serving.md)."""
+    from stagewise.redact import redact
+
+    return redact(base) if base else "none"
 
 
 def setup_tracking(root: Path, experiment: str = EXPERIMENT, private: bool = True) -> str:
@@ -139,7 +148,7 @@ def log_model_version(model_dir: Path, registered_name: str, stage: str, lineage
     Called only after `model_dir` was written completely (stages save atomically), so a crash can
     never register a half-written model. A LoRA/QLoRA stage's adapter (`<model_dir>/adapter`, PEFT
     format) is logged beside it as run artifacts `<stage>-adapter/`, its base named in the tags
-    (`adapter_base_version` = the parent version), so multi-adapter servers (vLLM `--enable-lora`,
+    (`adapter_base_version` = the parent version, or `base_model` when the parent is model.base), so multi-adapter servers (vLLM `--enable-lora`,
     LoRAX) can load many fine-tunes over one base (docs/serving.md). The registered model itself is
     the merged one: MLflow's transformers flavor records only a hub reference for a PEFT base.
     """

@@ -260,6 +260,7 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
                 out_dir, ctx.registered_model, stage,
                 lineage={
                     "parent_version": parent.version or "none",
+                    "base_model": registry.base_model_tag(cfg.model.base),
                     "data_hash": data_hash,
                     "config_hash": hash_obj(config_part(step, cfg)),
                     "code_version": ctx.code_version,

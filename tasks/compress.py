@@ -415,6 +415,7 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
                     folder, ctx.registered_model, "compress",
                     lineage={"parent_version": parent.version or "none", "compression": method,
                              "uncompressed_version": parent.version or "none", "parent_stage": parent.stage,
+                             "base_model": registry.base_model_tag(cfg.model.base),
                              "data_hash": parent.data_hash, "code_version": ctx.code_version,
                              "config_hash": hash_obj(cfg.compress.model_dump(mode="json")), "cache_key": key,
                              "pipeline_run": ctx.run_id, "weights_hash": dir_hash(folder, "*.safetensors"),

@@ -77,6 +77,7 @@ def test_mlflow_has_pipeline_run_nested_stage_runs_and_versions_with_lineage(smo
     by_stage = {v.tags["stage"]: v for v in versions}
     sft = by_stage["sft"]
     assert sft.tags["parent_version"] == str(by_stage["pretrain"].version)
+    assert sft.tags["base_model"] == "none"                 # the smoke profile starts from random init
     assert sft.tags["data_hash"].endswith(".dir")          # DVC's md5 of data/05_curated
     lock = (ws / "dvc.lock").read_text()
     assert sft.tags["data_hash"] in lock

