@@ -85,7 +85,7 @@ def champion(real_run, tmp_path_factory):
 def test_every_stage_trained_on_the_real_base_and_is_registered_with_the_base_named(real_run):
     ws, s = real_run
     assert [r["name"] for r in s["stages"]] == ["sft", "preference", "reasoning"]
-    versions = {v.version: v for v in _client(ws).search_model_versions("name='stagewise'")}
+    versions = {str(v.version): v for v in _client(ws).search_model_versions("name='stagewise'")}
     for r in s["stages"]:
         tags = versions[r["model_version"]].tags
         assert tags["stage"] == r["name"] and tags["base_model"] == BASE, tags
