@@ -248,13 +248,14 @@ def resolve(cfg, facts: Facts) -> tuple[Any, list[Resolved]]:
 
 
 def check(cfg) -> None:
-    """Settings that are valid alone but not together, once `auto` is resolved: raised before any stage
-    starts, naming the settings, rather than from inside the stage that would trip on them."""
+    """Settings that are valid alone but not together, in a resolved cfg (no `auto` left: `resolve`):
+    raised before any stage starts, naming the settings, rather than from inside the stage that would
+    trip on them."""
     for section in ("pretrain", "sft"):
         if section == "pretrain" and cfg.model.base:
             continue   # a given base replaces pretraining: its settings are not used
         c = cfg.section(section)
-        if is_auto(c.save_steps) or is_auto(c.eval_steps) or not c.early_stopping_patience:
+        if not c.early_stopping_patience:
             continue
         # early stopping keeps the best checkpoint (load_best_model_at_end): one must exist at every evaluation
         if c.save_steps % c.eval_steps:

@@ -148,8 +148,9 @@ def log_model_version(model_dir: Path, registered_name: str, stage: str, lineage
     Called only after `model_dir` was written completely (stages save atomically), so a crash can
     never register a half-written model. A LoRA/QLoRA stage's adapter (`<model_dir>/adapter`, PEFT
     format) is logged beside it as run artifacts `<stage>-adapter/`, its base named in the tags
-    (`adapter_base_version` = the parent version, or `base_model` when the parent is model.base), so multi-adapter servers (vLLM `--enable-lora`,
-    LoRAX) can load many fine-tunes over one base (docs/serving.md). The registered model itself is
+    (`adapter_base_version` = the parent version, or `base_model` when the parent is model.base), so
+    multi-adapter servers (vLLM `--enable-lora`, LoRAX) can load many fine-tunes over one base
+    (docs/serving.md). The registered model itself is
     the merged one: MLflow's transformers flavor records only a hub reference for a PEFT base.
     """
     import mlflow
