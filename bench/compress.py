@@ -69,8 +69,8 @@ def main() -> None:
     calib = torch.randint(8, vocab, (16, 128), generator=torch.Generator().manual_seed(0))
 
     models, dirs = {"parent": parent}, {"parent": parent_dir}
-    models["nf4"] = quantize.quantize_bnb(parent_dir, tmp / "nf4", "nf4") if _save_tok(parent_dir) else None
-    models["int8"] = quantize.quantize_bnb(parent_dir, tmp / "int8", "int8")
+    models["nf4"] = quantize.quantize_bnb(parent_dir, tmp / "nf4", "nf4")[0] if _save_tok(parent_dir) else None
+    models["int8"] = quantize.quantize_bnb(parent_dir, tmp / "int8", "int8")[0]
     dirs |= {"nf4": tmp / "nf4", "int8": tmp / "int8"}
     models["dynamic_int8"] = quantize.quantize_dynamic_int8(parent_dir, tmp / "dynamic_int8")
     dirs["dynamic_int8"] = tmp / "dynamic_int8"
@@ -85,7 +85,7 @@ def main() -> None:
     # chains: each link from the previous link's folder, as the compress step builds them
     for first, quant in (("distill_student", "nf4"), ("prune_structured", "nf4"), ("distill_student", "int8")):
         name = f"{first}+{quant}"
-        models[name] = quantize.quantize_bnb(dirs[first], tmp / name, quant)
+        models[name] = quantize.quantize_bnb(dirs[first], tmp / name, quant)[0]
         dirs[name] = tmp / name
     # every candidate as it reloads from its folder (what the pipeline ships)
     models = {n: (m if n == "parent" else load_candidate(dirs[n])) for n, m in models.items()}

@@ -205,8 +205,8 @@ def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
         Returns (model, folder, info, is_recipe_folder)."""
         p = c.prune
         if method in ("nf4", "int8"):
-            m = quantize.quantize_bnb(src_dir, out, method, c.quantize.nf4_double_quant, c.quantize.skip_modules)
-            return m, out, {"quantization": method}, False
+            m, kept = quantize.quantize_bnb(src_dir, out, method, c.quantize.nf4_double_quant, c.quantize.skip_modules)
+            return m, out, {"quantization": method} | ({"full_precision_layers": kept} if kept else {}), False
         if method == "dynamic_int8":
             return quantize.quantize_dynamic_int8(src_dir, out), out, {"quantization": "torch.ao dynamic int8"}, True
         if method in ("prune_magnitude", "prune_2of4", "prune_structured"):

@@ -96,10 +96,10 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
     out_dir = Path(out_dir)
     quant = None
     if s.peft == "qlora":
-        from transformers import BitsAndBytesConfig
+        from stagewise.compression.quantize import bnb_config, nf4_skip_modules
 
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_compute_dtype=torch.float32)
+        # layers bitsandbytes' 4-bit CPU kernel cannot pack stay full precision (frozen all the same)
+        quant = bnb_config("nf4", double_quant=False, skip_modules=nf4_skip_modules(parent_dir, None)[0])
     model, tok = load_parent(cfg, parent_dir)
     before = instruct_eval(model, tok, curated_dir, s.eval_limit)
     if quant is not None:

@@ -8,6 +8,7 @@ loaded from a hub.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -116,3 +117,18 @@ def compress_env(tmp_path_factory) -> tuple[Workspace, Path, Config]:
     if "env" not in _BUILT:
         _BUILT["env"] = build(tmp_path_factory.mktemp("compress"))
     return _BUILT["env"]
+
+
+@contextlib.contextmanager
+def cpu_4bit_kernel(avx512bf16: bool):
+    """Make every Linear4bit built inside take bitsandbytes' AVX-512-BF16 CPU path (or not), whatever
+    this CPU has: `Linear4bit.__init__` reads `has_avx512bf16()` into `support_avx512bf16_for_cpu`,
+    and that path repacks the weight in eval mode (shapes it cannot pack raised there: issue 22)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    saved = bnb_modules.has_avx512bf16
+    bnb_modules.has_avx512bf16 = lambda: avx512bf16
+    try:
+        yield
+    finally:
+        bnb_modules.has_avx512bf16 = saved

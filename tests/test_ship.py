@@ -9,10 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from compress_fixtures import compress_env  # noqa: F401  (session fixture)
+from compress_fixtures import compress_env, cpu_4bit_kernel  # noqa: F401  (session fixture)
 from conftest import ROOT
 from stagewise import registry
 from stagewise.stage import Lineage, RunContext
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _avx512bf16_cpu_kernel():
+    """Every NF4 layer of this module takes bitsandbytes' AVX-512-BF16 CPU path, whatever this CPU has
+    (the pruned+nf4 chain crashed there: issue 22)."""
+    with cpu_4bit_kernel(True):
+        yield
 
 
 @pytest.fixture(scope="module")

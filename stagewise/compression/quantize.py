@@ -44,15 +44,58 @@ def bnb_config(kind: str, double_quant: bool = True, skip_modules: list[str] | N
     raise ValueError(f"unknown bitsandbytes quantization {kind!r}: use nf4 or int8")
 
 
+# bitsandbytes' 4-bit CPU kernel for CPUs with AVX-512-BF16 (`Linear4bit.forward` in eval mode,
+# `functional._convert_weight_packed_for_cpu`) repacks each weight in blocks of 32 output rows and
+# reshapes the absmax per 64-input block: other shapes raise `RuntimeError: shape ... is invalid`.
+# A model quantized here may run on such a CPU elsewhere, so those layers stay in full precision
+# on every machine (one folder, one behaviour) and are listed in the candidate's record.
+NF4_CPU_BLOCK_OUT = 32
+NF4_BLOCKSIZE = 64
+
+
+def nf4_refused_shapes(model) -> list[str]:
+    """Names of the Linear layers whose shape bitsandbytes' packed 4-bit CPU kernel cannot take."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+            and (m.out_features % NF4_CPU_BLOCK_OUT or m.in_features % NF4_BLOCKSIZE)]
+
+
+def nf4_skip_modules(parent_dir: Path, skip_modules: list[str] | None) -> tuple[list[str] | None, list[str]]:
+    """(skip list for BitsAndBytesConfig, the layers added to it because the kernel refuses them).
+
+    The parent is built on the meta device (no weights read) to see every Linear's shape; transformers'
+    own defaults (tied / output embeddings) stay skipped when the user named none."""
+    import re
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(parent_dir))
+    base = get_keys_to_not_convert(meta) if skip_modules is None else list(skip_modules)
+    refused = [n for n in nf4_refused_shapes(meta)
+               if not any(n == k or n.endswith("." + k) or n.startswith(k + ".") for k in base)]
+    if not refused:
+        return skip_modules, []
+    # transformers matches skip entries as regexes from the start of the module name
+    return base + [re.escape(n) for n in refused], refused
+
+
 def quantize_bnb(parent_dir: Path, out_dir: Path, kind: str, double_quant: bool = True,
                  skip_modules: list[str] | None = None):
-    """Load the parent quantized (nf4 | int8), save the packed model + tokenizer. Returns the model."""
+    """Load the parent quantized (nf4 | int8), save the packed model + tokenizer.
+
+    Returns (model, the layers kept in full precision because the 4-bit CPU kernel refuses their shape)."""
     from stagewise.modeling import load_model, load_tokenizer, save_model
 
     quiet_bnb_warnings()
+    kept: list[str] = []
+    if kind == "nf4":
+        skip_modules, kept = nf4_skip_modules(parent_dir, skip_modules)
     model = load_model(parent_dir, quantization_config=bnb_config(kind, double_quant, skip_modules))
-    save_model(model, load_tokenizer(parent_dir), out_dir, info={"method": kind, "parent": str(parent_dir)})
-    return model.eval()
+    info = {"method": kind, "parent": str(parent_dir)} | ({"full_precision_layers": kept} if kept else {})
+    save_model(model, load_tokenizer(parent_dir), out_dir, info=info)
+    return model.eval(), kept
 
 
 def dynamic_int8(model):
