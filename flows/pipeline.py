@@ -176,10 +176,10 @@ def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: li
                                                             persist_result=True,
                                                             result_serializer="json")  # never unpickle from disk
         child, row = stage_task(ctx, cfg, parent, data["hashes"].get("decontaminate"),
-                                cache_only=stage not in selected)
+                                cache_only=stage not in selected, accepted=list(lineage))
         rows.append(row)
         if row.get("kept_parent"):
-            continue   # worse on its own target: registered as rejected, the chain goes on from the parent
+            continue   # failed the rulebook: registered as rejected, the chain goes on from the parent
         lineage.append(child)
         parent = child
     return {"lineage": lineage, "rows": rows, "cfg": cfg}

@@ -75,16 +75,31 @@ def resolve(uri: str, dest_root: Path) -> tuple[Path, dict]:
                     "parent_stage": tags.get("parent_stage")}
 
 
+def _chain(name: str, version: str | None, cache: Path) -> list[tuple[Path, dict]]:
+    """The registered ancestors of a version, nearest first: [(folder, info), …] up to the first
+    fine-tuned model (whose parent is unregistered: model.base or the random init)."""
+    out, seen = [], set()
+    while version and version not in seen:
+        seen.add(version)
+        folder, info = resolve(f"models:/{name}/{version}", cache)
+        out.append((folder, info))
+        version = info.get("parent_version")
+    return out
+
+
 def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Optional[str]) -> tuple[dict, dict]:
-    """Evaluate candidate, its parent and the baseline (default: the champion) and apply the gate."""
+    """Evaluate the candidate and whom it is compared with, and apply the pipeline's own rulebook:
+    target vs its parent, general rules vs the parent, the fine-tuning base and the baseline (default:
+    the champion), the earlier stages' targets, compression cost vs the uncompressed model. The
+    version is tagged `gate=passed` only when every rule, the base's included, could be checked."""
     from stagewise import registry
     from stagewise.workspace import Workspace
     import functools
 
     from stagewise.evalsets import plan
+    from stagewise.rulebook import Guard, Rulebook
     from stagewise.stage import eval_tasks_dir
     from stagewise.evaluation import evaluate
-    from tasks.gate import gate
 
     ws = Workspace.at(root)
     cache = ws.root / "models" / "_registry"
@@ -105,9 +120,11 @@ def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Op
     if baseline is None and registry.alias_version(name, registry.CHAMPION) is not None:
         baseline = f"models:/{name}@{registry.CHAMPION}"
     base_dir, base = resolve(baseline, cache) if baseline else (None, {})
-    parent_dir = None
-    if cand.get("parent_version"):
-        parent_dir, _ = resolve(f"models:/{cand['name']}/{cand['parent_version']}", cache)
+    chain = _chain(name, cand.get("parent_version"), cache) if cand.get("version") else []
+    parent_dir = chain[0][0] if chain else None
+    if not chain and cand.get("version") and cand.get("stage") != "pretrain" \
+            and (ws.model_dir("init") / "config.json").exists():
+        parent_dir = ws.model_dir("init")   # the first stage trained from the starting model (model.base or init)
     if parent_dir is None and base_dir is None:
         raise CliError(f"{candidate}: nothing to compare with — it has no registered parent and there is no "
                        "champion; pass --baseline <model uri>")
@@ -119,17 +136,44 @@ def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Op
         scores["parent"] = evaluate(parent_dir, tasks, ws, cfg.evaluate)
     if base_dir is not None and base_dir != cand_dir and base_dir != parent_dir:
         scores["baseline"] = evaluate(base_dir, tasks, ws, cfg.evaluate)
+    # Where fine-tuning started, as the pipeline's gate sees it: the registered pretrain model, or the
+    # workspace's starting model (models/init: model.base converted, or the random init) under the first
+    # fine-tuned ancestor. `lineage` is the chain oldest first, the candidate's own model last.
+    ancestors = [info for _, info in reversed(chain)]
+    fine_tuned = [i for i, a in enumerate(ancestors) if a.get("stage") not in ("pretrain", "compress")]
+    fine_tuning_dir, fine_tuning = None, None
+    pre = [chain[len(chain) - 1 - i] for i, a in enumerate(ancestors) if a.get("stage") == "pretrain"]
+    if pre:
+        fine_tuning_dir, fine_tuning = pre[-1][0], f"v{pre[-1][1]['version']} (pretrain)"
+    elif (ws.model_dir("init") / "config.json").exists():
+        fine_tuning_dir, fine_tuning = ws.model_dir("init"), str(ws.model_dir("init"))
+    base_checked = fine_tuning_dir is not None
+    base_scores = None
+    if fine_tuning_dir is not None and fine_tuning_dir not in (parent_dir, cand_dir) and fine_tuned:
+        base_scores = evaluate(fine_tuning_dir, [g.task for g in evals.general], ws, cfg.evaluate)
+    # Earlier stages' targets, each vs the ancestor that reached it.
+    book = Rulebook.of(cfg, evals)
+    guards = []
+    for folder, info in chain:
+        t = evals.targets.get(info.get("stage") or "")
+        if t is None or info.get("stage") == stage or not book.gate.guard_earlier_targets:
+            continue
+        if t.label in {g.label for g in evals.general} or any(g.stage == info["stage"] for g in guards):
+            continue
+        guards.append(Guard(info["stage"], info.get("version"), evaluate(folder, [t.task], ws, cfg.evaluate)))
     # No registered parent: the baseline plays the parent (its target must be beaten too).
     parent = scores.get("parent", scores.get("baseline"))
     champion = scores.get("baseline") if "parent" in scores else None
-    sel = cfg.compress.select
-    result = gate(stage or "", scores["candidate"], parent, champion, cfg.gate,
-                  bootstrap_iters=cfg.evaluate.bootstrap_iters, evals=evals, uncompressed=scores.get("uncompressed"),
-                  task_max_drop_points=sel.max_task_drop_points, task_max_rise_pct=sel.max_task_rise_pct)
-    if cand.get("version"):
+    result = book.judge(stage or "", scores["candidate"], parent=parent, base=base_scores, champion=champion,
+                        uncompressed=scores.get("uncompressed"), guards=guards)
+    if not base_checked and "base" in cfg.gate.against:
+        result.reasons.append("the fine-tuning base could not be found (no registered pretrain model and no "
+                              f"{ws.model_dir('init')}): the base rules were not checked, so the version is not "
+                              "tagged gate=passed")
+    if cand.get("version") and (base_checked or not result.passed or "base" not in cfg.gate.against):
         registry.client().set_model_version_tag(cand["name"], cand["version"], "gate",
                                                 "passed" if result.passed else "failed")
-    info = {"candidate": cand, "stage": stage, "baseline": base or None,
+    info = {"candidate": cand, "stage": stage, "baseline": base or None, "fine_tuning_base": fine_tuning,
             "parent": cand.get("parent_version"), "uncompressed": unc.get("version"), "tasks": tasks}
     return result.to_dict(), info
 
@@ -153,10 +197,12 @@ def _name() -> Optional[str]:
 def _rule_line(r: dict) -> str:
     if r["delta"] is None:
         return f"  FAIL {r['rule']:<17} {r['metric']}: not evaluated on the candidate"
-    ci = "" if r["ci_low"] is None else f", CI [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+    from stagewise.rulebook import fmt_delta
+
+    ci = "" if r["ci_low"] is None else f", CI [{fmt_delta(r['ci_low'], r['unit'])}, {fmt_delta(r['ci_high'], r['unit'])}]"
     flip = " (could flip: noise)" if r["flips_within_ci"] else ""
     return (f"  {'PASS' if r['passed'] else 'FAIL'} {r['rule']:<17} {r['metric']:<32} vs {r['against']:<8} "
-            f"{r['baseline']:.4g} → {r['candidate']:.4g} ({r['delta']:+.2f} {r['unit']}{ci}){flip}")
+            f"{r['baseline']:.4g} → {r['candidate']:.4g} ({fmt_delta(r['delta'], r['unit'])}{ci}){flip}")
 
 
 def register_commands(app: typer.Typer) -> None:

@@ -101,6 +101,9 @@ class EvalPlan:
     targets: dict[str, Metric] = field(default_factory=dict)
     general: list[Metric] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)      # what was resolved implicitly, for the summary
+    # gate.guard_earlier_targets: a stage is also scored on every earlier stage's target (the rulebook
+    # keeps them within their limits), so its evaluations carry those tasks too
+    guard_earlier: bool = True
 
     def heldout_kinds(self) -> list[str]:
         """Data kinds decontaminate must hold out a share of (sets the plan made up)."""
@@ -116,9 +119,17 @@ class EvalPlan:
         return out + [task_name(t) for t in self.tasks]
 
     def stage_tasks(self, stage: str) -> list[str]:
-        """A stage's target task, its context tasks and every general task (the forgetting guard's view)."""
+        """A stage's target task, its context tasks, the earlier stages' targets (guarded by the rulebook)
+        and every general task (the forgetting guard's view)."""
         head = [self.targets[stage], *self.context(stage)] if stage in self.targets else []
-        return list(dict.fromkeys(m.task for m in [*head, *self.general]))
+        return list(dict.fromkeys(m.task for m in [*head, *self.earlier_targets(stage), *self.general]))
+
+    def earlier_targets(self, stage: str) -> list[Metric]:
+        """The targets of the training stages before `stage` (pipeline order), when they are guarded."""
+        order = list(STAGE_KIND)
+        if not self.guard_earlier or stage not in order:
+            return []
+        return [self.targets[s] for s in order[:order.index(stage)] if s in self.targets]
 
     def context(self, stage: str) -> list[Metric]:
         """Scored beside a stage's target, shown in its rows, never a rule: reasoning's greedy exact match
@@ -184,7 +195,7 @@ def plan(cfg, root: Path) -> EvalPlan:
         sets = {n: {"path": str(resolve_path(s.path, root)), "kind": s.kind, "origin": "declared"}
                 for n, s in (ev.sets or {}).items()}
     tasks = [str(resolve_path(t, root)) if t.endswith((".yaml", ".yml")) else t for t in ev.tasks]
-    p = EvalPlan(sets=sets, tasks=tasks, notes=notes)
+    p = EvalPlan(sets=sets, tasks=tasks, notes=notes, guard_earlier=cfg.gate.guard_earlier_targets)
     source_kinds = {s.kind for s in cfg.data.sources.values()}
 
     def heldout(data_kind: str) -> str:

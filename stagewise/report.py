@@ -33,8 +33,11 @@ def _num(v: Any, digits: int = 4) -> str:
 
 
 def _signed(v: Any, unit: str = "") -> str:
+    """A delta in its metric's unit: points (proportions), % (perplexity, loss), nats (margins)."""
     if v is None:
         return "–"
+    if unit == "nats":
+        return f"{v:+.3g} nats"
     return f"{v:+.2f}{' pts' if unit == 'points' else unit}"
 
 
@@ -80,8 +83,14 @@ def _rule_rows(gate: dict) -> list[list[str]]:
         unit = r.get("unit", "")
         ci = "–" if r.get("ci_low") is None else f"[{_signed(r['ci_low'], unit)}, {_signed(r['ci_high'], unit)}]"
         thr = r.get("threshold")
-        limit = {"target_improves": "must improve", "general_no_drop": f"drop ≤ {_num(thr)} pts",
-                 "general_ppl_rise": f"rise ≤ {_num(thr)}%"}.get(r.get("rule"), _num(thr))
+        if r.get("rule") == "target_improves":
+            limit = "must improve"
+        elif unit == "%":
+            limit = f"rise ≤ {_num(thr)}%" if not r.get("higher_is_better") else f"drop ≤ {_num(thr)}%"
+        elif unit == "nats":
+            limit = f"drop ≤ {_num(thr)} nats ({_num(r.get('threshold_pct'))}%)"
+        else:
+            limit = f"drop ≤ {_num(thr)} pts"
         verdict = ("PASS" if r.get("passed") else "FAIL") + ("" if r.get("enforced", True) else " (not enforced)")
         flips = {True: "yes – noise", False: "no", None: "–"}[r.get("flips_within_ci")]
         rows.append([verdict, r.get("rule", ""), r.get("metric", ""), r.get("against", ""), _num(r.get("baseline")),
@@ -115,11 +124,36 @@ def _stage_rows(summary: dict) -> list[list[str]]:
                      f"v{s.get('parent_version')}" if s.get("parent_version") else "–",
                      f"{s.get('target_metric', '')} {arrow}", _num(s.get("baseline_value")), _num(s.get("value")),
                      {True: "yes", False: "NO", None: "–"}[s.get("improved")],
+                     {True: "yes", False: "no – within noise", None: "–"}[s.get("significant")],
+                     _stage_verdict(s),
                      "cached" if s.get("cached") else (f"{s['seconds']:.0f}s" if s.get("seconds") is not None else "–")])
     return rows
 
 
-STAGE_HEADERS = ["stage", "version", "parent", "target", "parent value", "value", "improved", "time"]
+def _stage_verdict(s: dict) -> str:
+    """Accepted, or rejected with the rule that failed (the rulebook at the stage)."""
+    if s.get("kept_parent"):
+        return "REJECTED: " + ((s.get("rules") or {}).get("failed") or [s["kept_parent"]])[0]
+    failed = (s.get("rules") or {}).get("failed") or []
+    return "accepted" if not failed else f"accepted (keep_parent_on_regression off): {failed[0]}"
+
+
+STAGE_HEADERS = ["stage", "version", "parent", "target", "parent value", "value", "improved", "significant",
+                 "rulebook", "time"]
+
+
+def _tried_rows(gate: dict) -> list[list[str]]:
+    """The candidates the gate judged, in the fallback order, and why each failed."""
+    rows = []
+    for t in gate.get("tried") or []:
+        c = t.get("candidate") or {}
+        what = f"{c.get('compression')} of {c.get('evaluated_as')}" if c.get("compression") else c.get("stage", "")
+        rows.append([f"v{c.get('version')}", what, "PASS" if t.get("passed") else "FAIL",
+                     "; ".join(t.get("reasons") or []) if not t.get("passed") else f"all {t.get('enforced')} rules"])
+    return rows
+
+
+TRIED_HEADERS = ["candidate", "model", "verdict", "why"]
 
 
 def _no_leak_list(cur: dict) -> str:
@@ -276,10 +310,10 @@ def plot_rules(gate: dict) -> str | None:
         limit = {"general_no_drop": -thr, "general_ppl_rise": thr}.get(r.get("rule"), 0.0)
         ax.plot([limit, limit], [y - 0.35, y + 0.35], color="black", lw=1.5, ls="--")
     ax.set_yticks(range(len(rules)))
-    ax.set_yticklabels([f"{r['metric']} vs {r['against']} ({'pts' if r.get('unit') == 'points' else '%'})"
+    ax.set_yticklabels([f"{r['metric']} vs {r['against']} ({'pts' if r.get('unit') == 'points' else r.get('unit', '%')})"
                         for r in reversed(rules)])
     ax.axvline(0, color=NEUTRAL, lw=0.8)
-    ax.set_xlabel("delta (points for accuracy, % for perplexity); dashed: limit; bar: bootstrap CI")
+    ax.set_xlabel("delta (points for proportions, % for perplexity, nats for margins); dashed: limit; bar: bootstrap CI")
     ax.set_title("Gate rules")
     return _png(fig)
 
@@ -411,6 +445,8 @@ def render_markdown(summary: dict) -> str:
     if compared_line(gate):
         out += [compared_line(gate), ""]
     out += [_md_table(RULE_HEADERS, _rule_rows(gate)) if gate.get("rules") else "_no rules applied_", ""]
+    if len(gate.get("tried") or []) > 1:
+        out += ["## Candidates tried (fallback order)", "", _md_table(TRIED_HEADERS, _tried_rows(gate)), ""]
     if gate.get("reasons"):
         out += ["Reasons and notes:", ""] + [f"- {r}" for r in gate["reasons"]] + [""]
     if gate.get("comparisons"):
@@ -488,6 +524,8 @@ def render_html(summary: dict) -> str:
         _html_table(RULE_HEADERS, _rule_rows(gate), verdict_col=0) if gate.get("rules") else "<p>No rules applied.</p>",
         img(plot_rules(gate), "gate rules: deltas with confidence intervals and limits"),
     ]
+    if len(gate.get("tried") or []) > 1:
+        parts += ["<h2>Candidates tried (fallback order)</h2>", _html_table(TRIED_HEADERS, _tried_rows(gate), verdict_col=2)]
     if gate.get("reasons"):
         parts.append("<ul>" + "".join(f"<li>{e(r)}</li>" for r in gate["reasons"]) + "</ul>")
     if gate.get("comparisons"):

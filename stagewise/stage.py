@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stagewise.config import Config, StepConfig, hash_obj
+from stagewise.rulebook import describe, significant
 from stagewise.steps import Step
 from stagewise.workspace import Workspace
 
@@ -149,7 +150,10 @@ def prefect_cache_key(step: Step) -> Callable[[Any, dict[str, Any]], str | None]
         out_dir = ctx.ws.model_dir(step.name)
         if hit is None or not out_dir.is_dir() or dir_hash(out_dir, "*.safetensors") != hit["tags"].get("weights_hash"):
             return None
-        return f"stagewise-{step.name}-{key}-v{hit['version']}"
+        # the replayed row carries the rulebook's verdict: new gate settings or another chain re-decide
+        rules = hash_obj({"gate": params["cfg"].gate.model_dump(mode="json"),
+                          "accepted": [x.weights_hash for x in params.get("accepted") or []]})
+        return f"stagewise-{step.name}-{key}-v{hit['version']}-r{rules[:12]}"
 
     return key_fn
 
@@ -193,12 +197,30 @@ def eval_tasks_dir(cfg: Config, root: Path) -> Path:
     return compiled_dir(plan(cfg, root), root)
 
 
+def fine_tuning_base(lineage: list[Lineage]) -> tuple[Lineage, dict] | None:
+    """The model fine-tuning started from (pretrain output, or model.base) and its scores, for the last
+    model of `lineage` (the candidate).
+
+    None when that model is the candidate's parent (the parent rules already cover it) or the
+    candidate itself. Its scores are those its first child's run measured on it as a parent: every
+    stage's evals include all general evals, so they are on the same items as the candidate's.
+    """
+    stages = [x.stage for x in lineage]
+    root = stages.index("pretrain") if "pretrain" in stages else 0
+    if root >= len(lineage) - 2:
+        return None
+    return lineage[root], lineage[root + 1].parent_metrics
+
+
 def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: Lineage,
-              data_hash: str | None, cache_only: bool = False) -> tuple[Lineage, dict]:
+              data_hash: str | None, cache_only: bool = False,
+              accepted: list[Lineage] | None = None) -> tuple[Lineage, dict]:
     """Cache-or-train one stage; returns its lineage and its summary row.
 
     The recipe sees the config restricted to the step's declared sections (`step.reads`): reading
     any other section raises, so the cache key cannot miss a setting the model depends on.
+    `accepted`: the chain so far (the starting model, then every accepted stage; its last is `parent`):
+    the rulebook judges the child against the parent, the fine-tuning base and the earlier targets.
     """
     stage = step.name
     data_dir = ctx.ws.curated
@@ -279,12 +301,17 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
     lineage.parent_metrics = parent_metrics
     row.update(target_row(stage, child_metrics, parent_metrics, evals))
     row["eval_sets"] = used_sets
-    if row["improved"] is False and cfg.train.keep_parent_on_regression and parent.version is not None:
-        worse = row["value"] != row["baseline_value"]      # not improved and not equal
-        row["kept_parent"] = (f"{row['target_metric']} {'got worse' if worse else 'did not improve'} "
-                              f"({row['baseline_value']:.4g} → {row['value']:.4g}): "
-                              f"version {row.get('model_version')} is registered as a rejected candidate and the "
-                              f"next stage trains on the parent's weights (version {parent.version}); "
+    verdict = judge_child(cfg, evals, lineage, accepted or [parent])
+    target_rule = next((r for r in verdict.rules if r["rule"] == "target_improves"), None)
+    row["significant"] = significant(target_rule)
+    failed = verdict.failed()
+    row["rules"] = {"passed": verdict.passed, "enforced": sum(r["enforced"] for r in verdict.rules),
+                    "failed": [describe(r) for r in failed]}
+    if failed and cfg.train.keep_parent_on_regression and parent.version is not None:
+        row["kept_parent"] = (f"{describe(failed[0])}"
+                              + (f" (+{len(failed) - 1} more rule(s))" if len(failed) > 1 else "")
+                              + f": version {row.get('model_version')} is registered as a rejected candidate and "
+                              f"the next stage trains on the parent's weights (version {parent.version}); "
                               "train.keep_parent_on_regression")
         log.warning("%s: %s", stage, row["kept_parent"])
         if row.get("model_version"):
@@ -292,6 +319,17 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
                                                     row["kept_parent"][:500])
     row["seconds"] = round(time.time() - t0, 1)
     return lineage, row
+
+
+def judge_child(cfg: Config, evals, child: Lineage, accepted: list[Lineage]):
+    """The rulebook on a trained child: its target vs the parent, the general rules vs the parent and
+    the fine-tuning base, and every earlier accepted stage's target (stagewise/rulebook.py)."""
+    from stagewise.rulebook import Rulebook
+
+    book = Rulebook.of(cfg, evals)
+    base = fine_tuning_base([*accepted, child])
+    return book.judge(child.stage, child.metrics, parent=child.parent_metrics, base=base[1] if base else None,
+                      guards=book.guards_for(child.stage, accepted[1:]))
 
 
 def target_row(stage: str, child: dict, parent: dict, evals) -> dict[str, Any]:

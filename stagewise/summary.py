@@ -139,11 +139,15 @@ def stage_notes(summary: dict) -> list[str]:
 
 def summary_table(summary: dict) -> str:
     """Plain-text table: one line per stage, then the verdict."""
-    head = ("stage", "version", "target", "parent", "child", "improved", "cached", "seconds")
+    head = ("stage", "version", "target", "parent", "child", "improved", "significant", "rulebook", "cached",
+            "seconds")
     lines = [head]
     for r in summary["stages"]:
+        sig = {True: "yes", False: "noise", None: "-"}[r.get("significant")]
+        rules = "REJECTED" if r.get("kept_parent") else ("passed" if (r.get("rules") or {}).get("passed", True)
+                                                          else "failed")
         lines.append((r["name"], _fmt(r.get("model_version")), _fmt(r.get("target_metric")),
-                      _fmt(r.get("baseline_value")), _fmt(r.get("value")), _fmt(r.get("improved")),
+                      _fmt(r.get("baseline_value")), _fmt(r.get("value")), _fmt(r.get("improved")), sig, rules,
                       _fmt(r.get("cached")), _fmt(r.get("seconds"))))
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines]

@@ -36,7 +36,8 @@ from stagewise.compression.measure import load_candidate, measure, quiet_bnb_war
 from stagewise.compression.quantize import RECIPE
 from stagewise.compression.select import check, lower_is_better, select, task_metric_of
 from stagewise.config import Config, StepConfig, hash_obj
-from stagewise.stage import Lineage, RunContext, eval_tasks_dir, flat_params, stage_key
+from stagewise.rulebook import Rulebook, describe
+from stagewise.stage import Lineage, RunContext, eval_tasks_dir, fine_tuning_base, flat_params, stage_key
 from stagewise.workspace import Workspace
 from tasks import step
 
@@ -167,8 +168,13 @@ def table(parent: dict, candidates: list[dict], chosen: str | None, size_by: str
 # ---------------------------------------------------------------- the step
 def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
              evaluate_fn: Callable[[Path], dict] | None = None,
-             merge_with: list[Path] | None = None) -> dict:
-    """Write, measure and evaluate one candidate per entry (a method or a chain); pick one. See the module docstring."""
+             merge_with: list[Path] | None = None,
+             check_fn: Callable[[Path, dict], dict] | None = None, task_metric: str | None = None) -> dict:
+    """Write, measure and evaluate one candidate per entry (a method or a chain); pick one. See the module docstring.
+
+    `check_fn(folder, metrics)`: the accuracy check of a candidate (the pipeline passes the gate's rulebook);
+    without it, `check` on the flat metrics. `task_metric`: the metric ties and the report read (the gate's
+    target; default: the first non-general metric)."""
     from stagewise.modeling import load_model, load_tokenizer, save_model, use_bf16
 
     c = cfg.compress
@@ -305,7 +311,8 @@ def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
         row["reloadable"] = why is None
         if why:
             row["reload_error"] = why
-        row["check"] = check(cfg, parent["metrics"], row["metrics"])
+        row["check"] = (check_fn(folder, row["metrics"]) if check_fn is not None
+                        else check(cfg, parent["metrics"], row["metrics"]))
         candidates.append(row)
         print(f"[compress] {entry}: {row['params']:,} params, {row['memory_bytes'] / 1e6:.2f} MB, "
               f"{row['metrics']}", flush=True)
@@ -326,9 +333,9 @@ def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
     del models
     gc.collect()
     shutil.rmtree(out_root / ".work", ignore_errors=True)  # Trainer scratch dirs (no checkpoints are kept)
-    sel = select(cfg, parent, candidates)
+    sel = select(cfg, parent, candidates, task_metric)
     chosen, reason = sel["chosen"], sel["reason"]
-    task_metric = task_metric_of(cfg, parent["metrics"])
+    task_metric = task_metric or task_metric_of(cfg, parent["metrics"])
     plot = pareto_plot(cfg, parent, candidates, sel, task_metric, out_root / "pareto.png")
     md = table(parent, candidates, chosen, c.select.size_by, c.select.speed_by)
     result = {"candidates": candidates, "chosen": chosen, "reason": reason, "parent_measure": parent,
@@ -383,11 +390,33 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
     # check() guards every metric whose name says *general*: name the declared general sets so
     general_tasks = {g.task for g in evals.general}
 
+    full: dict[str, dict] = {}    # evaluate() results per folder, with per-item scores: what the rulebook reads
+
     def evaluate_fn(model_dir: Path, model=None) -> dict:
         res = evaluate(Path(model_dir), eval_tasks, ctx.ws, cfg.evaluate, model=model, tasks_dir=tasks_dir)
+        full[str(model_dir)] = res
         return {f"{'general:' if t in general_tasks and 'general' not in t else ''}{t}/{m}": v
                 for t, d in res.items() for m, v in d.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and m != "n" and not m.endswith("_stderr")}
+
+    # A candidate is eligible only if the gate's own rules pass on it: the target vs the training parent,
+    # its compression cost vs the uncompressed model, the general rules vs the uncompressed model and the
+    # base, the earlier stages' targets — the same metrics, limits and statistics the gate applies.
+    book = Rulebook.of(cfg, evals)
+    base = fine_tuning_base(lineage)
+    guards = book.guards_for(parent.stage, lineage[1:-1])
+    target = evals.targets.get(parent.stage)
+
+    def check_fn(model_dir: Path, metrics: dict) -> dict:
+        res = full.get(str(model_dir))
+        if res is None:
+            return {"task_metric": target and target.label, "passed": False, "failed": ["not evaluated"], "deltas": {}}
+        verdict = book.judge(parent.stage, res, parent=parent.parent_metrics, base=base[1] if base else None,
+                             uncompressed=parent.metrics, guards=guards)
+        return {"task_metric": target and target.label, "passed": verdict.passed,
+                "failed": [describe(r) for r in verdict.failed()],
+                "deltas": {f"{r['metric']} vs {r['against']}": {r["unit"]: round(r["delta"], 4)}
+                           for r in verdict.rules if r["delta"] is not None}}
 
     t0 = time.time()
     with mlflow.start_run(run_name="compress", nested=ctx.mlflow_run_id is not None,
@@ -395,7 +424,8 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
         mlflow.set_tags({"stage": "compress", "pipeline_run": ctx.run_id, "parent_version": parent.version or ""})
         mlflow.log_params(flat_params("compress", cfg.compress.model_dump(mode="json")))
         result = compress(StepConfig(cfg, "compress", step("compress").reads), Path(parent.model_dir), ctx.ws,
-                          out_root, evaluate_fn)
+                          out_root, evaluate_fn, check_fn=check_fn,
+                          task_metric=f"{target.task}/{target.metric}" if target else None)
         for c in result["candidates"]:
             for k in ("params", "bytes", "memory_bytes", "tokens_per_s", "tokens_per_s_batched", "speed_ratio"):
                 if isinstance(c.get(k), (int, float)):
@@ -404,11 +434,14 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
         mlflow.log_text(result.get("table") or "", "compress.md")
         if result.get("plot"):
             mlflow.log_artifact(result["plot"])
-        version, errors = None, {}
-        # The chosen candidate becomes a model version; one MLflow cannot log cannot ship, and the next
-        # in the policy's ranking is tried.
+        version, errors, registered = None, {}, []
+        # The chosen candidate and the runner-up become model versions (the gate falls back to the
+        # runner-up when the choice fails); one MLflow cannot log cannot ship, and the next in the
+        # policy's ranking is tried.
         by = {c["method"]: c for c in result["candidates"]}
         for method in result.get("ranking") or []:
+            if len(registered) == 2:
+                break
             folder = Path(by[method]["model_dir"])
             try:
                 version = registry.log_model_version(
@@ -420,18 +453,20 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
                              "config_hash": hash_obj(cfg.compress.model_dump(mode="json")), "cache_key": key,
                              "pipeline_run": ctx.run_id, "weights_hash": dir_hash(folder, "*.safetensors"),
                              "memory_bytes": by[method]["memory_bytes"],
-                             "speed_ratio": by[method].get("speed_ratio")},
+                             "speed_ratio": by[method].get("speed_ratio"), "compress_rank": len(registered) + 1},
                     run_id=run.info.run_id)
             except Exception as e:  # noqa: BLE001 - a candidate MLflow cannot log as a transformers model
                 why = f"{type(e).__name__}: {e}".rstrip(": ")
                 log.warning("compress: %s cannot be registered, so it cannot ship (%s)", method, why)
                 errors[method] = why
                 continue
-            if method != result["chosen"]:
+            registered.append({"method": method, "version": version, "model_dir": str(folder)})
+            if len(registered) == 1 and method != result["chosen"]:
                 result["reason"] += (f" — {result['chosen']} could not be registered ({errors[result['chosen']]}); "
                                      f"{method} ships")
                 result["chosen"], result["chosen_dir"] = method, str(folder)
-            break
+        version = registered[0]["version"] if registered else None
+        result["fallbacks"] = registered[1:]
         if errors:
             result["registration_error"] = "; ".join(f"{m}: {w}" for m, w in errors.items())
         if version is None and result.get("chosen"):
@@ -458,5 +493,6 @@ def _compress_summary(result: dict, cached: bool, parent: Lineage) -> dict[str, 
         "chosen": result.get("chosen"), "reason": result.get("reason"), "runner_up": result.get("runner_up"),
         "front": result.get("front"), "objective": result.get("objective"), "task_metric": result.get("task_metric"),
         "plot": result.get("plot"), "model_version": result.get("model_version"), "shipped": shipped,
+        "fallbacks": result.get("fallbacks") or [],
         "registration_error": result.get("registration_error"), "cached": cached, "seconds": result.get("seconds"),
     }

@@ -229,6 +229,7 @@ def preference(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, 
 
 @task(name="preference")
 def preference_task(ctx: RunContext, cfg: Config, parent: Lineage, data_hash: str | None,
-              cache_only: bool = False) -> tuple[Lineage, dict]:
+              cache_only: bool = False, accepted: list[Lineage] | None = None) -> tuple[Lineage, dict]:
     """Preference-tune the parent (DPO, or reward model + PPO); evaluate vs parent; register."""
-    return run_stage(ctx, step("preference"), preference, cfg, parent, data_hash, cache_only=cache_only)
+    return run_stage(ctx, step("preference"), preference, cfg, parent, data_hash, cache_only=cache_only,
+                     accepted=accepted)

@@ -104,6 +104,7 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
 
 @task(name="pretrain")
 def pretrain_task(ctx: RunContext, cfg: Config, parent: Lineage, data_hash: str | None,
-              cache_only: bool = False) -> tuple[Lineage, dict]:
+              cache_only: bool = False, accepted: list[Lineage] | None = None) -> tuple[Lineage, dict]:
     """Pretrain from the random init on the curated corpus; evaluate vs the init; register."""
-    return run_stage(ctx, step("pretrain"), pretrain, cfg, parent, data_hash, cache_only=cache_only)
+    return run_stage(ctx, step("pretrain"), pretrain, cfg, parent, data_hash, cache_only=cache_only,
+                     accepted=accepted)

@@ -327,6 +327,7 @@ def warm_start(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, 
 
 @task(name="reasoning")
 def reasoning_task(ctx: RunContext, cfg: Config, parent: Lineage, data_hash: str | None,
-              cache_only: bool = False) -> tuple[Lineage, dict]:
+              cache_only: bool = False, accepted: list[Lineage] | None = None) -> tuple[Lineage, dict]:
     """RL with verifiable rewards (GRPO) on the parent; evaluate vs parent; register."""
-    return run_stage(ctx, step("reasoning"), reasoning, cfg, parent, data_hash, cache_only=cache_only)
+    return run_stage(ctx, step("reasoning"), reasoning, cfg, parent, data_hash, cache_only=cache_only,
+                     accepted=accepted)

@@ -198,6 +198,7 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
 
 @task(name="sft")
 def sft_task(ctx: RunContext, cfg: Config, parent: Lineage, data_hash: str | None,
-              cache_only: bool = False) -> tuple[Lineage, dict]:
+              cache_only: bool = False, accepted: list[Lineage] | None = None) -> tuple[Lineage, dict]:
     """Fine-tune the parent on curated chat (assistant-only loss); evaluate vs parent; register."""
-    return run_stage(ctx, step("sft"), sft, cfg, parent, data_hash, cache_only=cache_only)
+    return run_stage(ctx, step("sft"), sft, cfg, parent, data_hash, cache_only=cache_only,
+                     accepted=accepted)

@@ -104,10 +104,11 @@ def pareto_front(rows: list[dict], size_by: str, speed_by: str) -> list[str]:
             if not any(s2 <= s and v2 >= v and (s2, v2) != (s, v) for _, s2, v2 in pts)]
 
 
-def select(cfg: Config, parent: dict, candidates: list[dict]) -> dict:
+def select(cfg: Config, parent: dict, candidates: list[dict], task_metric: str | None = None) -> dict:
     """Rank the eligible candidates by the objective. Returns {chosen, runner_up, ranking, front, reason}.
 
     Every candidate gets `eligible` and `failed` (its accuracy `check` failures, then the constraints).
+    `task_metric`: the metric ties and reasons read — the gate's target (default: `task_metric_of`).
     """
     sel = cfg.compress.select
     size_by, speed_by = sel.size_by, sel.speed_by
@@ -122,7 +123,7 @@ def select(cfg: Config, parent: dict, candidates: list[dict]) -> dict:
     measured = [c for c in candidates if "error" not in c]
     front = pareto_front([parent] + measured, size_by, speed_by)
     ok = [c for c in measured if c["eligible"]]
-    tm = task_metric_of(cfg, parent.get("metrics", {}))
+    tm = task_metric or task_metric_of(cfg, parent.get("metrics", {}))
 
     def quality(c):  # larger is better, for ties
         v = c.get("metrics", {}).get(tm)
