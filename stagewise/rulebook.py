@@ -61,6 +61,7 @@ class Guard:
     stage: str
     version: str | None
     scores: dict
+    who: str | None = None    # how the rule names the model (default: "<stage> model v<version>")
 
 
 def relative(metric: str, higher_is_better: bool) -> bool:
@@ -278,6 +279,18 @@ class Rulebook:
     def guarded_tasks(self, guards: list[Guard]) -> list[str]:
         return list(dict.fromkeys(self.evals.targets[g.stage].task for g in guards))
 
+    def champion_stages(self, champion_stage: str | None, stage: str) -> list[str]:
+        """The stages whose targets a candidate must keep against the champion: every stage up to the one
+        the champion was trained by (a fallback to an earlier model may not drop the champion's skills)."""
+        from stagewise.evalsets import STAGE_KIND
+
+        order = list(STAGE_KIND)
+        if not self.gate.guard_earlier_targets or champion_stage not in order:
+            return []
+        general = {g.label for g in self.evals.general}
+        return [s for s in order[: order.index(champion_stage) + 1]
+                if s != stage and s in self.evals.targets and self.evals.targets[s].label not in general]
+
     def judge(self, stage: str, candidate: dict, parent: dict | None = None, base: dict | None = None,
               champion: dict | None = None, uncompressed: dict | None = None,
               guards: list[Guard] = ()) -> GateResult:
@@ -338,7 +351,7 @@ class Rulebook:
         for guard in guards:
             t = evals.targets[guard.stage]
             _, kind, thr, setting = self.limit(t.metric, t.higher_is_better)
-            who = f"{guard.stage} model" + (f" v{guard.version}" if guard.version else "")
+            who = guard.who or f"{guard.stage} model" + (f" v{guard.version}" if guard.version else "")
             row = compare("earlier_target_kept", t.task, t.metric, t.higher_is_better, who, candidate,
                           guard.scores, thr, kind, iters, conf, enforced=True, decide_on=cfg.decide_on,
                           limit_setting=setting)

@@ -304,6 +304,7 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
     verdict = judge_child(cfg, evals, lineage, accepted or [parent])
     target_rule = next((r for r in verdict.rules if r["rule"] == "target_improves"), None)
     row["significant"] = significant(target_rule)
+    row.update(ci_width_note(target_rule, child_metrics))
     failed = verdict.failed()
     row["rules"] = {"passed": verdict.passed, "enforced": sum(r["enforced"] for r in verdict.rules),
                     "failed": [describe(r) for r in failed]}
@@ -319,6 +320,23 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
                                                     row["kept_parent"][:500])
     row["seconds"] = round(time.time() - t0, 1)
     return lineage, row
+
+
+def ci_width_note(rule: dict | None, child: dict, points: float = 5.0) -> dict[str, Any]:
+    """How precise a proportion target's verdict is: a CI wider than ±`points` says how many items would
+    make it ±`points` (the half-width shrinks with 1/√n)."""
+    import math
+
+    if not rule or rule.get("ci_low") is None or rule.get("unit") != "points":
+        return {}
+    half = (rule["ci_high"] - rule["ci_low"]) / 2
+    task, metric = rule["metric"].rsplit(".", 1)
+    n = len((child.get(task) or {}).get("samples", {}).get(metric) or [])
+    if half <= points or n == 0:
+        return {"ci_half_width": round(half, 2)}
+    need = math.ceil(n * (half / points) ** 2)
+    return {"ci_half_width": round(half, 2),
+            "ci_note": f"95% CI of the gain ±{half:.1f} points at {n} items: ~{need} items would make it ±{points:g}"}
 
 
 def judge_child(cfg: Config, evals, child: Lineage, accepted: list[Lineage]):

@@ -127,7 +127,8 @@ def stage_notes(summary: dict) -> list[str]:
     """What a stage's row cannot say in a cell: kept its parent, stopped early, warm-started."""
     out = []
     for r in summary.get("stages") or []:
-        for key, label in (("kept_parent", "kept its parent"), ("stopped_early", "stopped early")):
+        for key, label in (("kept_parent", "kept its parent"), ("stopped_early", "stopped early"),
+                           ("ci_note", "precision")):
             if r.get(key):
                 out.append(f"{r['name']}: {label}: {r[key]}")
         warm = r.get("warm_start")

@@ -29,11 +29,19 @@ from stagewise import registry
 from stagewise.config import Config
 from stagewise.evaluation import evaluate
 from stagewise.hashing import dir_hash
-from stagewise.rulebook import GateResult, Rulebook, bootstrap_delta_ci, gate, relative  # noqa: F401  (the rules)
+from stagewise.rulebook import GateResult, Guard, Rulebook, bootstrap_delta_ci, gate, relative  # noqa: F401  (the rules)
 from stagewise.stage import Lineage, RunContext, eval_tasks_dir, fine_tuning_base, stage_evals
 
 
 # ---------------------------------------------------------------- promotion
+def champion_stage(ctx: RunContext, version: str | None) -> str | None:
+    """The training stage a champion version was made by (a compressed one: its uncompressed model's)."""
+    if version is None:
+        return None
+    tags = registry.version_tags(ctx.registered_model, version)
+    return tags.get("parent_stage") if tags.get("stage") == "compress" else tags.get("stage")
+
+
 def champion_metrics(ctx: RunContext, cfg: Config, tasks: list[str], candidate_version: str | None) -> tuple[str | None, dict | None]:
     """Evaluate the current champion on the candidate's evals (None when there is none, or it is the candidate)."""
     version = registry.alias_version(ctx.registered_model, registry.CHAMPION)
@@ -90,13 +98,24 @@ def judge_candidate(ctx: RunContext, cfg: Config, lineage: list[Lineage], cand: 
     from stagewise.evalsets import plan
 
     trained = lineage[i]
-    book = Rulebook.of(cfg, plan(cfg, ctx.root))
-    champ_version, champ = champion_metrics(ctx, cfg, stage_evals(trained.stage, cfg, ctx.root), cand.version)
+    evals = plan(cfg, ctx.root)
+    book = Rulebook.of(cfg, evals)
+    # The champion's skills are kept too: every target up to the stage that made it, vs the champion
+    # (so a fallback to an earlier model cannot replace a chat champion with a model that never learnt chat).
+    champ_now = registry.alias_version(ctx.registered_model, registry.CHAMPION)
+    keep = book.champion_stages(champion_stage(ctx, champ_now), trained.stage) if champ_now != cand.version else []
+    tasks = list(dict.fromkeys([*stage_evals(trained.stage, cfg, ctx.root), *(evals.targets[s].task for s in keep)]))
+    metrics = cand.metrics
+    if any(t not in metrics for t in tasks):   # scored on what this candidate was not yet (cached per weights)
+        metrics = evaluate(Path(cand.model_dir), tasks, ctx.ws, cfg.evaluate, tasks_dir=eval_tasks_dir(cfg, ctx.root))
+    champ_version, champ = champion_metrics(ctx, cfg, tasks, cand.version)
+    guards = book.guards_for(trained.stage, lineage[1:i])
+    if champ is not None:
+        guards += [Guard(s, champ_version, champ, who=f"champion v{champ_version}") for s in keep]
     base = fine_tuning_base(lineage[: i + 1])
-    result = book.judge(trained.stage, cand.metrics, parent=trained.parent_metrics,
+    result = book.judge(trained.stage, metrics, parent=trained.parent_metrics,
                         base=base[1] if base else None, champion=champ,
-                        uncompressed=trained.metrics if compressed else None,
-                        guards=book.guards_for(trained.stage, lineage[1:i]))
+                        uncompressed=trained.metrics if compressed else None, guards=guards)
     compared = {"parent": lineage[i - 1].version or lineage[i - 1].stage,
                 **({"uncompressed": trained.version} if compressed else {}),
                 "champion": champ_version, "base": (base[0].version or base[0].stage) if base else None}

@@ -285,17 +285,23 @@ def warm_start(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, 
     """R1-style cold start: when the parent solves fewer than `reasoning.warm_start_below` of sampled replies
     on `warm_start_probe` training problems, GRPO's groups are all-wrong and it cannot learn; fine-tune the
     parent first on the reference answers ("The answer is N.", the reward's format) of `warm_start_share`
-    of the problems, assistant tokens only, for `reasoning.sft_epochs` at the SFT stage's learning rate
-    (`sft.learning_rate`: tuned for this model's size; `reasoning.sft_learning_rate` (5e-4) left the smoke
-    model at 0% solved after 3 epochs, 3e-3 reached 7.8%). Returns (model, tok, report)."""
+    of the problems, assistant tokens only, for `reasoning.sft_epochs`.
+
+    It is SFT, so it follows SFT's settings against forgetting: `sft.peft` (LoRA at `sft.lora_learning_rate`,
+    merged after; full fine-tuning at `sft.learning_rate` otherwise) and `sft.replay_ratio` (curated-corpus
+    documents mixed in, loss on every token). A full-FT warm start without replay took a real base's
+    held-out word perplexity from 207 to 681 (issue 21). Before GRPO starts, held-out general text is
+    checked: if its perplexity rose more than `gate.perplexity_max_rise_pct`, the warm start is undone
+    (GRPO starts from the parent) and the report says so. Returns (model, tok, report)."""
+    import math
     import random
 
     from transformers import Trainer
 
     from stagewise.compression.data import chat_example, pad_collator, training_args
-    from stagewise.modeling import use_bf16
+    from stagewise.modeling import heldout_texts, lora_config, mean_nll, use_bf16
 
-    r = cfg.reasoning
+    r, s = cfg.reasoning, cfg.sft
     problems = load_problems(curated_dir)
     if r.warm_start_below <= 0 or not problems:
         return model, tok, None
@@ -307,22 +313,55 @@ def warm_start(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, 
         return model, tok, report
     picked = random.Random(cfg.run.seed + 1).sample(problems, max(1, round(r.warm_start_share * len(problems))))
     rows = [e for e in (chat_example(tok, p["prompt"] + [{"role": "assistant", "content": f"The answer is {p['answer']}."}],
-                                     cfg.sft.max_length) for p in picked) if e is not None]
-    batch = min(cfg.sft.batch_size, len(rows))
+                                     s.max_length) for p in picked) if e is not None]
+    n_answers = len(rows)
+    docs = [d["text"] for d in read_jsonl(Path(curated_dir) / "corpus.jsonl", ["text"])] \
+        if (Path(curated_dir) / "corpus.jsonl").exists() else []
+    n_replay = min(round(s.replay_ratio * n_answers), len(docs) * 4) if docs else 0
+    rng = random.Random(cfg.run.seed + 2)
+    for text in (docs[i % len(docs)] for i in rng.sample(range(max(n_replay, len(docs))), n_replay)):
+        ids = torch.tensor(tok(text + tok.eos_token)["input_ids"][: s.max_length])
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    rng.shuffle(rows)
+    batch = min(s.batch_size, len(rows))
     steps = max(1, round(r.sft_epochs * len(rows) / batch))
+    texts = heldout_texts(curated_dir, s.eval_limit or None)
+    nll_before = mean_nll(model, tok, texts) if texts else None
     log.warning("reasoning: parent solves %.1f%% of sampled replies (< %.0f%%): warm start, %d steps on %d "
-                "reference answers first", 100 * before, 100 * r.warm_start_below, steps, len(rows))
+                "reference answers + %d replayed documents first (%s)", 100 * before, 100 * r.warm_start_below,
+                steps, n_answers, n_replay, "LoRA" if s.peft != "none" else "full fine-tuning")
     t0 = time.perf_counter()
-    model.train()
+    lora = s.peft != "none"
     work = Path(out_dir).parent / f"{Path(out_dir).name}.warm_start"
-    Trainer(model=model, args=training_args(work, steps, cfg.sft.learning_rate, batch, cfg.run.seed, use_bf16(cfg.train)),
+    trained = model
+    if lora:   # a QLoRA SFT's NF4 base is not needed here: the parent is already a merged fp32 model
+        from peft import get_peft_model
+
+        trained = get_peft_model(model, lora_config(s.lora))
+    trained.train()
+    Trainer(model=trained, args=training_args(work, steps, s.lora_learning_rate if lora else s.learning_rate, batch,
+                                              cfg.run.seed, use_bf16(cfg.train)),
             train_dataset=rows, data_collator=pad_collator(tok.pad_token_id)).train()
     shutil.rmtree(work, ignore_errors=True)
-    model = model.float().eval()
-    after = solve_rate(model, tok, cfg, probe)
-    report.update(solve_rate_after=round(after, 4), problems=len(rows), sft_steps=steps,
-                  seconds=round(time.perf_counter() - t0, 1))
-    return model, tok, report
+    if lora:
+        trained = trained.merge_and_unload()
+    trained = trained.float().eval()
+    after = solve_rate(trained, tok, cfg, probe)
+    report.update(solve_rate_after=round(after, 4), problems=n_answers, replayed_documents=n_replay, sft_steps=steps,
+                  peft=s.peft, seconds=round(time.perf_counter() - t0, 1))
+    if nll_before is not None:
+        nll_after = mean_nll(trained, tok, texts)
+        # the gate's unit is word perplexity: a mean token NLL change scaled by tokens per word
+        per_word = sum(len(tok(t + tok.eos_token)["input_ids"]) for t in texts) / max(1, sum(len(t.split()) for t in texts))
+        rise = 100.0 * (math.exp((nll_after - nll_before) * per_word) - 1.0)
+        report.update(general_ppl_rise_pct=round(rise, 2), general_texts=len(texts))
+        if rise > cfg.gate.perplexity_max_rise_pct:
+            report["undone"] = (f"held-out general-text perplexity rose {rise:.1f}% (> gate.perplexity_max_rise_pct "
+                                f"{cfg.gate.perplexity_max_rise_pct:g}): GRPO starts from the parent")
+            log.warning("reasoning: warm start %s", report["undone"])
+            # the weights were trained in place (no second copy of a large model is kept): reload the parent
+            return (*load_parent(cfg, parent_dir), report)
+    return trained, tok, report
 
 
 @task(name="reasoning")

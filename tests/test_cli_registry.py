@@ -144,3 +144,25 @@ def test_promote_refuses_failed_gate_unless_forced_with_reason_and_rollback(stor
     assert got["sw_instruct"]["token_f1"] == seen["sw_instruct.token_f1"] > 0
     assert got["sw_general_text"]["word_perplexity"] == pytest.approx(seen["sw_general_text.word_perplexity"],
                                                                       rel=1e-5)
+
+
+def test_the_command_line_gate_applies_the_pipelines_rulebook_base_and_earlier_targets_included(store):
+    """Issue 21: `stagewise gate` checked fewer rules than the pipeline's gate for the same version (never
+    the base) yet tagged it gate=passed. A preference version over sft over pretrain is judged against its
+    parent, the fine-tuning base (the pretrain model) and the sft stage's target, as the pipeline does."""
+    import mlflow
+
+    from stagewise import registry
+
+    ws, _, good_dir, v = store
+    with mlflow.start_run(run_name="preference") as run:
+        pass
+    v3 = registry.log_model_version(good_dir, "cli", "preference", {"parent_version": v["sft"]}, run.info.run_id)
+    res = cli(ws, "gate", "--candidate", f"models:/cli/{v3}", "--json")
+    out = json.loads(res.stdout)
+    rules = {(r["rule"], r["against"]) for r in out["gate"]["rules"]}
+    assert {("general_ppl_rise", "base"), ("general_no_drop", "base")} <= rules
+    assert ("earlier_target_kept", f"sft model v{v['sft']}") in rules
+    assert out["fine_tuning_base"] == f"v{v['pretrain']} (pretrain)"
+    # the same weights as its parent: the preference target did not improve, so it fails and is tagged so
+    assert res.exit_code == 1 and registry.version_tags("cli", v3)["gate"] == "failed"

@@ -54,6 +54,22 @@ def test_each_stage_improves_its_declared_target(realtext_run):
     assert "my_qa" in proc.stdout and "eval sets:" in proc.stdout
 
 
+def test_a_first_run_on_own_data_promotes_a_model_that_passes_every_rule(realtext_run):
+    """Issue 21: every decision applies the gate's rulebook, and the gate falls back down its candidates,
+    so a user's first run ends with a champion (never 'nothing promoted' because one stage forgot)."""
+    ws, _, _, s = realtext_run
+    gate = s["gate"]
+    assert gate["passed"] is True and s["champion"]["version"] == gate["candidate"]["version"]
+    assert all(r["passed"] for r in gate["rules"] if r["enforced"])
+    tried = gate["tried"]
+    assert tried[-1]["passed"] and not any(t["passed"] for t in tried[:-1])
+    assert [t["candidate"]["version"] for t in tried][-1] == s["champion"]["version"]
+    for r in s["stages"]:   # every stage's verdict is the rulebook's, said in its row
+        assert r["rules"]["passed"] == (not r.get("kept_parent")), r
+    if len(tried) > 1:
+        assert "Candidates tried (fallback order)" in (ws / "reports" / s["run_id"] / "gate.md").read_text()
+
+
 def test_nothing_is_scored_on_the_demo_world(realtext_run):
     ws, world, _, s = realtext_run
     assert not (ws / "data" / "01_raw" / "benchmarks").exists()

@@ -4,6 +4,7 @@ choosing, the gate's fallback order — with units that follow the metric's kind
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 
@@ -174,3 +175,22 @@ def test_when_no_candidate_passes_the_champion_stays(registered):
     out = gate_and_promote(ctx, Config(), lineage)
     assert not out["gate"]["passed"] and registry.alias_version("fb", registry.CHAMPION) is None
     assert [t["passed"] for t in out["gate"]["tried"]] == [False]
+
+
+def test_a_target_gain_within_noise_is_marked_and_says_how_many_items_would_settle_it():
+    from stagewise.stage import ci_width_note
+
+    parent = model_results(ones(10, 40), ones(30, 40), BASE_LL[:40])
+    child = model_results(ones(13, 40), ones(30, 40), BASE_LL[:40])     # +7.5 points on 40 items
+    res = book().judge("sft", child, parent=parent)
+    target = next(r for r in res.rules if r["rule"] == "target_improves")
+    assert target["passed"] and significant(target) is False
+    note = ci_width_note(target, child)
+    half = note["ci_half_width"]
+    import re
+    need = int(re.search(r"at 40 items: ~(\d+) items would make it ±5", note["ci_note"]).group(1))
+    assert half > 5 and abs(need - 40 * (half / 5) ** 2) <= 1.01
+    big = model_results(ones(300, 600), ones(30, 40), BASE_LL[:40])
+    wide = ci_width_note(book().judge("sft", big, parent=model_results(ones(150, 600), ones(30, 40),
+                                                                         BASE_LL[:40])).rules[0], big)
+    assert wide["ci_half_width"] <= 5 and "ci_note" not in wide

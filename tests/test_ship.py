@@ -110,10 +110,15 @@ def test_planted_ten_point_loss_in_the_shipped_model_is_never_promoted(shipped):
     plant(ship.metrics, 0.50)             # shipped: still above the training parent, 10 points below uncompressed
     ship.parent_metrics = trained.metrics
     verdict = gate_and_promote(ctx, strict, [lineage[0], trained], ship, compression=comp["chosen"])
-    assert not verdict["gate"]["passed"]
-    assert verdict["gate"]["reasons"][0].startswith("compression cost: target sw_instruct.token_f1 dropped")
-    assert registry.alias_version("ship", registry.CHAMPION) == champion_before
+    gate = verdict["gate"]
+    first = gate["tried"][0]
+    assert first["candidate"]["version"] == ship.version and not first["passed"]
+    assert first["reasons"][0].startswith("compression cost: target sw_instruct.token_f1 dropped")
     assert registry.version_tags("ship", ship.version)["gate"] == "failed"
+    # the fallback order's next candidate, the uncompressed model (+20 points over its parent), passes
+    assert gate["passed"] and gate["fallback"] and gate["candidate"]["version"] == trained.version
+    assert champion_before == ship.version != trained.version
+    assert registry.alias_version("ship", registry.CHAMPION) == trained.version
 
 
 def test_promote_and_rollback_work_on_compressed_versions(shipped):
