@@ -1,21 +1,11 @@
-"""gate — the forgetting guard: may a candidate replace its parent / the champion?
+"""gate — the forgetting guard: which model may replace the champion?
 
-Rules (params.yaml `gate:`):
-  1. target_improves: the stage's own target metric (`<stage>.target`, stagewise/evalsets.py) beats the parent's.
-  2. general_no_drop: no accuracy-like general metric drops more than `general_max_drop_points`
-     (points on a 0-100 scale) vs each of `gate.against`: the parent, the base (where fine-tuning
-     started: pretrain output or model.base, so that forgetting spread over several stages still
-     adds up) and the champion, whichever exist.
-  3. general_ppl_rise: no perplexity-like general metric rises more than `perplexity_max_rise_pct` %.
-  4. task_within_limit (a compressed candidate only): against the uncompressed model it was made
-     from, the stage's target may drop at most `compress.select.max_task_drop_points` (or rise at
-     most `max_task_rise_pct` % when loss-like); rules 2-3 apply against the uncompressed model too.
-     Rule 1 still compares with the training parent: the stage's gain must survive compression.
-
-Every delta carries a bootstrap confidence interval from the per-item scores evaluate() keeps
-(paired over the same benchmark items when both sides scored the same items), and each rule says
-whether its verdict would flip somewhere inside that interval: a verdict that could flip is noise,
-and the report says so instead of pretending to a precision the eval set does not have.
+The rules themselves live in the one rulebook, stagewise/rulebook.py (target improves; compression cost
+within its limit; every general metric within its limit vs the parent, the fine-tuning base, the
+uncompressed model and the champion; earlier stages' and the champion's targets kept), with bootstrap
+CIs on every delta. This step applies them candidate by candidate in the fallback order — the
+compressor's choice, its runner-up, the uncompressed model, each earlier accepted stage model — and
+moves `champion` to the first that passes every rule (docs/evaluation.md#one-rulebook).
 """
 
 from __future__ import annotations
