@@ -49,8 +49,13 @@ def test_each_stage_improves_its_declared_target(realtext_run):
         assert r["target_metric"].split(".")[0] in (name, f"{name}_sampled"), r["target_metric"]
         table.append(f"{stage:<10} {r['target_metric']:<30} {r['baseline_value']:.4g} -> {r['value']:.4g}")
     print("\n".join(table))
+    # SFT and DPO learn this world's declared targets; a later stage's input depends on the rulebook (a
+    # child that forgets is rejected and the next stage trains on its parent, issue 21): it improves its
+    # target, or its row names the rule that rejected it
+    assert rows["sft"]["improved"] is True and rows["preference"]["improved"] is True, rows
     for stage in TARGETS:
-        assert rows[stage]["improved"] is True, (stage, rows[stage])
+        r = rows[stage]
+        assert r["improved"] is True or (r.get("kept_parent") and r["rules"]["failed"]), (stage, r)
     assert "my_qa" in proc.stdout and "eval sets:" in proc.stdout
 
 
