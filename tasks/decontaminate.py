@@ -212,6 +212,11 @@ def _benchmark_texts(files: list[Path], cfg: DecontaminateConfig,
                     continue
                 for text in _strings(value):
                     yield owner, text, key in cfg.prompt_fields
+            # a chat-shaped item (a tools set): its user turns are prompts
+            if isinstance(item.get("messages"), list):
+                for m in item["messages"]:
+                    if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+                        yield owner, m["content"], True
             # multiple choice: the context followed by the gold continuation is what a leak looks like
             if isinstance(item.get("context"), str) and isinstance(item.get("choices"), list) and isinstance(item.get("gold"), int):
                 if 0 <= item["gold"] < len(item["choices"]):
