@@ -107,6 +107,8 @@ class GenerateConfig(Section):
     n_preference: int = Field(400, gt=0)
     n_verifiable: int = Field(600, gt=0)
     n_eval: int = Field(100, gt=0)            # items per benchmark
+    # tool-use chats (calls, results, answers; some need no tool) and the sw_tools set; 0: none (docs/data.md)
+    n_tool_chat: int = Field(0, ge=0)
 
 
 class IngestConfig(Section):

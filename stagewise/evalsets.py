@@ -70,6 +70,8 @@ DEMO_SETS: dict[str, tuple[str, str]] = {
     "sw_arithmetic": ("arithmetic.jsonl", "verifiable"),
     "sw_arithmetic_unseen": ("arithmetic_unseen.jsonl", "verifiable"),
 }
+# The demo's tool-use set: in the plan when the world has tool chats (generate.n_tool_chat > 0).
+DEMO_TOOLS_SET = ("sw_tools", "tools.jsonl")
 # Why these metrics: tasks/evaluate.py's notes (token F1 before EM on held-out facts, the DPO margin
 # where acc saturates, sampled pass@1 what GRPO maximizes).
 DEMO_TARGETS = {"pretrain": "sw_general_text.word_perplexity", "sft": "sw_instruct.token_f1",
@@ -132,7 +134,12 @@ class EvalPlan:
 
     def context(self, stage: str) -> list[Metric]:
         """Scored beside a stage's target, shown in its rows, never a rule: reasoning's greedy exact match
-        and the SFT skill (does GRPO keep what SFT taught)."""
+        and the SFT skill (does GRPO keep what SFT taught); SFT's tool calling (every tools set that is
+        not its target: call_accuracy and irrelevance_accuracy)."""
+        if stage == "sft" and stage in self.targets:
+            return [Metric(n, m, f"{n}_irrelevance" if m == "irrelevance_accuracy" else n, True)
+                    for n, s in self.sets.items() if s["kind"] == "tools" and n != self.targets[stage].set
+                    for m in ("call_accuracy", "irrelevance_accuracy")]
         if stage != "reasoning" or stage not in self.targets:
             return []
         t = self.targets[stage]
@@ -190,6 +197,9 @@ def plan(cfg, root: Path) -> EvalPlan:
     notes: list[str] = []
     if ev.sets is None and not user_data:
         sets = demo_plan(root).sets
+        if cfg.generate.n_tool_chat > 0:
+            sets[DEMO_TOOLS_SET[0]] = {"path": str(root / DEMO_DIR / DEMO_TOOLS_SET[1]), "kind": "tools",
+                                       "origin": "demo"}
     else:
         sets = {n: {"path": str(resolve_path(s.path, root)), "kind": s.kind, "origin": "declared"}
                 for n, s in (ev.sets or {}).items()}

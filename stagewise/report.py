@@ -434,6 +434,11 @@ def render_markdown(summary: dict) -> str:
         out += ["General metrics (forgetting guard):", "",
                 _md_table(["stage", "metric", "parent", "value"],
                           [[n, g, _num(v.get("baseline")), _num(v.get("value"))] for n, g, v in general]), ""]
+    context = [(s.get("name"), c, v) for s in summary.get("stages") or [] for c, v in (s.get("context") or {}).items()]
+    if context:
+        out += ["Beside the targets (scored, not gated; e.g. SFT's tool calling):", "",
+                _md_table(["stage", "metric", "parent", "value"],
+                          [[n, c, _num(v.get("baseline")), _num(v.get("value"))] for n, c, v in context]), ""]
     cur = summary.get("curation") or {}
     if cur.get("funnel"):
         out += ["## Data curation funnel", "",

@@ -25,9 +25,9 @@ from itertools import permutations
 from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-TOOLS_HEADER = ("You can call these tools (JSON schemas):\n<tools>\n{tools}\n</tools>\n"
-                "To call tools, reply with one " + OPEN + '{{"name": <tool name>, "arguments": <JSON object>}}'
-                + CLOSE + " per call. When no tool fits, answer in text.")
+# Short on purpose: the demo model trains on 128-token windows, and the schemas come on top of this.
+TOOLS_HEADER = ("Tools:\n<tools>\n{tools}\n</tools>\nCall a tool with " + OPEN + '{{"name": ..., "arguments": {{...}}}}'
+                + CLOSE + " per call.")
 _CALL_RE = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.S)
 
 
@@ -164,8 +164,8 @@ def call_text(call: dict) -> str:
 
 def tools_system(tools: Any, system: str | None = None) -> str:
     """The system turn of the plain rendering: the record's system text, then the tool schemas."""
-    schemas = "\n".join(json.dumps({"type": "function", "function": s}, ensure_ascii=False)
-                        for s in tool_specs(tools).values())
+    # compact JSON, one function per line: schemas are the longest part of a tool-use prompt
+    schemas = "\n".join(json.dumps(s, ensure_ascii=False, separators=(",", ":")) for s in tool_specs(tools).values())
     head = TOOLS_HEADER.format(tools=schemas)
     return f"{system}\n\n{head}" if system else head
 

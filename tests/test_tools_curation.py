@@ -112,3 +112,33 @@ def test_great_expectations_checks_the_calls_against_the_declared_tools(tmp_path
     with pytest.raises(ValidationFailed) as err:
         validate(ValidateConfig(), bad, tmp_path / "out_bad")
     assert "tool_problem" in str(err.value) and "'x9'" in str(err.value)
+
+
+def test_the_demo_worlds_tool_chats_are_sound_and_hold_out_their_eval_values(tmp_path):
+    from stagewise.config import GenerateConfig
+    from stagewise.records import check_record, read_jsonl
+    from tasks.generate import TOOL_EVAL_ANIMALS, TOOL_EVAL_SUMS, generate
+
+    generate(GenerateConfig(n_docs=40, n_chat=60, n_preference=20, n_verifiable=20, n_eval=40, n_tool_chat=80), tmp_path)
+    tools = [r for r in read_jsonl(tmp_path / "chat.jsonl") if r.get("tools")]
+    assert len(tools) == 80
+    calls = [c["function"] for r in tools for m in r["messages"] for c in m.get("tool_calls") or []]
+    for r in tools:
+        check_record("chat", r, r["id"])          # every call declared and matching its schema, results matched
+    assert {c["name"] for c in calls} == {"food", "color", "add", "km_to_m"}
+    assert any(len(m.get("tool_calls") or []) == 2 for r in tools for m in r["messages"])   # parallel calls
+    assert any(not any(m.get("tool_calls") for m in r["messages"]) for r in tools)          # no tool needed
+    bench = read_jsonl(tmp_path / "benchmarks" / "tools.jsonl")
+    assert len(bench) == 40 and any(not b["expected"] for b in bench)
+    seen_args = {json.dumps(c["arguments"], sort_keys=True) for c in calls}
+    for b in bench:
+        for c in b["expected"]:
+            assert json.dumps(c["arguments"], sort_keys=True) not in seen_args      # unseen argument values
+            if c["name"] in ("food", "color"):
+                assert c["arguments"]["animal"] in TOOL_EVAL_ANIMALS
+            if c["name"] == "add":
+                assert (c["arguments"]["a"], c["arguments"]["b"]) in TOOL_EVAL_SUMS
+    pairs = {tuple(c["name"] for c in b["expected"]) for b in bench if len(b["expected"]) == 2}
+    train_pairs = {tuple(c["function"]["name"] for c in m["tool_calls"]) for r in tools for m in r["messages"]
+                   if len(m.get("tool_calls") or []) == 2}
+    assert pairs - train_pairs                                                      # unseen combinations

@@ -92,7 +92,7 @@ def test_plain_rendering_masks_replies_and_calls_not_schemas_or_results(kind, he
     assert calls == ('<tool_call>{"name": "animal_food", "arguments": {"animal": "fox"}}</tool_call>\n'
                      '<tool_call>{"name": "add", "arguments": {"a": 4, "b": 3}}</tool_call>')
     assert plain[0]["role"] == "system" and plain[0]["content"].startswith("You are a helpful assistant.\n\n")
-    assert '"name": "convert"' in plain[0]["content"] and [m["role"] for m in plain][3:5] == ["tool", "tool"]
+    assert '{"name":"convert"' in plain[0]["content"] and [m["role"] for m in plain][3:5] == ["tool", "tool"]
     pieces = [calls + end, "The fox eats fish. The answer is 7." + end]
     kept = tok.decode(check_mask(tok, conv, text, pieces))
     assert kept == "".join(pieces)
@@ -140,7 +140,7 @@ def test_a_training_template_that_renders_tool_turns_otherwise_is_refused(tmp_pa
 def test_tool_schemas_come_after_the_records_system_text_or_alone():
     conv = multi_call_chat(0)
     without = plain_messages(conv["messages"][1:], TOOLS)
-    assert without[0]["role"] == "system" and without[0]["content"].startswith("You can call these tools")
+    assert without[0]["role"] == "system" and without[0]["content"].startswith("Tools:\n<tools>\n{")
     assert plain_messages([{"role": "user", "content": "hi"}]) == [{"role": "user", "content": "hi"}]
 
 
@@ -156,4 +156,4 @@ def test_sft_rows_keep_the_tools_and_train_on_the_calls(tmp_path):
     assert chats[0]["tools"] == rec["tools"] and chats[0]["messages"][3]["tool_call_id"] == "c1"
     rows, _ = with_replay(tok, chats, tmp_path, 0.0, 0)
     kept = tok.decode([i for i, m in zip(rows[0]["input_ids"], rows[0]["assistant_masks"]) if m])
-    assert kept.startswith('<tool_call>{"name": "animal_food"') and "You can call" not in kept
+    assert kept.startswith('<tool_call>{"name": "animal_food"') and "<tools>" not in kept
