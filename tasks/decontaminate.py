@@ -139,10 +139,10 @@ def _eval_row(kind: str, rec: dict) -> dict | None:
     """A curated record in its eval-set shape (stagewise/evalsets.py); None when it has no such shape."""
     if kind == "corpus":
         return {"id": rec["id"], "text": rec["text"]}
-    if kind == "chat":   # the first user turn and the reply to it
+    if kind == "chat":   # the first user turn and the reply to it (a text reply: not one that only calls tools)
         msgs = rec["messages"]
         for i, m in enumerate(msgs[:-1]):
-            if m["role"] == "user" and msgs[i + 1]["role"] == "assistant":
+            if m["role"] == "user" and msgs[i + 1]["role"] == "assistant" and not msgs[i + 1].get("tool_calls"):
                 return {"id": rec["id"], "question": m["content"], "answer": msgs[i + 1]["content"]}
         return None
     if kind == "preference":
