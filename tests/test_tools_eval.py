@@ -164,3 +164,38 @@ def test_compiled_tools_tasks_score_a_taught_model_high_and_an_untrained_one_zer
     assert after["tt"]["call_accuracy"] >= 0.75 and after["tt"]["parse_rate"] == 1.0
     assert after["tt_irrelevance"]["irrelevance_accuracy"] == 1.0
     assert len(after["tt"]["samples"]["call_accuracy"]) == 4     # per-item scores, for the gate's intervals
+
+
+def test_sft_reports_a_tools_set_beside_its_target(tmp_path):
+    from stagewise.config import load_config
+    from stagewise.evalsets import plan
+    from stagewise.stage import target_row
+
+    qa = _write(tmp_path / "qa.jsonl", [{"question": "q?", "answer": "a."}])
+    t = _write(tmp_path / "tools.jsonl", items())
+    src = _write(tmp_path / "src" / "chat.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                                 {"role": "assistant", "content": "a."}]}])
+    p = tmp_path / "params.yaml"
+    p.write_text(f"data:\n  sources:\n    chats: {{path: {src}, kind: chat}}\nevaluate:\n  sets:\n"
+                 f"    my_qa: {{path: {qa}, kind: qa}}\n    my_tools: {{path: {t}, kind: tools}}\n")
+    pl = plan(load_config(p), tmp_path)
+    assert pl.targets["sft"].label == "my_qa.token_f1"
+    assert pl.stage_tasks("sft") == ["my_qa", "my_tools", "my_tools_irrelevance"]
+    child = {"my_qa": {"token_f1": 0.5}, "my_tools": {"call_accuracy": 0.9}, "my_tools_irrelevance": {"irrelevance_accuracy": 0.8}}
+    parent = {"my_qa": {"token_f1": 0.1}, "my_tools": {"call_accuracy": 0.0}, "my_tools_irrelevance": {"irrelevance_accuracy": 0.1}}
+    row = target_row("sft", child, parent, pl)
+    assert row["context"] == {
+        "my_tools.call_accuracy": {"value": 0.9, "baseline": 0.0, "higher_is_better": True, "set": "my_tools"},
+        "my_tools_irrelevance.irrelevance_accuracy": {"value": 0.8, "baseline": 0.1, "higher_is_better": True,
+                                                      "set": "my_tools"}}
+
+
+def test_the_demo_plan_has_sw_tools_only_with_tool_chats():
+    from stagewise.config import load_config
+    from stagewise.evalsets import plan
+
+    root = Path(__file__).resolve().parents[1]
+    assert "sw_tools" not in plan(load_config(root / "params.yaml", "smoke"), root).sets
+    p = plan(load_config(root / "params.yaml", "smoke", overrides=["generate.n_tool_chat=10"]), root)
+    assert p.sets["sw_tools"]["kind"] == "tools"
+    assert [m.label for m in p.context("sft")] == ["sw_tools.call_accuracy", "sw_tools_irrelevance.irrelevance_accuracy"]
