@@ -456,7 +456,9 @@ def compile_tools(name: str, path: str) -> dict[str, dict[str, Any]]:
     the model's chat template; the reply is read by stagewise/tools.py (evals/utils.py)."""
     base = {**_data(path), "output_type": "generate_until", "description": "{{system}}", "doc_to_text": "{{user}}",
             "doc_to_target": "{{expected}}", "target_delimiter": "",
-            "generation_kwargs": {"until": [], "max_gen_toks": 128, "do_sample": False},
+            # 96: two parallel calls fit, and lm-eval keeps max_length - 96 tokens of prompt (160 on the
+            # demo model's 256-token window: its longest tools prompt is ~150)
+            "generation_kwargs": {"until": [], "max_gen_toks": 96, "do_sample": False},
             "metadata": {"version": 1.0, "chat_template": True}}
     return {
         name: {"task": name, **base, "process_docs": "!function utils.tools_call_docs",
