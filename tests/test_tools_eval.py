@@ -199,3 +199,14 @@ def test_the_demo_plan_has_sw_tools_only_with_tool_chats():
     p = plan(load_config(root / "params.yaml", "smoke", overrides=["generate.n_tool_chat=10"]), root)
     assert p.sets["sw_tools"]["kind"] == "tools"
     assert [m.label for m in p.context("sft")] == ["sw_tools.call_accuracy", "sw_tools_irrelevance.irrelevance_accuracy"]
+
+
+def test_the_gate_report_shows_what_was_scored_beside_the_targets():
+    from stagewise.report import render_html, render_markdown
+
+    summary = {"stages": [{"name": "sft", "target_metric": "sw_instruct.token_f1", "value": 0.5,
+                           "baseline_value": 0.1, "improved": True,
+                           "context": {"sw_tools.call_accuracy": {"value": 0.85, "baseline": 0.0}}}]}
+    md = render_markdown(summary)
+    assert "| sft | sw_tools.call_accuracy | 0 | 0.85 |" in md
+    assert "sw_tools.call_accuracy" in render_html(summary)
