@@ -38,3 +38,38 @@ def sampled_pass1(doc: dict, results: list) -> dict:
     """Share of the k sampled replies (answers already extracted) equal to the reference answer."""
     answers = results[0]
     return {"pass1": sum(a == str(doc["answer"]).strip() for a in answers) / len(answers)}
+
+
+# ---------------------------------------------------------------- tools sets (stagewise/evalsets.py: compile_tools)
+# The rows carry tools and expected as JSON strings; the checker is stagewise/tools.py (BFCL's AST rules).
+def tools_call_docs(dataset):
+    """The items that expect at least one call."""
+    import json
+
+    return dataset.filter(lambda d: json.loads(d["expected"]) != [])
+
+
+def tools_irrelevance_docs(dataset):
+    """The items that expect no call (no declared tool fits)."""
+    import json
+
+    return dataset.filter(lambda d: json.loads(d["expected"]) == [])
+
+
+def tools_results(doc: dict, results: list) -> dict:
+    """call_accuracy (the AST match), parse_rate (a well-formed call), name_accuracy (the called names)."""
+    import json
+
+    from stagewise.tools import score_reply
+
+    s = score_reply(results[0], json.loads(doc["tools"]), json.loads(doc["expected"]))
+    return {k: s[k] for k in ("call_accuracy", "parse_rate", "name_accuracy")}
+
+
+def tools_irrelevance_results(doc: dict, results: list) -> dict:
+    """irrelevance_accuracy: the reply calls nothing (and is not a broken call)."""
+    import json
+
+    from stagewise.tools import score_reply
+
+    return {"irrelevance_accuracy": score_reply(results[0], json.loads(doc["tools"]), [])["irrelevance_accuracy"]}

@@ -13,6 +13,12 @@ tokenizer, special tokens and chat template, and the project's demo model keeps 
   that setting. Whatever the source, it is accepted only if it renders exactly the text the model's
   own template renders on probe conversations: training and inference can never disagree on format;
 - `encode_chat`: input ids + assistant mask (content and end-of-turn token) of one conversation;
+- tool use (`tools`, assistant `tool_calls`, `tool` turns): a template that renders `tools` itself
+  (`native_tools`: Qwen2.5, Llama 3.x, SmolLM3 style) gets them as they are; any other template gets
+  the plain rendering of stagewise/tools.py inside its own turns (`for_template`: schemas in the system
+  turn, `<tool_call>{…}</tool_call>` in the assistant turn, results as `tool` turns; no token added).
+  The mask then covers the assistant's text, its calls and its end-of-turn token, never the schemas or
+  results; the render check below includes tool-use probes; `chat_prompt` is the prompt for a reply;
 - `end_of_turn_id` / `stop_token_ids`: where generation stops (`<|im_end|>` for ChatML), for
   `generation_config` and every stage's sampling;
 - `prompt_ids`: a single-turn prompt in the model's template, generation prompt included.
@@ -73,8 +79,9 @@ def prepare_tokenizer(tok, template_path: str | Path | None = None) -> None:
         _USER[_original(tok)] = str(template_path)
 
 
-def _render(tok, messages, gen: bool, template: str | None = None) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, chat_template=template)
+def _render(tok, messages, gen: bool, template: str | None = None, tools: list | None = None) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, chat_template=template,
+                                   **({"tools": tools} if tools else {}))
 
 
 def _original(tok) -> str:
@@ -118,19 +125,63 @@ def _chatml_training(tok) -> str | None:
 
 
 def _same_renders(tok, template: str) -> str | None:
-    """None if `template` renders every probe exactly as the model's template does; else the first difference."""
-    for msgs, gen in _PROBES:
+    """None if `template` renders every probe exactly as the model's template does; else the first difference.
+
+    Tool-use probes go through `for_template` first, as every stage's conversations do: the model's
+    own `tools` rendering when it has one, else the plain rendering (stagewise/tools.py)."""
+    probes = [(m, None, gen) for m, gen in _PROBES] + [(*for_template(tok, m, t), gen) for m, t, gen in _TOOL_PROBES]
+    for msgs, tools, gen in probes:
         try:
-            want = _render(tok, msgs, gen)
+            want = _render(tok, msgs, gen, tools=tools)
         except Exception:   # a template that rejects a shape (e.g. no system role): skip that shape
             continue
         try:
-            got = _render(tok, msgs, gen, template)
+            got = _render(tok, msgs, gen, template, tools=tools)
         except Exception as e:
             return f"it fails on {msgs}: {e}"
         if got != want:
             return f"on {msgs} it renders {got!r}, the model's template {want!r}"
     return None
+
+
+# Tool-use probes (messages, tools, generation prompt): a parallel call, its results, the answer; a prompt.
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "f", "description": "F.", "parameters": {
+    "type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}}}]
+_TOOL_PROBES = [
+    ([{"role": "user", "content": "Q1"}], _PROBE_TOOLS, True),
+    ([{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+      {"role": "assistant", "content": "", "tool_calls": [
+          {"id": "1", "type": "function", "function": {"name": "f", "arguments": {"x": "a"}}},
+          {"id": "2", "type": "function", "function": {"name": "f", "arguments": {"x": "b"}}}]},
+      {"role": "tool", "tool_call_id": "1", "content": "R1"}, {"role": "tool", "tool_call_id": "2", "content": "R2"},
+      {"role": "assistant", "content": "A1"}], _PROBE_TOOLS, False),
+]
+_NATIVE: dict[str, bool] = {}
+
+
+def native_tools(tok) -> bool:
+    """The model's own template renders `tools` (Qwen2.5, Llama 3.x, SmolLM3 style `{%- if tools %}`)."""
+    original = _original(tok)
+    if original not in _NATIVE:
+        q = [{"role": "user", "content": "Q1"}]
+        try:
+            _NATIVE[original] = _render(tok, q, True, tools=_PROBE_TOOLS) != _render(tok, q, True)
+        except Exception:   # a template that fails on tools cannot render them
+            _NATIVE[original] = False
+    return _NATIVE[original]
+
+
+def for_template(tok, messages: list[dict], tools: list | None = None) -> tuple[list[dict], list | None]:
+    """(messages, tools) as the model's template takes them: unchanged (arguments as objects) for a
+    template that renders tools, else the plain rendering inside its own turns (stagewise/tools.py),
+    which needs no new token. A conversation without tools passes through as it is."""
+    from stagewise.tools import has_tools, native_messages, plain_messages
+
+    if not tools and not has_tools(messages):
+        return messages, None
+    if native_tools(tok):
+        return native_messages(messages), tools or None
+    return plain_messages(messages, tools), None
 
 
 _CACHE: dict[tuple[str, str | None], str] = {}
@@ -171,11 +222,14 @@ def training_template(tok, template_path: str | Path | None = None) -> str:
     return cand
 
 
-def encode_chat(tok, messages: list[dict], template_path: str | Path | None = None) -> dict:
+def encode_chat(tok, messages: list[dict], template_path: str | Path | None = None, tools: list | None = None) -> dict:
     """{input_ids, assistant_masks} of a conversation in the model's format; the mask covers each
-    assistant reply and its end-of-turn token (what assistant-only loss trains)."""
+    assistant reply (its text and tool calls) and its end-of-turn token (what assistant-only loss
+    trains), never the tool schemas or the tool results."""
+    messages, tools = for_template(tok, messages, tools)
     enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                  chat_template=training_template(tok, template_path))
+                                  chat_template=training_template(tok, template_path),
+                                  **({"tools": tools} if tools else {}))
     return {"input_ids": list(enc["input_ids"]), "assistant_masks": list(enc["assistant_masks"])}
 
 
@@ -198,3 +252,9 @@ def prompt_ids(tok, question: str) -> list[int]:
     """A single-turn prompt in the model's own template, ready for the assistant's reply."""
     return tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                    tokenize=True, return_dict=True)["input_ids"]
+
+
+def chat_prompt(tok, messages: list[dict], tools: list | None = None) -> str:
+    """A conversation (tools included) rendered in the model's own template, ready for the assistant's reply."""
+    messages, tools = for_template(tok, messages, tools)
+    return _render(tok, messages, True, tools=tools)

@@ -107,6 +107,8 @@ class GenerateConfig(Section):
     n_preference: int = Field(400, gt=0)
     n_verifiable: int = Field(600, gt=0)
     n_eval: int = Field(100, gt=0)            # items per benchmark
+    # tool-use chats (calls, results, answers; some need no tool) and the sw_tools set; 0: none (docs/data.md)
+    n_tool_chat: int = Field(0, ge=0)
 
 
 class IngestConfig(Section):
@@ -492,7 +494,7 @@ class CompressConfig(Section):
 class EvalSetConfig(Section):
     """One declared evaluation set: a JSONL file of one kind (stagewise/evalsets.py lists the fields)."""
     path: str                    # relative paths resolve against the workspace root (the folder of params.yaml)
-    kind: Literal["text", "mc", "qa", "pairs", "verifiable"]
+    kind: Literal["text", "mc", "qa", "pairs", "verifiable", "tools"]
 
 
 class EvaluateConfig(Section):

@@ -10,6 +10,8 @@ from anywhere:
     qa          {question, answer}  (chat template)     token_f1, exact_match
     pairs       {prompt, chosen, rejected}              margin, acc
     verifiable  {prompt, answer}    (chat template)     pass1 (sampled, task <name>_sampled), exact_match (greedy)
+    tools       {messages, tools, expected}  (chat)     call_accuracy, parse_rate, name_accuracy,
+                                                        irrelevance_accuracy (items with expected []: task <name>_irrelevance)
 
 `<stage>.target` names a set (its default metric) or `set.metric`; `gate.general` lists the forgetting
 guard's `set[.metric]`s. Left unset they resolve here: the demo world's sets when `data.sources` is empty,
@@ -39,6 +41,8 @@ _KINDS: dict[str, dict[str, Any]] = {
     "pairs": {"fields": ("prompt", "chosen", "rejected"), "metrics": ("margin", "acc")},
     "verifiable": {"prompt": ("prompt", "question"), "fields": ("answer",), "metrics": ("pass1", "exact_match")},
 }
+_KINDS["tools"] = {"fields": ("messages", "tools", "expected"),
+                   "metrics": ("call_accuracy", "parse_rate", "name_accuracy", "irrelevance_accuracy")}
 KINDS = {k: {**v, "metrics": {m: higher_is_better(m) for m in v["metrics"]}} for k, v in _KINDS.items()}
 EXAMPLES = {
     "text": '{"text": "A held-out paragraph."}',
@@ -47,6 +51,10 @@ EXAMPLES = {
     "pairs": '{"prompt": "...", "chosen": "a good reply", "rejected": "a worse reply"}',
     "verifiable": '{"prompt": "Tom has 3 apples and buys 4. How many?", "answer": "7"}',
 }
+EXAMPLES["tools"] = ('{"messages": [{"role": "user", "content": "What does the fox eat?"}], "tools": [{"type": '
+                     '"function", "function": {"name": "animal_food", "parameters": {"type": "object", "properties": '
+                     '{"animal": {"type": "string"}}, "required": ["animal"]}}}], "expected": [{"name": "animal_food", '
+                     '"arguments": {"animal": "fox"}}]}')
 # Which set kind each training stage is judged on, and which data kind its held-out share comes from.
 STAGE_KIND = {"pretrain": "text", "sft": "qa", "preference": "pairs", "reasoning": "verifiable"}
 STAGE_DATA = {"pretrain": "corpus", "sft": "chat", "preference": "preference", "reasoning": "verifiable"}
@@ -62,6 +70,8 @@ DEMO_SETS: dict[str, tuple[str, str]] = {
     "sw_arithmetic": ("arithmetic.jsonl", "verifiable"),
     "sw_arithmetic_unseen": ("arithmetic_unseen.jsonl", "verifiable"),
 }
+# The demo's tool-use set: in the plan when the world has tool chats (generate.n_tool_chat > 0).
+DEMO_TOOLS_SET = ("sw_tools", "tools.jsonl")
 # Why these metrics: tasks/evaluate.py's notes (token F1 before EM on held-out facts, the DPO margin
 # where acc saturates, sampled pass@1 what GRPO maximizes).
 DEMO_TARGETS = {"pretrain": "sw_general_text.word_perplexity", "sft": "sw_instruct.token_f1",
@@ -111,6 +121,8 @@ class EvalPlan:
 
     def set_tasks(self, name: str) -> list[str]:
         spec = self.sets[name]
+        if spec["kind"] == "tools":
+            return [name, f"{name}_irrelevance"]
         return [name, f"{name}_sampled"] if spec["kind"] == "verifiable" else [name]
 
     def task_names(self) -> list[str]:
@@ -133,7 +145,12 @@ class EvalPlan:
 
     def context(self, stage: str) -> list[Metric]:
         """Scored beside a stage's target, shown in its rows, never a rule: reasoning's greedy exact match
-        and the SFT skill (does GRPO keep what SFT taught)."""
+        and the SFT skill (does GRPO keep what SFT taught); SFT's tool calling (every tools set that is
+        not its target: call_accuracy and irrelevance_accuracy)."""
+        if stage == "sft" and stage in self.targets:
+            return [Metric(n, m, f"{n}_irrelevance" if m == "irrelevance_accuracy" else n, True)
+                    for n, s in self.sets.items() if s["kind"] == "tools" and n != self.targets[stage].set
+                    for m in ("call_accuracy", "irrelevance_accuracy")]
         if stage != "reasoning" or stage not in self.targets:
             return []
         t = self.targets[stage]
@@ -191,6 +208,9 @@ def plan(cfg, root: Path) -> EvalPlan:
     notes: list[str] = []
     if ev.sets is None and not user_data:
         sets = demo_plan(root).sets
+        if cfg.generate.n_tool_chat > 0:
+            sets[DEMO_TOOLS_SET[0]] = {"path": str(root / DEMO_DIR / DEMO_TOOLS_SET[1]), "kind": "tools",
+                                       "origin": "demo"}
     else:
         sets = {n: {"path": str(resolve_path(s.path, root)), "kind": s.kind, "origin": "declared"}
                 for n, s in (ev.sets or {}).items()}
@@ -269,6 +289,8 @@ def _metric(ref: str, p: EvalPlan, key: str) -> Metric:
         if metric not in metrics:
             raise EvalSetError(f"{key}: {ref!r}: a {kind} set has metrics {', '.join(metrics)}")
         task = f"{name}_sampled" if kind == "verifiable" and metric == "pass1" else name
+        if kind == "tools" and metric == "irrelevance_accuracy":
+            task = f"{name}_irrelevance"
         return Metric(name, metric, task, metrics[metric])
     known = [task_name(t) for t in p.tasks]
     if name in known and metric:   # direction: the metrics table (unknown names: higher is better, lm-eval's default)
@@ -285,6 +307,7 @@ def check_file(name: str, path: Path, kind: str) -> str | None:
         return f"{path}: evaluate.sets.{name}: no such file (relative paths resolve against the workspace root)"
     spec = KINDS[kind]
     n = 0
+    halves: set[bool] = set()   # tools: items expecting calls (True) and expecting none (False)
     with path.open(encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -300,9 +323,57 @@ def check_file(name: str, path: Path, kind: str) -> str | None:
             if missing:
                 return (f"{path}:{i}: evaluate.sets.{name}: missing field(s) {', '.join(missing)} for a {kind} set; "
                         f"expected e.g. {EXAMPLES[kind]}")
+            if kind == "tools":
+                bad = tools_item_problem(row)
+                if bad:
+                    return f"{path}:{i}: evaluate.sets.{name}: {bad}"
+                halves.add(bool(row["expected"]))
     if n == 0:
         return f"{path}:1: evaluate.sets.{name}: the file has no items"
+    if kind == "tools" and halves != {True, False}:
+        has = "calls" if True in halves else "no call"
+        return (f"{path}: evaluate.sets.{name}: a tools set needs items that expect calls and items that expect "
+                f"none (expected: []); every item here expects {has}")
     return None
+
+
+def tools_item_problem(row: dict) -> str | None:
+    """What is wrong with one tools-set item (stagewise/tools.py reads it), or None."""
+    from stagewise.tools import ToolError, as_call, tool_specs
+
+    msgs = row.get("messages")
+    roles = [m.get("role") for m in msgs] if isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs) else None
+    if roles not in (["user"], ["system", "user"]) or not all(isinstance(m.get("content"), str) for m in msgs):
+        return ("messages must be the prompt: an optional system turn and one user turn, each with string content "
+                f"(got roles {roles})")
+    if not isinstance(row.get("expected"), list):
+        return "expected must be a list of calls [{\"name\": ..., \"arguments\": {...}}], or [] when no tool fits"
+    try:
+        specs = tool_specs(row.get("tools"))
+        for c in row["expected"]:
+            call = as_call(c)
+            if call["name"] not in specs:
+                return f"expected calls {call['name']!r}, which the item's tools do not declare"
+    except ToolError as e:
+        return e.problem
+    return None
+
+
+def tools_rows(path: Path) -> list[dict]:
+    """A tools set as the flat rows its lm-eval tasks read: the prompt's system turn in the plain
+    rendering (schemas after the item's own system text) and its user turn; tools and expected as JSON
+    strings (Arrow would otherwise merge every item's schemas into one struct, nulls added)."""
+    from stagewise.records import read_jsonl
+    from stagewise.tools import tools_system
+
+    out = []
+    for i, row in enumerate(read_jsonl(path)):
+        msgs = row["messages"]
+        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+        out.append({"id": str(row.get("id", i)), "system": tools_system(row["tools"], system),
+                    "user": msgs[-1]["content"], "tools": json.dumps(row["tools"], ensure_ascii=False),
+                    "expected": json.dumps(row["expected"], ensure_ascii=False)})
+    return out
 
 
 def _prompt_field(path: Path, kind: str) -> str | None:
@@ -359,6 +430,8 @@ def compile_set(name: str, path: str, kind: str) -> dict[str, dict[str, Any]]:
                        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                                        {"metric": "margin", "aggregation": "mean", "higher_is_better": True}],
                        "metadata": {"version": 1.0, "chat_template": True}}}
+    if kind == "tools":
+        return compile_tools(name, path)
     prompt = qa_prompt(_prompt_field(p, kind))
     greedy = {"until": ["\n"], "max_gen_toks": 24, "do_sample": False}
     if kind == "qa":
@@ -385,6 +458,30 @@ def compile_set(name: str, path: str, kind: str) -> dict[str, dict[str, Any]]:
                                 "metric_list": [{"metric": "pass1", "aggregation": "mean", "higher_is_better": True}]},
         }
     raise AssertionError(kind)
+
+
+def compile_tools(name: str, path: str) -> dict[str, dict[str, Any]]:
+    """A tools set (its flat rows, `tools_rows`) → two tasks over disjoint items: `<name>` (items that
+    expect calls: call_accuracy, parse_rate, name_accuracy) and `<name>_irrelevance` (expected []:
+    irrelevance_accuracy). The prompt is the system turn (tool schemas) and the user turn, sent through
+    the model's chat template; the reply is read by stagewise/tools.py (evals/utils.py)."""
+    base = {**_data(path), "output_type": "generate_until", "description": "{{system}}", "doc_to_text": "{{user}}",
+            "doc_to_target": "{{expected}}", "target_delimiter": "",
+            # 96: two parallel calls fit, and lm-eval keeps max_length - 96 tokens of prompt (160 on the
+            # demo model's 256-token window: its longest tools prompt is ~150)
+            "generation_kwargs": {"until": [], "max_gen_toks": 96, "do_sample": False},
+            "metadata": {"version": 1.0, "chat_template": True}}
+    return {
+        name: {"task": name, **base, "process_docs": "!function utils.tools_call_docs",
+               "process_results": "!function utils.tools_results",
+               "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                               for m in ("call_accuracy", "parse_rate", "name_accuracy")]},
+        f"{name}_irrelevance": {"task": f"{name}_irrelevance", **base,
+                                "process_docs": "!function utils.tools_irrelevance_docs",
+                                "process_results": "!function utils.tools_irrelevance_results",
+                                "metric_list": [{"metric": "irrelevance_accuracy", "aggregation": "mean",
+                                                 "higher_is_better": True}]},
+    }
 
 
 class _Dumper(yaml.SafeDumper):
@@ -422,7 +519,12 @@ def write_tasks(p: EvalPlan, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"utils.py": helpers_source().read_text()}
     for name, spec in p.sets.items():
-        for task, conf in compile_set(name, spec["path"], spec["kind"]).items():
+        data = spec["path"]
+        if spec["kind"] == "tools" and Path(spec["path"]).is_file():   # flat rows beside the YAMLs, rebuilt every time
+            data = str(out_dir / f"{name}.tools.jsonl")
+            files[f"{name}.tools.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                   for r in tools_rows(Path(spec["path"])))
+        for task, conf in compile_set(name, data, spec["kind"]).items():
             head = (f"# Compiled by stagewise from evaluate.sets.{name} ({spec['kind']}, {spec['origin']}).\n"
                     f"# Re-run: lm_eval --model hf --model_args pretrained=<model folder> --include_path {out_dir} "
                     f"--tasks {task}{' --apply_chat_template' if conf.get('metadata', {}).get('chat_template') else ''}\n")

@@ -35,6 +35,10 @@ _TABLE = {m.name: m for m in (
     Metric("token_f1", True, "accuracy"),
     Metric("f1", True, "accuracy"),
     Metric("margin", True, "margin"),
+    Metric("call_accuracy", True, "accuracy"),          # tools sets (stagewise/tools.py)
+    Metric("parse_rate", True, "accuracy"),
+    Metric("name_accuracy", True, "accuracy"),
+    Metric("irrelevance_accuracy", True, "accuracy"),
     Metric("word_perplexity", False, "perplexity", ratio=True),
     Metric("byte_perplexity", False, "perplexity", ratio=True),
     Metric("bits_per_byte", False, "perplexity", ratio=True),

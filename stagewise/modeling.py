@@ -504,9 +504,11 @@ def load_chats(curated_dir: Path) -> tuple[list[dict], dict]:
     path = Path(curated_dir) / "chat.jsonl"
     rows, skipped = [], {"no_assistant_turn": 0}
     for r in read_jsonl(path, ["messages"]):
-        msgs = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
-        if any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-            rows.append({"messages": msgs})
+        # tool calls and results are kept (stagewise/chat.py renders them in the model's template)
+        msgs = [{"role": m["role"], "content": m["content"],
+                 **{k: m[k] for k in ("tool_calls", "tool_call_id") if m.get(k) is not None}} for m in r["messages"]]
+        if any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")) for m in msgs):
+            rows.append({"messages": msgs, **({"tools": r["tools"]} if r.get("tools") else {})})
         else:
             skipped["no_assistant_turn"] += 1  # assistant-only loss would have nothing to learn
     if not rows:

@@ -79,7 +79,7 @@ def check_record(kind: str, obj: Any, default_id: str) -> dict:
                          "map other column names with data.sources.<name>.columns, or pass the right --kind")
         value = obj[field]
         if field == "messages":
-            _check_messages(value)
+            value = _check_messages(value)
         elif field == "answer" and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)  # numbers are natural answers; downstream reads strings
         elif not isinstance(value, str):
@@ -89,13 +89,30 @@ def check_record(kind: str, obj: Any, default_id: str) -> dict:
     for k, v in obj.items():  # keep the user's extra fields (source, url, ...) untouched
         if k not in rec:
             rec[k] = v
+    if kind == "chat":
+        _check_tool_use(rec)
     return rec
 
 
-def _check_messages(value: Any) -> None:
+def _check_tool_use(rec: dict) -> None:
+    """Declared tools, calls and results of a chat record agree (stagewise/tools.py: check_chat)."""
+    from stagewise.tools import ToolError, check_chat, has_tools
+
+    if not has_tools(rec):
+        return
+    try:
+        check_chat(rec)
+    except ToolError as e:
+        raise BadRow(e.code, e.problem, e.fix) from None
+
+
+def _check_messages(value: Any) -> list:
     fix = 'messages is a list of {"role": "user"|"assistant"|"system"|"tool", "content": "<string>"}'
     if not isinstance(value, list):
         raise BadRow("wrong_type", f"field 'messages' must be a list, got {type(value).__name__}", fix)
+    # an assistant turn that only calls tools may leave content out (OpenAI sends null): stored as ""
+    value = [{**m, "content": ""} if isinstance(m, dict) and m.get("tool_calls") and m.get("content") is None else m
+             for m in value]
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise BadRow("wrong_type" if not isinstance(m, dict) else "missing_field",
@@ -104,6 +121,7 @@ def _check_messages(value: Any) -> None:
             raise BadRow("wrong_type", f"messages[{i}].role is {m['role']!r}, not one of {sorted(ROLES)}", fix)
         if not isinstance(m["content"], str):
             raise BadRow("wrong_type", f"messages[{i}].content must be a string, got {type(m['content']).__name__}", fix)
+    return value
 
 
 def _short(v: Any, n: int = 60) -> str:
@@ -145,14 +163,27 @@ def dedup_text(kind: str, rec: dict) -> str:
     if kind == "corpus":
         return rec["text"]
     if kind == "chat":
+        if _uses_tools(rec):
+            from stagewise.tools import exchange_text
+
+            return exchange_text(rec)   # calls and results are part of the exchange
         return "\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"])
     return rec["prompt"]
+
+
+def _uses_tools(rec: dict) -> bool:
+    return bool(rec.get("tools")) or any(m.get("tool_calls") or m["role"] == "tool" for m in rec["messages"])
 
 
 def prompt_texts(kind: str, rec: dict) -> list[str]:
     """The short texts decontamination checks for a non-corpus record (each user turn, or the prompt)."""
     if kind == "chat":
-        return [m["content"] for m in rec["messages"] if m["role"] == "user"]
+        users = [m["content"] for m in rec["messages"] if m["role"] == "user"]
+        if _uses_tools(rec):
+            from stagewise.tools import exchange_text
+
+            users.append(exchange_text(rec))   # a leaked call or result counts too
+        return users
     return [rec["prompt"]]
 
 

@@ -154,6 +154,13 @@ def _tried_rows(gate: dict) -> list[list[str]]:
 
 
 TRIED_HEADERS = ["candidate", "model", "verdict", "why"]
+CONTEXT_HEADERS = ["stage", "metric", "parent", "value"]
+
+
+def _context_rows(summary: dict) -> list[list[str]]:
+    """Metrics scored beside each stage's target (its row's `context`, e.g. SFT's tools sets)."""
+    return [[s.get("name", ""), c, _num(v.get("baseline")), _num(v.get("value"))]
+            for s in summary.get("stages") or [] for c, v in (s.get("context") or {}).items()]
 
 
 def _no_leak_list(cur: dict) -> str:
@@ -470,6 +477,10 @@ def render_markdown(summary: dict) -> str:
         out += ["General metrics (forgetting guard):", "",
                 _md_table(["stage", "metric", "parent", "value"],
                           [[n, g, _num(v.get("baseline")), _num(v.get("value"))] for n, g, v in general]), ""]
+    context = _context_rows(summary)
+    if context:
+        out += ["Beside the targets (scored, not gated; e.g. SFT's tool calling):", "",
+                _md_table(CONTEXT_HEADERS, context), ""]
     cur = summary.get("curation") or {}
     if cur.get("funnel"):
         out += ["## Data curation funnel", "",
@@ -540,6 +551,9 @@ def render_html(summary: dict) -> str:
 
     if stage_notes(summary):
         parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in stage_notes(summary)) + "</ul>")
+    context = _context_rows(summary)
+    if context:
+        parts += ["<p>Beside the targets (scored, not gated):</p>", _html_table(CONTEXT_HEADERS, context)]
     if summary.get("eval_sets"):
         parts += ["<h2>Evaluation sets behind these numbers</h2>", _html_table(EVAL_SET_HEADERS, _eval_set_rows(summary))]
         if summary.get("eval_notes"):

@@ -139,10 +139,10 @@ def _eval_row(kind: str, rec: dict) -> dict | None:
     """A curated record in its eval-set shape (stagewise/evalsets.py); None when it has no such shape."""
     if kind == "corpus":
         return {"id": rec["id"], "text": rec["text"]}
-    if kind == "chat":   # the first user turn and the reply to it
+    if kind == "chat":   # the first user turn and the reply to it (a text reply: not one that only calls tools)
         msgs = rec["messages"]
         for i, m in enumerate(msgs[:-1]):
-            if m["role"] == "user" and msgs[i + 1]["role"] == "assistant":
+            if m["role"] == "user" and msgs[i + 1]["role"] == "assistant" and not msgs[i + 1].get("tool_calls"):
                 return {"id": rec["id"], "question": m["content"], "answer": msgs[i + 1]["content"]}
         return None
     if kind == "preference":
@@ -212,6 +212,11 @@ def _benchmark_texts(files: list[Path], cfg: DecontaminateConfig,
                     continue
                 for text in _strings(value):
                     yield owner, text, key in cfg.prompt_fields
+            # a chat-shaped item (a tools set): its user turns are prompts
+            if isinstance(item.get("messages"), list):
+                for m in item["messages"]:
+                    if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+                        yield owner, m["content"], True
             # multiple choice: the context followed by the gold continuation is what a leak looks like
             if isinstance(item.get("context"), str) and isinstance(item.get("choices"), list) and isinstance(item.get("gold"), int):
                 if 0 <= item["gold"] < len(item["choices"]):

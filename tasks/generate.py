@@ -190,6 +190,136 @@ def chat(question: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
+# ---------------------------------------------------------------- tool use
+# Four tools over the world's own facts. Schemas are minimal (the demo trains on 128-token windows).
+def _fn(name: str, props: dict[str, str]) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {k: {"type": t} for k, t in props.items()}, "required": list(props)}}}
+
+
+DEMO_TOOLS = [_fn("food", {"animal": "string"}), _fn("color", {"animal": "string"}),
+              _fn("add", {"a": "integer", "b": "integer"}), _fn("km_to_m", {"km": "integer"})]
+TOOL_ASK = {"food": "look up what the {animal} eats", "color": "look up the color of the {animal}",
+            "add": "add {a} and {b}", "km_to_m": "convert {km} km to meters"}
+TOOL_SAY = {"food": "The {animal} eats {r}.", "color": "The {animal} is {r}.", "add": "{a} plus {b} is {r}.",
+            "km_to_m": "{km} km is {r} meters."}
+# Parallel pairs seen in training; the benchmark also asks for pairs never seen together (food + add, ...).
+TRAIN_PAIRS = [("food", "color"), ("add", "add"), ("color", "km_to_m")]
+UNSEEN_PAIRS = [("food", "add"), ("color", "add")]
+NO_TOOL = ["Say hello to {n}.", "Greet {n} for me.", "Write a short hello to {n}."]
+# Questions no tool answers (home): answered in text, like the plain chats do.
+
+
+def _tool_args(name: str, animals: list[str], rng: random.Random) -> dict:
+    if name in ("food", "color"):
+        return {"animal": rng.choice(animals)}
+    if name == "add":
+        while True:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            if (a, b) not in TOOL_EVAL_SUMS:
+                return {"a": a, "b": b}
+    return {"km": rng.randint(2, 60)}
+
+
+def _tool_result(world: World, name: str, args: dict) -> str:
+    if name in ("food", "color"):
+        return world.facts[args["animal"]][name]
+    return str(args["a"] + args["b"]) if name == "add" else str(args["km"] * 1000)
+
+
+def declared(names: tuple[str, ...], rng: random.Random) -> list[dict]:
+    """The tools a record declares: the ones it needs and one other (choosing is part of the skill),
+    in a random order; the demo's 128-token windows have no room for all four schemas."""
+    names = list(dict.fromkeys(names))
+    names.append(rng.choice([n for n in TOOL_ASK if n not in names]))
+    rng.shuffle(names)
+    return [t for n in names for t in DEMO_TOOLS if t["function"]["name"] == n]
+
+
+def tool_chat(world: World, names: tuple[str, ...], args: list[dict], i: int, tools: list[dict]) -> dict:
+    """A question → calls → results → the answer, OpenAI-shaped (docs/data.md)."""
+    ask = " and ".join(TOOL_ASK[n].format(**a) for n, a in zip(names, args))
+    calls = [{"id": f"call_{i}_{j}", "type": "function", "function": {"name": n, "arguments": a}}
+             for j, (n, a) in enumerate(zip(names, args))]
+    results = [_tool_result(world, n, a) for n, a in zip(names, args)]
+    msgs = [{"role": "user", "content": f"Please {ask}."}, {"role": "assistant", "content": "", "tool_calls": calls}]
+    msgs += [{"role": "tool", "tool_call_id": c["id"], "content": r} for c, r in zip(calls, results)]
+    msgs.append({"role": "assistant", "content": " ".join(TOOL_SAY[n].format(r=r, **a)
+                                                         for n, a, r in zip(names, args, results))})
+    return {"tools": tools, "messages": msgs}
+
+
+def tool_chats(world: World, n: int, rng: random.Random) -> list[dict]:
+    """Single calls (60%), parallel pairs (25%), no tool fits (15%: a greeting, or a home question in text).
+
+    Lookups use only training (animal, attribute) pairs: a tool result never teaches a held-out fact.
+    """
+    by_attr = {k: sorted({a for a, kk in world.train_pairs if kk == k}) for k in ATTRS}
+    animals = {"food": [a for a in by_attr["food"] if a not in TOOL_EVAL_ANIMALS],
+               "color": [a for a in by_attr["color"] if a not in TOOL_EVAL_ANIMALS]}
+    out, keys = [], set()
+    while len(out) < n:
+        u = rng.random()
+        if u < 0.15:
+            if rng.random() < 0.5:
+                q = rng.choice(NO_TOOL).format(n=rng.choice(NAMES))
+                rec = {"tools": declared((), rng), "messages": chat(q, f"Hello, {q.split()[-1].rstrip('.')}!")}
+            else:
+                a = rng.choice([x for x in by_attr["home"] if x not in TOOL_EVAL_ANIMALS])
+                rec = {"tools": declared((), rng), "messages": chat(f"Tell me where the {a} lives.",
+                                                             ANSWER_FORM["home"].format(a=a, v=world.facts[a]["home"]))}
+        else:
+            names = (rng.choice(list(TOOL_ASK)),) if u < 0.75 else rng.choice(TRAIN_PAIRS)
+            args = [_tool_args(nm, animals.get(nm, []), rng) for nm in names]
+            rec = tool_chat(world, names, args, len(out), declared(names, rng))
+        key = json.dumps(rec["messages"][0]["content"])
+        if key in keys:   # the same question twice would be an exact duplicate
+            continue
+        keys.add(key)
+        out.append(rec)
+    return out
+
+
+# Held out of every tool call in training: these animals as arguments, these sums.
+TOOL_EVAL_ANIMALS = frozenset(ANIMALS[-16:])
+TOOL_EVAL_SUMS = frozenset((a, b) for a in range(10, 100) for b in range(10, 100) if (a * 7 + b) % 5 == 0)
+
+
+def tools_benchmark(world: World, n: int, rng: random.Random) -> list[dict]:
+    """`tools` eval items (docs/evaluation.md): unseen argument values (held-out animals, sums never
+    asked in training) and unseen pairs of tools; a fifth expect no call."""
+    out, asked = [], set()
+    eval_animals = sorted(TOOL_EVAL_ANIMALS)
+    sums = sorted(TOOL_EVAL_SUMS)
+    while len(out) < n:
+        u = rng.random()
+        if u < 0.2:
+            a = rng.choice(eval_animals)
+            # a home question (no tool answers it) about a held-out animal, or a greeting phrased unlike training's
+            q = rng.choice([f"Tell me where the {a} lives.", f"Wish {rng.choice(NAMES)} a good day."])
+            expected: list[dict] = []
+        else:
+            names = (rng.choice(list(TOOL_ASK)),) if u < 0.7 else rng.choice(TRAIN_PAIRS + UNSEEN_PAIRS * 2)
+            args = []
+            for nm in names:
+                if nm in ("food", "color"):
+                    args.append({"animal": rng.choice(eval_animals)})
+                elif nm == "add":
+                    a, b = rng.choice(sums)
+                    args.append({"a": a, "b": b})
+                else:
+                    args.append({"km": rng.randint(61, 99)})
+            q = "Please " + " and ".join(TOOL_ASK[nm].format(**a) for nm, a in zip(names, args)) + "."
+            expected = [{"name": nm, "arguments": a} for nm, a in zip(names, args)]
+        if q in asked:
+            continue
+        asked.add(q)
+        tools = declared(tuple(c["name"] for c in expected), rng)
+        out.append({"id": f"tl-{len(out):04d}", "messages": [{"role": "user", "content": q}], "tools": tools,
+                    "expected": expected})
+    return out
+
+
 # ---------------------------------------------------------------- the step
 def generate(cfg: GenerateConfig, out_dir: Path) -> dict:
     """Write data/01_raw: four record kinds, benchmarks/, manifest.json. Returns counts."""
@@ -240,6 +370,11 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> dict:
         item = bench["instruct"][i % len(bench["instruct"])]
         items.append({"messages": chat(item["question"], item["answer"]), "_tag": ("leak", f"instruct:{item['id']}")})
     records["chat"], manifest["chat"] = _place(items, rng, "chat", {"junk": {}, "exact_dup": {}, "near_dup": {}, "leak": {}})
+    # tool-use chats: their own random stream and ids, so the rest of the world is the same with or without them
+    if cfg.n_tool_chat:
+        tool_rng = random.Random(cfg.seed + 1)
+        bench["tools"] = tools_benchmark(world, cfg.n_eval, tool_rng)
+        records["chat"] += [{"id": f"tool-{i:05d}", **t} for i, t in enumerate(tool_chats(world, cfg.n_tool_chat, tool_rng))]
 
     # preference --------------------------------------------------------------
     prefs = []

@@ -21,6 +21,8 @@ from stagewise.records import BadInput, BadRow, StepOutput, check_record, progre
 from stagewise.workspace import KINDS
 
 BAD_ROW_CODES = ("bad_json", "bad_utf8", "missing_field", "wrong_type", "duplicate_id")
+# chat records that use tools (stagewise/tools.py: check_chat)
+TOOL_ROW_CODES = ("tool_bad_schema", "tool_bad_call", "tool_undeclared", "tool_bad_arguments", "tool_unmatched_result")
 _SUFFIX = {"jsonl": (".jsonl", ".json", ".ndjson"), "parquet": (".parquet",), "text": (".txt", ".md")}
 _SUFFIX["auto"] = tuple(x for v in _SUFFIX.values() for x in v)   # a mixed folder: each file by its suffix
 

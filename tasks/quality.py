@@ -136,7 +136,9 @@ def chat_rules(cfg: QualityConfig) -> list[Rule]:
         return "chat_empty_prompt" if any(m["role"] == "user" and not m["content"].strip() for m in rec["messages"]) else None
 
     def empty_response(rec):
-        return "chat_empty_response" if any(m["role"] == "assistant" and not m["content"].strip() for m in rec["messages"]) else None
+        # an assistant turn that only calls tools has no text of its own (stagewise/tools.py)
+        return "chat_empty_response" if any(m["role"] == "assistant" and not m["content"].strip()
+                                            and not m.get("tool_calls") for m in rec["messages"]) else None
 
     def truncated(rec):
         if cfg.chat_truncated_endings is None:

@@ -46,7 +46,7 @@ def with_replay(tok, chats: list[dict], curated_dir: Path, ratio: float, seed: i
     """
     import random
 
-    rows = [encode_chat(tok, c["messages"]) for c in chats]
+    rows = [encode_chat(tok, c["messages"], tools=c.get("tools")) for c in chats]
     n = round(ratio * len(chats))
     if n == 0:
         return rows, 0
@@ -114,7 +114,7 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         order = list(range(len(rows)))
         random.Random(cfg.run.seed).shuffle(order)
         n_eval = sft_eval_rows(len(rows), s.eval_fraction)
-        eval_rows = [encode_chat(tok, rows[i]["messages"]) for i in order[:n_eval]]
+        eval_rows = [encode_chat(tok, rows[i]["messages"], tools=rows[i].get("tools")) for i in order[:n_eval]]
         rows = [rows[i] for i in sorted(order[n_eval:])]
     n_chats = len(rows)
     rows, n_replay = with_replay(tok, rows, curated_dir, s.replay_ratio, cfg.run.seed)

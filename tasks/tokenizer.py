@@ -14,6 +14,7 @@ from prefect import task
 
 from stagewise.config import TokenizerConfig
 from stagewise.modeling import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, publish_dir, read_jsonl
+from stagewise.tools import has_tools, plain_messages
 
 
 def iter_texts(curated_dir: Path):
@@ -27,7 +28,9 @@ def iter_texts(curated_dir: Path):
         yield r["text"]
     if files["chat"].exists():
         for r in read_jsonl(files["chat"], ["messages"]):
-            for m in r["messages"]:
+            # a tool-use chat as the model will see it: schemas, calls and results (stagewise/tools.py)
+            msgs = plain_messages(r["messages"], r.get("tools")) if has_tools(r) else r["messages"]
+            for m in msgs:
                 yield m.get("content", "")
     if files["preference"].exists():
         for r in read_jsonl(files["preference"], ["prompt", "chosen", "rejected"]):

@@ -16,6 +16,7 @@ from prefect import task
 
 from stagewise.config import ValidateConfig
 from stagewise.records import input_kinds, read_jsonl, write_json
+from stagewise.tools import language_turns
 
 
 class ValidationFailed(RuntimeError):
@@ -109,7 +110,9 @@ def frame(kind: str, rows: list[dict]):
         data = {"id": [r.get("id") for r in rows],
                 "roles": [",".join(str(m.get("role")) for m in ms) for ms in msgs],
                 "n_messages": [len(ms) for ms in msgs],
-                "min_content_chars": [min((len(m.get("content") or "") for m in ms), default=0) for ms in msgs]}
+                "min_content_chars": [min((len(m.get("content") or "") for m in language_turns(ms)), default=0)
+                                      for ms in msgs],
+                "tool_problem": [_tool_problem(r) for r in rows]}
     elif kind == "preference":
         data = {"id": [r.get("id") for r in rows], **{k: [r.get(k) for r in rows] for k in ("prompt", "chosen", "rejected")},
                 "chosen_equals_rejected": [str(r.get("chosen", "")).strip() == str(r.get("rejected", "")).strip() for r in rows]}
@@ -117,6 +120,19 @@ def frame(kind: str, rows: list[dict]):
         data = {"id": [r.get("id") for r in rows], "prompt": [r.get("prompt") for r in rows],
                 "answer": [r.get("answer") for r in rows]}
     return pd.DataFrame(data, dtype=object)
+
+
+def _tool_problem(rec: dict) -> str:
+    """"" for a chat record whose tool use is sound (or that uses none), else the reason code."""
+    from stagewise.tools import ToolError, check_chat, has_tools
+
+    if not isinstance(rec.get("messages"), list) or not has_tools(rec):
+        return ""
+    try:
+        check_chat(rec)
+    except (ToolError, KeyError, TypeError, AttributeError) as e:
+        return getattr(e, "code", "tool_bad_call")
+    return ""
 
 
 def expectations(kind: str, cfg: ValidateConfig) -> list:
@@ -141,6 +157,8 @@ def expectations(kind: str, cfg: ValidateConfig) -> list:
             gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=order, severity=crit),
             gxe.ExpectColumnValuesToBeBetween(column="n_messages", min_value=2, severity=crit),
             gxe.ExpectColumnValuesToBeBetween(column="min_content_chars", min_value=cfg.min_text_chars, severity=crit),
+            # every call names a declared tool, arguments parse and match its schema, results answer a call
+            gxe.ExpectColumnValuesToBeInSet(column="tool_problem", value_set=[""], severity=crit),
         ]
     if kind == "preference":
         return ids + [e for col in ("prompt", "chosen", "rejected") for e in (

@@ -34,9 +34,10 @@ def removed_rows(step_dir: Path) -> dict[tuple[str, str], dict]:
     return out
 
 
-@pytest.mark.parametrize("profile", ["smoke", None], ids=["smoke", "default"])
-def test_every_planted_defect_goes_for_its_reason_and_nothing_clean_goes(tmp_path, profile):
-    cfg = load_config(REPO / "params.yaml", profile=profile)
+@pytest.mark.parametrize("profile,sets", [("smoke", ()), (None, ()), ("smoke", ("generate.n_tool_chat=150",))],
+                         ids=["smoke", "default", "smoke-tools"])
+def test_every_planted_defect_goes_for_its_reason_and_nothing_clean_goes(tmp_path, profile, sets):
+    cfg = load_config(REPO / "params.yaml", profile=profile, overrides=list(sets))
     raw = tmp_path / "01_raw"
     generate(cfg.generate, raw)
     ingest(cfg.data, cfg.ingest, raw, tmp_path / "02")

@@ -41,9 +41,13 @@ def test_demo_defaults_are_the_demo_benchmarks():
         "pretrain": "sw_general_text.word_perplexity", "sft": "sw_instruct.token_f1",
         "preference": "sw_preference.margin", "reasoning": "sw_arithmetic_sampled.pass1"}
     assert [m.label for m in p.general] == ["sw_general_text.word_perplexity", "sw_general_mc.acc"]
-    # reasoning is scored with greedy exact match and the SFT skill beside its target
+    # reasoning is scored with greedy exact match and the SFT skill beside its target, and on every earlier
+    # stage's target (the rulebook keeps them: gate.guard_earlier_targets)
     assert p.stage_tasks("reasoning") == ["sw_arithmetic_sampled", "sw_arithmetic", "sw_instruct",
-                                          "sw_general_text", "sw_general_mc"]
+                                          "sw_general_text", "sw_preference", "sw_general_mc"]
+    assert p.stage_tasks("preference") == ["sw_preference", "sw_general_text", "sw_instruct", "sw_general_mc"]
+    off = plan(load_config(ROOT / "params.yaml", "demo", ["gate.guard_earlier_targets=false"]), ROOT)
+    assert off.stage_tasks("preference") == ["sw_preference", "sw_general_text", "sw_general_mc"]
 
 
 def test_user_sources_never_fall_back_to_the_demo(tmp_path):
