@@ -80,3 +80,14 @@ def dvc_out_hash(root: Path, stage: str) -> str | None:
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     outs = stages.get(stage, {}).get("outs") or []
     return outs[0].get("md5") if outs else None
+
+
+def training_data_hash(hashes: dict) -> str | None:
+    """The data hash of the training stages: the curated data, joined with the raft step's chats when
+    that step ran (SFT trains on both, so a changed raft setting must change SFT's cache key)."""
+    import hashlib
+
+    curated, raft = hashes.get("decontaminate"), hashes.get("raft")
+    if raft is None:
+        return curated
+    return hashlib.md5(f"{curated}+raft:{raft}".encode()).hexdigest()

@@ -28,12 +28,14 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),
     "preference": ("prompt", "chosen", "rejected"),
     "verifiable": ("prompt", "answer"),
+    "rag": ("question", "answer"),   # + documents/oracle or oracle_text (stagewise/rag.py)
 }
 EXAMPLE = {
     "corpus": '{"id": "doc-1", "text": "..."}',
     "chat": '{"id": "c-1", "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
     "preference": '{"id": "p-1", "prompt": "...", "chosen": "...", "rejected": "..."}',
     "verifiable": '{"id": "v-1", "prompt": "...", "answer": "42"}',
+    "rag": '{"id": "r-1", "question": "...", "answer": "...", "documents": ["...", "..."], "oracle": 0}',
 }
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -89,7 +91,21 @@ def check_record(kind: str, obj: Any, default_id: str) -> dict:
     for k, v in obj.items():  # keep the user's extra fields (source, url, ...) untouched
         if k not in rec:
             rec[k] = v
+    if kind == "rag":
+        _check_rag_shape(rec)
     return rec
+
+
+def _check_rag_shape(rec: dict) -> None:
+    """Types only: whether the oracle holds the answer, and whether distractors exist, is the raft
+    step's check (quarantined there, the run goes on)."""
+    from stagewise.rag import RagProblem, check_rag
+
+    try:
+        check_rag(rec)
+    except RagProblem as p:
+        if p.code in ("wrong_type", "missing_field"):
+            raise BadRow(p.code, p.problem, p.fix) from None
 
 
 def _check_messages(value: Any) -> None:
@@ -117,6 +133,8 @@ def detect_kind(obj: Any) -> str | None:
         return None
     if "messages" in obj:
         return "chat"
+    if "documents" in obj or "oracle_text" in obj:
+        return "rag"
     if "chosen" in obj or "rejected" in obj:
         return "preference"
     if "answer" in obj:
@@ -146,6 +164,8 @@ def dedup_text(kind: str, rec: dict) -> str:
         return rec["text"]
     if kind == "chat":
         return "\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"])
+    if kind == "rag":
+        return rec["question"]
     return rec["prompt"]
 
 
@@ -153,6 +173,8 @@ def prompt_texts(kind: str, rec: dict) -> list[str]:
     """The short texts decontamination checks for a non-corpus record (each user turn, or the prompt)."""
     if kind == "chat":
         return [m["content"] for m in rec["messages"] if m["role"] == "user"]
+    if kind == "rag":
+        return [rec["question"]]
     return [rec["prompt"]]
 
 
