@@ -92,3 +92,91 @@ def test_refusal_share_and_disabled_and_a_generator_that_does_not_exist_yet(tmp_
     assert stats["rows"] == 0 and not (tmp_path / "o1" / "chat.jsonl").exists()   # a disabled run leaves nothing stale
     with pytest.raises(BadInput, match="raft.generator"):
         raft(RaftConfig(generator="models/writer"), curated, tmp_path / "o2")
+
+
+# ---------------------------------------------------------------- the step's real output on the demo world
+@pytest.fixture(scope="module")
+def demo_rows(tmp_path_factory):
+    """The smoke profile's world, curated by the real steps, then raft: (config, rows, stats, curated rag)."""
+    from tasks.decontaminate import decontaminate
+    from tasks.dedup import dedup
+    from tasks.generate import generate
+    from tasks.quality import quality
+
+    tmp = tmp_path_factory.mktemp("raftworld")
+    cfg = load_config(REPO / "params.yaml", profile="smoke")
+    raw = tmp / "01_raw"
+    generate(cfg.generate, raw)
+    ingest(cfg.data, cfg.ingest, raw, tmp / "02")
+    quality(cfg.quality, tmp / "02", tmp / "03")
+    dedup(cfg.dedup, tmp / "03", tmp / "04")
+    decontaminate(cfg.decontaminate, tmp / "04", raw / "benchmarks", tmp / "05")
+    stats = raft(cfg.raft, tmp / "05", tmp / "raft")
+    return cfg, tmp, lines(tmp / "raft" / "chat.jsonl"), stats, {r["id"]: r for r in lines(tmp / "05" / "rag.jsonl")}
+
+
+def test_every_curated_rag_record_becomes_one_row(demo_rows):
+    cfg, _, rows, stats, curated = demo_rows
+    assert len(curated) == cfg.generate.n_rag          # curation keeps the demo's clean rag records
+    assert stats["rows"] == len(rows) == len(curated) and stats["removed"] == {}
+    assert sorted(r["raft"]["source_id"] for r in rows) == sorted(curated)
+
+
+def test_the_oracle_share_is_within_the_binomial_95_interval_of_p_oracle(demo_rows):
+    cfg, _, rows, stats, _ = demo_rows
+    n, p = len(rows), cfg.raft.p_oracle
+    share = sum(r["raft"]["oracle"] is not None for r in rows) / n
+    half = 1.96 * math.sqrt(p * (1 - p) / n)
+    assert p - half <= share <= p + half, (share, p, half)
+    assert stats["oracle_share"] == round(share, 4)
+
+
+def test_every_row_shows_k_plus_1_distinct_documents_the_oracle_among_them_when_kept(demo_rows):
+    cfg, _, rows, _, curated = demo_rows
+    k = cfg.raft.distractors
+    for r in rows:
+        docs, rec = r["raft"]["documents"], curated[r["raft"]["source_id"]]
+        assert len(docs) == len(set(docs)) == k + 1
+        assert all(f"[{i + 1}] {d}" in r["messages"][0]["content"] for i, d in enumerate(docs))
+        distractors = [d for i, d in enumerate(docs) if i != r["raft"]["oracle"]]
+        assert not any(contains_answer(d, rec["answer"]) for d in distractors)   # never a chunk with the answer
+        if r["raft"]["oracle"] is not None:
+            assert docs[r["raft"]["oracle"]] == rec["documents"][rec["oracle"]]
+
+
+def test_oracle_absent_rows_hold_no_oracle_text_and_no_quote(demo_rows):
+    _, _, rows, _, curated = demo_rows
+    absent = [r for r in rows if r["raft"]["oracle"] is None]
+    assert absent
+    for r in absent:
+        rec = curated[r["raft"]["source_id"]]
+        oracle = rec["documents"][rec["oracle"]]
+        assert oracle not in r["messages"][0]["content"] and rec["answer"] not in r["messages"][0]["content"]
+        assert BEGIN not in r["messages"][1]["content"]
+        assert r["messages"][1]["content"] == f"{ANSWER} {rec['answer']}"
+
+
+def test_every_quote_is_verbatim_in_the_oracle_and_the_reply_ends_with_the_answer(demo_rows):
+    _, _, rows, _, curated = demo_rows
+    for r in rows:
+        if r["raft"]["oracle"] is None:
+            continue
+        rec, reply = curated[r["raft"]["source_id"]], r["messages"][1]["content"]
+        oracle = r["raft"]["documents"][r["raft"]["oracle"]]
+        qs = quotes(reply)
+        assert qs and all(q in oracle for q in qs) and contains_answer(qs[0], rec["answer"])
+        assert reply.count(BEGIN) == reply.count(END) == 1
+        assert reply.endswith(f"{ANSWER} {rec['answer']}")
+
+
+def test_same_inputs_same_rows_and_same_dvc_hash(demo_rows):
+    from stagewise.hashing import dir_hash
+
+    cfg, tmp, _, stats, _ = demo_rows
+    again = raft(cfg.raft, tmp / "05", tmp / "raft2")
+    assert again == stats
+    assert (tmp / "raft" / "chat.jsonl").read_bytes() == (tmp / "raft2" / "chat.jsonl").read_bytes()
+    assert dir_hash(tmp / "raft") == dir_hash(tmp / "raft2")
+    other = raft(cfg.raft.model_copy(update={"seed": cfg.raft.seed + 1}), tmp / "05", tmp / "raft3")
+    assert (tmp / "raft" / "chat.jsonl").read_bytes() != (tmp / "raft3" / "chat.jsonl").read_bytes()
+    assert other["rows"] == stats["rows"]
