@@ -506,7 +506,7 @@ class CompressConfig(Section):
 class EvalSetConfig(Section):
     """One declared evaluation set: a JSONL file of one kind (stagewise/evalsets.py lists the fields)."""
     path: str                    # relative paths resolve against the workspace root (the folder of params.yaml)
-    kind: Literal["text", "mc", "qa", "pairs", "verifiable"]
+    kind: Literal["text", "mc", "qa", "pairs", "verifiable", "rag"]
 
 
 class EvaluateConfig(Section):

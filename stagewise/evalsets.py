@@ -38,6 +38,10 @@ _KINDS: dict[str, dict[str, Any]] = {
     "qa": {"prompt": ("question", "prompt"), "fields": ("answer",), "metrics": ("token_f1", "exact_match")},
     "pairs": {"fields": ("prompt", "chosen", "rejected"), "metrics": ("margin", "acc")},
     "verifiable": {"prompt": ("prompt", "question"), "fields": ("answer",), "metrics": ("pass1", "exact_match")},
+    # open book (stagewise/rag.py): the oracle among 4 distractors, then (`_no_oracle`, task <name>_no_oracle)
+    # distractors only; quote_valid: the reply quotes a given document verbatim
+    "rag": {"fields": ("question", "answer"), "metrics": ("token_f1", "exact_match", "quote_valid",
+                                                          "token_f1_no_oracle", "exact_match_no_oracle")},
 }
 KINDS = {k: {**v, "metrics": {m: higher_is_better(m) for m in v["metrics"]}} for k, v in _KINDS.items()}
 EXAMPLES = {
@@ -46,6 +50,7 @@ EXAMPLES = {
     "qa": '{"question": "What does ingest do?", "answer": "It reads every source."}',
     "pairs": '{"prompt": "...", "chosen": "a good reply", "rejected": "a worse reply"}',
     "verifiable": '{"prompt": "Tom has 3 apples and buys 4. How many?", "answer": "7"}',
+    "rag": '{"question": "Where does Zorbin live?", "answer": "Quellport", "documents": ["Zorbin lives in Quellport.", "..."], "oracle": 0}',
 }
 # Which set kind each training stage is judged on, and which data kind its held-out share comes from.
 STAGE_KIND = {"pretrain": "text", "sft": "qa", "preference": "pairs", "reasoning": "verifiable"}
@@ -61,6 +66,7 @@ DEMO_SETS: dict[str, tuple[str, str]] = {
     "sw_preference": ("preference.jsonl", "pairs"),
     "sw_arithmetic": ("arithmetic.jsonl", "verifiable"),
     "sw_arithmetic_unseen": ("arithmetic_unseen.jsonl", "verifiable"),
+    "sw_rag": ("rag.jsonl", "rag"),
 }
 # Why these metrics: tasks/evaluate.py's notes (token F1 before EM on held-out facts, the DPO margin
 # where acc saturates, sampled pass@1 what GRPO maximizes).
@@ -71,6 +77,7 @@ DEMO_GENERAL = ["sw_general_text.word_perplexity", "sw_general_mc.acc"]
 # The generated answer is read like the reasoning reward reads it: "The answer is N", else the last integer.
 ANSWER_REGEX = "(?s)The answer is (-?\\d+)|(-?\\d+)(?!.*\\d)"
 SAMPLES = 8   # replies per problem for sampled pass@1 (temperature 1.0: the policy GRPO optimizes)
+NO_ORACLE = "_no_oracle"   # a rag set's second task (and metric suffix): the same questions, distractors only
 
 
 class EvalSetError(ValueError):
@@ -108,6 +115,8 @@ class EvalPlan:
 
     def set_tasks(self, name: str) -> list[str]:
         spec = self.sets[name]
+        if spec["kind"] == "rag":
+            return [name, f"{name}{NO_ORACLE}"]
         return [name, f"{name}_sampled"] if spec["kind"] == "verifiable" else [name]
 
     def task_names(self) -> list[str]:
@@ -123,6 +132,8 @@ class EvalPlan:
     def context(self, stage: str) -> list[Metric]:
         """Scored beside a stage's target, shown in its rows, never a rule: reasoning's greedy exact match
         and the SFT skill (does GRPO keep what SFT taught)."""
+        if stage == "sft":
+            return [m for m in self.reading(stage) if m != self.targets.get(stage)]
         if stage != "reasoning" or stage not in self.targets:
             return []
         t = self.targets[stage]
@@ -132,6 +143,14 @@ class EvalPlan:
         if "sft" in self.targets:
             out.append(self.targets["sft"])
         return out
+
+    def reading(self, stage: str) -> list[Metric]:
+        """SFT's open-book numbers, per rag set: token F1 with the oracle among the distractors, the same
+        with distractors only (the gap is what reading adds), and quote_valid."""
+        if stage not in self.targets:
+            return []
+        return [_metric(f"{n}.{m}", self, f"evaluate.sets.{n}") for n, s in self.sets.items() if s["kind"] == "rag"
+                for m in ("token_f1", f"token_f1{NO_ORACLE}", "quote_valid")]
 
     def describe(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """name → {path, kind, origin, items, data_hash} of the sets behind the numbers (missing files: None)."""
@@ -258,7 +277,9 @@ def _metric(ref: str, p: EvalPlan, key: str) -> Metric:
         if metric not in metrics:
             raise EvalSetError(f"{key}: {ref!r}: a {kind} set has metrics {', '.join(metrics)}")
         task = f"{name}_sampled" if kind == "verifiable" and metric == "pass1" else name
-        return Metric(name, metric, task, metrics[metric])
+        if kind == "rag" and metric.endswith(NO_ORACLE):   # the no-oracle task's own metric
+            task, metric = f"{name}{NO_ORACLE}", metric[: -len(NO_ORACLE)]
+        return Metric(name, metric, task, metrics[metric] if metric in metrics else higher_is_better(metric))
     known = [task_name(t) for t in p.tasks]
     if name in known and metric:   # direction: the metrics table (unknown names: higher is better, lm-eval's default)
         return Metric(name, metric, name, higher_is_better(metric))
@@ -289,8 +310,20 @@ def check_file(name: str, path: Path, kind: str) -> str | None:
             if missing:
                 return (f"{path}:{i}: evaluate.sets.{name}: missing field(s) {', '.join(missing)} for a {kind} set; "
                         f"expected e.g. {EXAMPLES[kind]}")
+            if kind == "rag" and (problem := _rag_problem(row)):
+                return f"{path}:{i}: evaluate.sets.{name}: {problem}; expected e.g. {EXAMPLES[kind]}"
     if n == 0:
         return f"{path}:1: evaluate.sets.{name}: the file has no items"
+    return None
+
+
+def _rag_problem(row: Any) -> str | None:
+    from stagewise.rag import RagProblem, check_rag
+
+    try:
+        check_rag(row if isinstance(row, dict) else {})
+    except RagProblem as p:
+        return f"{p.problem} ({p.fix})"
     return None
 
 
@@ -348,6 +381,8 @@ def compile_set(name: str, path: str, kind: str) -> dict[str, dict[str, Any]]:
                        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                                        {"metric": "margin", "aggregation": "mean", "higher_is_better": True}],
                        "metadata": {"version": 1.0, "chat_template": True}}}
+    if kind == "rag":
+        return compile_rag(name, path)
     prompt = qa_prompt(_prompt_field(p, kind))
     greedy = {"until": ["\n"], "max_gen_toks": 24, "do_sample": False}
     if kind == "qa":
@@ -374,6 +409,22 @@ def compile_set(name: str, path: str, kind: str) -> dict[str, dict[str, Any]]:
                                 "metric_list": [{"metric": "pass1", "aggregation": "mean", "higher_is_better": True}]},
         }
     raise AssertionError(kind)
+
+
+def compile_rag(name: str, path: str) -> dict[str, dict[str, Any]]:
+    """A rag set → two generation tasks over the same questions: the oracle among 4 distractors (`name`)
+    and distractors only (`name_no_oracle`); prompts are built by process_docs (evals/utils.py, the
+    format of stagewise/rag.py, the one the raft step trains on)."""
+    def task(tname: str, docs: str) -> dict[str, Any]:
+        return {"task": tname, **_data(path), "output_type": "generate_until", "process_docs": f"!function utils.{docs}",
+                "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}", "target_delimiter": "",
+                "generation_kwargs": {"until": ["\n"], "max_gen_toks": 96, "do_sample": False},
+                "process_results": "!function utils.rag_results",
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                for m in ("token_f1", "exact_match", "quote_valid")],
+                "metadata": {"version": 1.0, "chat_template": True}}
+
+    return {name: task(name, "rag_docs"), f"{name}{NO_ORACLE}": task(f"{name}{NO_ORACLE}", "rag_docs_no_oracle")}
 
 
 class _Dumper(yaml.SafeDumper):

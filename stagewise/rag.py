@@ -198,3 +198,28 @@ def quote_valid(text: str, documents: Iterable[str]) -> float:
 def seeded(seed: Any, rid: str) -> random.Random:
     """A record's own generator: its draws do not depend on the other records or their order."""
     return random.Random(f"{seed}:{rid}")
+
+
+# ---------------------------------------------------------------- evaluation items (the `rag` eval kind)
+EVAL_DISTRACTORS, EVAL_CHUNK_CHARS, EVAL_SEED = DEMO_DISTRACTORS, 512, 0
+
+
+def eval_pool(rows: list[dict], chunk_chars: int) -> list[str]:
+    """Every distinct chunk of a set's documents: where its items' distractors come from."""
+    return list(dict.fromkeys(c for r in rows for c in own_chunks(r, chunk_chars)))
+
+
+def eval_item(rec: dict, pool: list[str], i: int, with_oracle: bool, k: int, chunk_chars: int, seed: int) -> dict:
+    """One scored item: the prompt shows k distractors plus the oracle (or k+1 distractors), like training.
+
+    Distractors come from the item's own documents, then from every chunk of the set's other items;
+    seeded by the item's id (or line), so the oracle and no-oracle prompts share their distractors."""
+    rid = str(rec.get("id") if rec.get("id") is not None else i)
+    rng = seeded(seed, rid)
+    oracle = oracle_chunk(rec, chunk_chars)
+    exclude = {oracle} if oracle is not None else set()
+    docs = draw_distractors(rng, rec["answer"], exclude, own_chunks(rec, chunk_chars), pool, k + 1)
+    shown = docs[:k] + [oracle] if with_oracle and oracle is not None else docs
+    rng.shuffle(shown)
+    return {"id": rid, "question": rec["question"], "answer": rec["answer"], "shown": shown,
+            "prompt": prompt(rec["question"], shown)}

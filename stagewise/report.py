@@ -122,6 +122,23 @@ def _stage_rows(summary: dict) -> list[list[str]]:
 STAGE_HEADERS = ["stage", "version", "parent", "target", "parent value", "value", "improved", "time"]
 
 
+CONTEXT_HEADERS = ["stage", "metric", "parent", "value"]
+CONTEXT_TITLE = "Measured beside the target (open-book reading: with the oracle, distractors only, quotes)"
+
+
+def _context_rows(summary: dict) -> list[list[str]]:
+    return [[s.get("name", ""), m, _num(v.get("baseline")), _num(v.get("value"))]
+            for s in summary.get("stages") or [] for m, v in (s.get("context") or {}).items()]
+
+
+def _raft_line(r: dict) -> str:
+    if not r.get("enabled"):
+        return "Open-book chats (raft): off (raft.enabled: false)."
+    share = "–" if r.get("oracle_share") is None else f"{r['oracle_share']:.0%}"
+    return (f"Open-book chats (raft): {r.get('rows')} rows, oracle kept in {share}, {r.get('distractors')} "
+            f"distractors each, {r.get('refusals')} refusals, {r.get('quarantined', 0)} records quarantined.")
+
+
 def _no_leak_list(cur: dict) -> str:
     n = (cur.get("removed") or {}).get("contaminated", 0)
     if n:
@@ -434,7 +451,12 @@ def render_markdown(summary: dict) -> str:
         out += ["General metrics (forgetting guard):", "",
                 _md_table(["stage", "metric", "parent", "value"],
                           [[n, g, _num(v.get("baseline")), _num(v.get("value"))] for n, g, v in general]), ""]
+    context = _context_rows(summary)
+    if context:
+        out += [f"{CONTEXT_TITLE}:", "", _md_table(CONTEXT_HEADERS, context), ""]
     cur = summary.get("curation") or {}
+    if cur.get("raft"):
+        out += [_raft_line(cur["raft"]), ""]
     if cur.get("funnel"):
         out += ["## Data curation funnel", "",
                 _md_table(["step", "kind", "input", "kept"],
@@ -510,7 +532,11 @@ def render_html(summary: dict) -> str:
     if warnings:
         parts += ["<h2 id='data-warnings'>Data warnings</h2>",
                   "<ul>" + "".join(f"<li><b>{e(w['message'])}</b></li>" for w in warnings) + "</ul>"]
+    if _context_rows(summary):
+        parts += [f"<h3>{e(CONTEXT_TITLE)}</h3>", _html_table(CONTEXT_HEADERS, _context_rows(summary))]
     cur = summary.get("curation") or {}
+    if cur.get("raft"):
+        parts.append(f"<p>{e(_raft_line(cur['raft']))}</p>")
     if cur.get("funnel") or cur.get("removed"):
         parts.append("<h2>Data curation funnel</h2>")
         parts.append(img(plot_funnel(summary), "data-curation funnel"))

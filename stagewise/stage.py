@@ -302,6 +302,11 @@ def target_row(stage: str, child: dict, parent: dict, evals) -> dict[str, Any]:
                   "higher_is_better": g.higher_is_better, "set": g.set}
         for g in evals.general
     }
+    context = {   # scored beside the target, never a rule (e.g. SFT's open-book numbers on rag sets)
+        c.label: {"value": child.get(c.task, {}).get(c.metric), "baseline": parent.get(c.task, {}).get(c.metric),
+                  "higher_is_better": c.higher_is_better, "set": c.set}
+        for c in evals.context(stage)
+    }
     t = evals.targets.get(stage)
     if t is None:
         return {"target_metric": None, "value": None, "baseline_value": None, "higher_is_better": None,
@@ -310,4 +315,5 @@ def target_row(stage: str, child: dict, parent: dict, evals) -> dict[str, Any]:
     base = parent.get(t.task, {}).get(t.metric)
     improved = None if value is None or base is None else (value > base if t.higher_is_better else value < base)
     return {"target_metric": t.label, "target_set": t.set, "value": value, "baseline_value": base,
-            "higher_is_better": t.higher_is_better, "improved": improved, "general": general}
+            "higher_is_better": t.higher_is_better, "improved": improved, "general": general,
+            **({"context": context} if context else {})}
