@@ -116,3 +116,60 @@ def test_the_compiled_rag_tasks_score_a_reader_high_and_a_random_model_low(score
     # it memorized the replies to the oracle prompts: the prompt format, stop, answer part and quotes all work
     assert mem["sw_rag"]["token_f1"] >= 0.75 and mem["sw_rag"]["quote_valid"] >= 0.75
     assert mem["sw_rag_no_oracle"]["quote_valid"] < mem["sw_rag"]["quote_valid"]   # its quotes are not there to copy
+
+
+def test_a_declared_rag_set_can_be_sfts_target_and_a_gate_general_metric(tmp_path):
+    from stagewise.config import load_config
+    from stagewise.evalsets import plan
+
+    src = tmp_path / "src" / "corpus.jsonl"
+    src.parent.mkdir(parents=True)
+    src.write_text("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(20)))
+    (tmp_path / "rag.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    p = tmp_path / "params.yaml"
+    p.write_text(f"data:\n  sources:\n    docs: {{path: {src}, kind: corpus}}\n"
+                 "evaluate:\n  sets:\n    mine: {path: rag.jsonl, kind: rag}\n"
+                 "sft: {target: mine.token_f1}\n"
+                 "gate: {general: [mine.token_f1_no_oracle, mine.quote_valid]}\n")
+    pl = plan(load_config(p), tmp_path)
+    assert pl.targets["sft"].label == "mine.token_f1"
+    assert [(m.label, m.set, m.higher_is_better) for m in pl.general] == [
+        ("mine_no_oracle.token_f1", "mine", True), ("mine.quote_valid", "mine", True)]
+    assert pl.set_tasks("mine") == ["mine", "mine_no_oracle"]
+    # beside the target, without repeating it
+    assert [m.label for m in pl.context("sft")] == ["mine_no_oracle.token_f1", "mine.quote_valid"]
+    assert pl.stage_tasks("sft") == ["mine", "mine_no_oracle"]
+    # a bad row stops at config load with file:line
+    (tmp_path / "rag.jsonl").write_text(json.dumps({**ROWS[0], "oracle": 3, "answer": "Nowhere"}) + "\n")
+    with pytest.raises(Exception, match=r"rag.jsonl:1: evaluate.sets.mine: the answer 'Nowhere' does not occur"):
+        load_config(p, root=tmp_path)
+
+
+def test_sfts_reading_numbers_reach_its_row_the_summary_table_and_the_gate_report(tmp_path):
+    from stagewise.evalsets import demo_plan
+    from stagewise.report import write_gate_report
+    from stagewise.stage import target_row
+    from stagewise.summary import summary_table
+    from test_report import make_summary
+
+    child = {"sw_instruct": {"token_f1": 0.7}, "sw_rag": {"token_f1": 0.81, "quote_valid": 0.93},
+             "sw_rag_no_oracle": {"token_f1": 0.12}}
+    parent = {"sw_instruct": {"token_f1": 0.2}, "sw_rag": {"token_f1": 0.05, "quote_valid": 0.0},
+              "sw_rag_no_oracle": {"token_f1": 0.04}}
+    row = target_row("sft", child, parent, demo_plan(tmp_path))
+    assert {k: (v["baseline"], v["value"]) for k, v in row["context"].items()} == {
+        "sw_rag.token_f1": (0.05, 0.81), "sw_rag_no_oracle.token_f1": (0.04, 0.12), "sw_rag.quote_valid": (0.0, 0.93)}
+    assert "context" not in target_row("pretrain", child, parent, demo_plan(tmp_path))
+
+    summary = make_summary(True)
+    summary["stages"][1]["context"] = row["context"]
+    summary["curation"]["raft"] = {"enabled": True, "rows": 200, "oracle_share": 0.79, "distractors": 4,
+                                   "refusals": 0, "quarantined": 1}
+    summary["data"] = {}
+    text = summary_table(summary)
+    assert "sft also: sw_rag.token_f1 0.05 → 0.81, sw_rag_no_oracle.token_f1 0.04 → 0.12, sw_rag.quote_valid 0 → 0.93" in text
+    assert "raft: 200 open-book rows, oracle share 0.79, 4 distractors, 0 refusals" in text
+    md, html = write_gate_report(tmp_path / "r", summary)
+    for page in (md.read_text(), html.read_text()):
+        assert "sw_rag_no_oracle.token_f1" in page and "0.93" in page
+        assert "Open-book chats (raft): 200 rows, oracle kept in 79%, 4 distractors each, 0 refusals, 1 records quarantined." in page
