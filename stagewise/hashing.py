@@ -83,11 +83,8 @@ def dvc_out_hash(root: Path, stage: str) -> str | None:
 
 
 def training_data_hash(hashes: dict) -> str | None:
-    """The data hash of the training stages: the curated data, joined with the raft step's chats when
-    that step ran (SFT trains on both, so a changed raft setting must change SFT's cache key)."""
-    import hashlib
-
+    """The data hash of the training stages (lineage tag and cache key): DVC's md5 of data/05_curated,
+    and `+` that of data/05_raft when the raft step ran — SFT trains on both, so a changed raft setting
+    or raft output changes its key; each part is an md5 in dvc.lock."""
     curated, raft = hashes.get("decontaminate"), hashes.get("raft")
-    if raft is None:
-        return curated
-    return hashlib.md5(f"{curated}+raft:{raft}".encode()).hexdigest()
+    return curated if raft is None or curated is None else f"{curated}+{raft}"

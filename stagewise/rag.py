@@ -43,8 +43,9 @@ def contains_answer(text: str, answer: str) -> bool:
 
 
 def sentences(text: str) -> list[str]:
-    """Sentences as verbatim substrings of the text (split after . ! ? and whitespace)."""
-    return [s for s in (p.strip() for p in _SENTENCE_END.split(text.strip())) if s]
+    """Sentences (split after . ! ? and whitespace), whitespace collapsed: a chunk is one line of the
+    prompt, and a quote is verbatim in the chunk shown."""
+    return [" ".join(p.split()) for p in _SENTENCE_END.split(text.strip()) if p.strip()]
 
 
 def chunk(text: str, chunk_chars: int) -> list[str]:
@@ -165,8 +166,9 @@ def draw_distractors(rng: random.Random, answer: str, exclude: set[str], own: li
 
 # ---------------------------------------------------------------- prompt and reply
 def prompt(question: str, documents: list[str]) -> str:
-    """The user turn: numbered documents, then the question (one format for training and evaluation)."""
-    docs = "\n".join(f"[{i + 1}] {d}" for i, d in enumerate(documents))
+    """The user turn: the documents, one per line, then the question (one format for training and
+    evaluation; unnumbered: at the demo's sizes the numbers would push the reply past sft.max_length)."""
+    docs = "\n".join(documents)   # chunks: whitespace already collapsed (sentences())
     return f"Documents:\n{docs}\nQuestion: {question}"
 
 

@@ -45,8 +45,9 @@ def rag_texts(path: Path):
         return
     from stagewise.rag import ANSWER, BEGIN, END
 
-    yield f"{BEGIN} {END} {ANSWER}"
     for r in read_jsonl(path, ["question", "answer"]):
+        # as often as the raft chats use them: frequent enough to become merges of their own
+        yield f"{BEGIN} {END} {ANSWER}"
         yield from (r["question"], r["answer"], *(r.get("documents") or []), r.get("oracle_text") or "")
 
 

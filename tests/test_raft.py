@@ -137,7 +137,7 @@ def test_every_row_shows_k_plus_1_distinct_documents_the_oracle_among_them_when_
     for r in rows:
         docs, rec = r["raft"]["documents"], curated[r["raft"]["source_id"]]
         assert len(docs) == len(set(docs)) == k + 1
-        assert all(f"[{i + 1}] {d}" in r["messages"][0]["content"] for i, d in enumerate(docs))
+        assert r["messages"][0]["content"].split("\n")[1:-1] == docs      # one per line, in this order
         distractors = [d for i, d in enumerate(docs) if i != r["raft"]["oracle"]]
         assert not any(contains_answer(d, rec["answer"]) for d in distractors)   # never a chunk with the answer
         if r["raft"]["oracle"] is not None:
@@ -180,3 +180,11 @@ def test_same_inputs_same_rows_and_same_dvc_hash(demo_rows):
     other = raft(cfg.raft.model_copy(update={"seed": cfg.raft.seed + 1}), tmp / "05", tmp / "raft3")
     assert (tmp / "raft" / "chat.jsonl").read_bytes() != (tmp / "raft3" / "chat.jsonl").read_bytes()
     assert other["rows"] == stats["rows"]
+
+
+def test_the_training_data_hash_joins_the_raft_output_to_the_curated_data():
+    from stagewise.hashing import training_data_hash
+
+    assert training_data_hash({"decontaminate": "a.dir"}) == "a.dir"
+    assert training_data_hash({"decontaminate": "a.dir", "raft": "b.dir"}) == "a.dir+b.dir"
+    assert training_data_hash({"decontaminate": "a.dir", "raft": "c.dir"}) != "a.dir+b.dir"   # SFT's key moves
