@@ -107,7 +107,7 @@ class GenerateConfig(Section):
     n_preference: int = Field(400, gt=0)
     n_verifiable: int = Field(600, gt=0)
     n_eval: int = Field(100, gt=0)            # items per benchmark
-    n_rag: int = Field(200, ge=0)             # open-book records about people seen nowhere else (0: none)
+    n_rag: int = Field(160, ge=0)             # open-book records about people seen nowhere else (0: none)
 
 
 class IngestConfig(Section):

@@ -418,7 +418,7 @@ def compile_rag(name: str, path: str) -> dict[str, dict[str, Any]]:
     def task(tname: str, docs: str) -> dict[str, Any]:
         return {"task": tname, **_data(path), "output_type": "generate_until", "process_docs": f"!function utils.{docs}",
                 "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}", "target_delimiter": "",
-                "generation_kwargs": {"until": ["\n"], "max_gen_toks": 96, "do_sample": False},
+                "generation_kwargs": {"until": ["\n"], "max_gen_toks": 64, "do_sample": False},
                 "process_results": "!function utils.rag_results",
                 "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
                                 for m in ("token_f1", "exact_match", "quote_valid")],

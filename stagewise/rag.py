@@ -90,13 +90,15 @@ def check_rag(rec: dict) -> None:
                          'e.g. {"question": "...", "answer": "...", "documents": ["...", "..."], "oracle": 0}')
     if text is not None:
         if not isinstance(text, str) or not text.strip():
-            raise RagProblem("wrong_type", "field 'oracle_text' must be a non-empty string", "store the oracle passage as a string")
+            raise RagProblem("wrong_type", "field 'oracle_text' must be a non-empty string",
+                             "store the oracle passage as a string")
         if not contains_answer(text, rec["answer"]):
             raise RagProblem("answer_not_in_oracle", f"the answer {rec['answer']!r} does not occur in oracle_text",
                              "the oracle must contain the answer's words (fix the answer or the passage)")
     if docs is not None:
         if not isinstance(docs, list) or not all(isinstance(d, str) and d.strip() for d in docs):
-            raise RagProblem("wrong_type", "field 'documents' must be a list of non-empty strings", "store each document as a string")
+            raise RagProblem("wrong_type", "field 'documents' must be a list of non-empty strings",
+                             "store each document as a string")
         oracle = rec.get("oracle")
         if oracle is None:
             return
@@ -107,7 +109,8 @@ def check_rag(rec: dict) -> None:
             raise RagProblem("oracle_out_of_range", f"oracle index {oracle} is outside documents (0..{len(docs) - 1})",
                              "give the 0-based position of the document that holds the answer, or null")
         if not contains_answer(docs[oracle], rec["answer"]):
-            raise RagProblem("answer_not_in_oracle", f"the answer {rec['answer']!r} does not occur in documents[{oracle}]",
+            raise RagProblem("answer_not_in_oracle",
+                             f"the answer {rec['answer']!r} does not occur in documents[{oracle}]",
                              "point 'oracle' at the document that holds the answer, or fix the answer")
 
 

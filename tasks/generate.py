@@ -428,8 +428,9 @@ def rag_world(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
                     for end in ("port", "dale", "ford")})
     rng.shuffle(names)
     towns = rng.sample(towns, 40)
-    n_train = -(-cfg.n_rag // 2)   # two facts (two records) per person
-    people = names[: n_train + cfg.n_eval]
+    n_train = max(-(-cfg.n_rag // 2), 3 * RAG_DOCS)   # two facts (two records) per person
+    n_heldout = max(cfg.n_eval, 3 * RAG_DOCS)   # enough other people to fill every item's documents
+    people = names[: n_train + n_heldout]
     facts = {p: {"town": rng.choice(towns), "job": rng.choice(JOBS)} for p in people}
 
     def records(group: list[str], prefix: str, n: int) -> list[dict]:
@@ -439,8 +440,8 @@ def rag_world(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
         for i, (p, k) in enumerate(pairs[:n]):
             answer = facts[p][k]
             others = [o for o in group if o != p and facts[o][k] != answer]
-            docs = [RAG_FACTS[q][0].format(p=o, v=facts[o][q]) for o in rng.sample(others, RAG_DOCS - 1)
-                    for q in [rng.choice(list(RAG_FACTS))]]
+            picked = rng.sample(others, min(len(others), RAG_DOCS - 1))
+            docs = [RAG_FACTS[q][0].format(p=o, v=facts[o][q]) for o in picked for q in [rng.choice(list(RAG_FACTS))]]
             docs = [d for d in docs if answer not in d] + [RAG_FACTS[k][0].format(p=p, v=answer)]
             rng.shuffle(docs)
             oracle = next(j for j, d in enumerate(docs) if d.startswith(f"{p} "))
