@@ -123,7 +123,8 @@ STAGE_HEADERS = ["stage", "version", "parent", "target", "parent value", "value"
 
 
 CONTEXT_HEADERS = ["stage", "metric", "parent", "value"]
-CONTEXT_TITLE = "Measured beside the target (open-book reading: with the oracle, distractors only, quotes)"
+CONTEXT_TITLE = ("Measured beside the target, never a rule (SFT: open-book reading on rag sets — with the oracle, "
+                 "distractors only, quotes)")
 
 
 def _context_rows(summary: dict) -> list[list[str]]:
