@@ -73,3 +73,38 @@ def tools_irrelevance_results(doc: dict, results: list) -> dict:
     from stagewise.tools import score_reply
 
     return {"irrelevance_accuracy": score_reply(results[0], json.loads(doc["tools"]), [])["irrelevance_accuracy"]}
+
+
+# ---------------------------------------------------------------- rag sets (stagewise/rag.py holds the format)
+def _rag_docs(dataset, with_oracle: bool):
+    """Each item's prompt: k distractor chunks (seeded per item: the item's own documents first, then
+    every chunk of the set) and, `with_oracle`, the oracle chunk among them; shuffled."""
+    from stagewise.rag import EVAL_CHUNK_CHARS, EVAL_DISTRACTORS, EVAL_SEED, eval_item, eval_pool
+
+    rows = [dict(r) for r in dataset]
+    pool = eval_pool(rows, EVAL_CHUNK_CHARS)
+    items = [eval_item(r, pool, i, with_oracle, EVAL_DISTRACTORS, EVAL_CHUNK_CHARS, EVAL_SEED) for i, r in enumerate(rows)]
+    import datasets
+
+    return datasets.Dataset.from_list(items)
+
+
+def rag_docs(dataset):
+    """process_docs of a rag set: the oracle among the distractors."""
+    return _rag_docs(dataset, True)
+
+
+def rag_docs_no_oracle(dataset):
+    """process_docs of `<set>_no_oracle`: distractors only (a model that reads should do worse here)."""
+    return _rag_docs(dataset, False)
+
+
+def rag_results(doc: dict, results: list) -> dict:
+    """exact_match / token_f1 of the reply's `<ANSWER>:` part; quote_valid: it quotes, verbatim, a given document."""
+    from stagewise.rag import answer_part, quote_valid
+
+    reply = results[0]
+    got = answer_part(reply)
+    return {"exact_match": float(_tokens(got) == _tokens(doc["answer"])),
+            "token_f1": token_f1([doc["answer"]], [got]),
+            "quote_valid": quote_valid(reply, doc["shown"])}

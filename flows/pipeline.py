@@ -159,6 +159,7 @@ def data_phase(cfg: Config, ctx: RunContext, selected: list[str]) -> dict[str, A
 @flow(name="train")
 def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: list[str]) -> dict[str, Any]:
     """Init (or base) model → pretrain → sft → preference → reasoning, one model version each."""
+    from stagewise.hashing import training_data_hash
     from tasks.base import base_task
 
     train_steps = [s.name for s in tasks.of_kind("train")]
@@ -175,7 +176,7 @@ def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: li
         stage_task = tasks.prefect_task(stage).with_options(cache_key_fn=prefect_cache_key(tasks.step(stage)),
                                                             persist_result=True,
                                                             result_serializer="json")  # never unpickle from disk
-        child, row = stage_task(ctx, cfg, parent, data["hashes"].get("decontaminate"),
+        child, row = stage_task(ctx, cfg, parent, training_data_hash(data["hashes"]),
                                 cache_only=stage not in selected, accepted=list(lineage))
         rows.append(row)
         if row.get("kept_parent"):

@@ -52,8 +52,8 @@ def curate(
         typer.echo(f"error: {one_line(msg)}", err=True)
         raise typer.Exit(2)
 
-    if kind is not None and kind not in ("corpus", "chat", "preference", "verifiable"):
-        fail(f"--kind {kind!r}: use one of corpus, chat, preference, verifiable")
+    if kind is not None and kind not in ("corpus", "chat", "preference", "verifiable", "rag"):
+        fail(f"--kind {kind!r}: use one of corpus, chat, preference, verifiable, rag")
     if on_bad_rows not in ("fail", "quarantine"):
         fail(f"--on-bad-rows {on_bad_rows!r}: use fail or quarantine")
     chosen = [s.strip() for s in steps.split(",") if s.strip()] if steps else \

@@ -67,7 +67,7 @@ class RunConfig(Section):
     # Order matters only for readability: the flow wires dependencies explicitly.
     stages: list[str] = Field(
         default_factory=lambda: [
-            "generate", "ingest", "quality", "dedup", "decontaminate", "validate",
+            "generate", "ingest", "quality", "dedup", "decontaminate", "raft", "validate",
             "tokenizer", "pretrain", "sft", "preference", "reasoning", "compress", "gate",
         ]
     )
@@ -80,7 +80,7 @@ class SourceConfig(Section):
     # dataset name (needs network)
     # auto: a folder of mixed files, each read by its suffix (.jsonl/.json/.ndjson, .parquet, .txt/.md)
     format: Literal["jsonl", "parquet", "text", "auto", "hf_disk", "hf_hub"] = "jsonl"
-    kind: Literal["corpus", "chat", "preference", "verifiable"]
+    kind: Literal["corpus", "chat", "preference", "verifiable", "rag"]
     columns: dict[str, str] = Field(default_factory=dict)  # our field -> your field, e.g. {text: content}
     split: str | None = None     # hf_disk / hf_hub: which split (None: all splits of a DatasetDict; hub: train)
 
@@ -109,6 +109,7 @@ class GenerateConfig(Section):
     n_eval: int = Field(100, gt=0)            # items per benchmark
     # tool-use chats (calls, results, answers; some need no tool) and the sw_tools set; 0: none (docs/data.md)
     n_tool_chat: int = Field(0, ge=0)
+    n_rag: int = Field(160, ge=0)             # open-book records about people seen nowhere else (0: none)
 
 
 class IngestConfig(Section):
@@ -183,6 +184,19 @@ class DecontaminateConfig(Section):
     excise_window_chars: int = Field(200, ge=0)   # cut this much around each match
     excise_min_chars: int = Field(200, ge=0)      # drop left-over pieces shorter than this
     excise_max_matches: int = Field(10, ge=0)     # more matched regions than this: drop the document
+
+
+class RaftConfig(Section):
+    """RAFT (arXiv 2403.10131): open-book chats from rag records: the oracle among distractors, or not."""
+    enabled: bool = True
+    distractors: int = Field(4, ge=0)            # k distractor chunks per row (Meta's recipe: 4)
+    p_oracle: float = Field(0.8, ge=0.0, le=1.0)  # share of rows that keep the oracle (RAFT's P)
+    chunk_chars: int = Field(512, gt=0)           # sentences packed into chunks of at most this many characters
+    refusal_share: float = Field(0.0, ge=0.0, le=1.0)  # of the oracle-absent rows: answer "the documents do not say"
+    seed: int = 11
+    # null: offline (the reply is the record's answer and the oracle's supporting sentence). A local model
+    # folder to write the replies is planned, never a hosted API: setting it is an error until it exists.
+    generator: str | None = None
 
 
 class ValidateConfig(Section):
@@ -494,7 +508,7 @@ class CompressConfig(Section):
 class EvalSetConfig(Section):
     """One declared evaluation set: a JSONL file of one kind (stagewise/evalsets.py lists the fields)."""
     path: str                    # relative paths resolve against the workspace root (the folder of params.yaml)
-    kind: Literal["text", "mc", "qa", "pairs", "verifiable", "tools"]
+    kind: Literal["text", "mc", "qa", "pairs", "verifiable", "tools", "rag"]
 
 
 class EvaluateConfig(Section):
@@ -603,6 +617,7 @@ class Config(Section):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
+    raft: RaftConfig = Field(default_factory=RaftConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -40,6 +40,10 @@ _KINDS: dict[str, dict[str, Any]] = {
     "qa": {"prompt": ("question", "prompt"), "fields": ("answer",), "metrics": ("token_f1", "exact_match")},
     "pairs": {"fields": ("prompt", "chosen", "rejected"), "metrics": ("margin", "acc")},
     "verifiable": {"prompt": ("prompt", "question"), "fields": ("answer",), "metrics": ("pass1", "exact_match")},
+    # open book (stagewise/rag.py): the oracle among 4 distractors, then (`_no_oracle`, task <name>_no_oracle)
+    # distractors only; quote_valid: the reply quotes a given document verbatim
+    "rag": {"fields": ("question", "answer"), "metrics": ("token_f1", "exact_match", "quote_valid",
+                                                          "token_f1_no_oracle", "exact_match_no_oracle")},
 }
 _KINDS["tools"] = {"fields": ("messages", "tools", "expected"),
                    "metrics": ("call_accuracy", "parse_rate", "name_accuracy", "irrelevance_accuracy")}
@@ -50,6 +54,7 @@ EXAMPLES = {
     "qa": '{"question": "What does ingest do?", "answer": "It reads every source."}',
     "pairs": '{"prompt": "...", "chosen": "a good reply", "rejected": "a worse reply"}',
     "verifiable": '{"prompt": "Tom has 3 apples and buys 4. How many?", "answer": "7"}',
+    "rag": '{"question": "Where does Zorbin live?", "answer": "Quellport", "documents": ["Zorbin lives in Quellport.", "..."], "oracle": 0}',
 }
 EXAMPLES["tools"] = ('{"messages": [{"role": "user", "content": "What does the fox eat?"}], "tools": [{"type": '
                      '"function", "function": {"name": "animal_food", "parameters": {"type": "object", "properties": '
@@ -69,6 +74,7 @@ DEMO_SETS: dict[str, tuple[str, str]] = {
     "sw_preference": ("preference.jsonl", "pairs"),
     "sw_arithmetic": ("arithmetic.jsonl", "verifiable"),
     "sw_arithmetic_unseen": ("arithmetic_unseen.jsonl", "verifiable"),
+    "sw_rag": ("rag.jsonl", "rag"),
 }
 # The demo's tool-use set: in the plan when the world has tool chats (generate.n_tool_chat > 0).
 DEMO_TOOLS_SET = ("sw_tools", "tools.jsonl")
@@ -81,6 +87,7 @@ DEMO_GENERAL = ["sw_general_text.word_perplexity", "sw_general_mc.acc"]
 # The generated answer is read like the reasoning reward reads it: "The answer is N", else the last integer.
 ANSWER_REGEX = "(?s)The answer is (-?\\d+)|(-?\\d+)(?!.*\\d)"
 SAMPLES = 8   # replies per problem for sampled pass@1 (temperature 1.0: the policy GRPO optimizes)
+NO_ORACLE = "_no_oracle"   # a rag set's second task (and metric suffix): the same questions, distractors only
 
 
 class EvalSetError(ValueError):
@@ -123,6 +130,8 @@ class EvalPlan:
         spec = self.sets[name]
         if spec["kind"] == "tools":
             return [name, f"{name}_irrelevance"]
+        if spec["kind"] == "rag":
+            return [name, f"{name}{NO_ORACLE}"]
         return [name, f"{name}_sampled"] if spec["kind"] == "verifiable" else [name]
 
     def task_names(self) -> list[str]:
@@ -146,11 +155,12 @@ class EvalPlan:
     def context(self, stage: str) -> list[Metric]:
         """Scored beside a stage's target, shown in its rows, never a rule: reasoning's greedy exact match
         and the SFT skill (does GRPO keep what SFT taught); SFT's tool calling (every tools set that is
-        not its target: call_accuracy and irrelevance_accuracy)."""
+        not its target: call_accuracy and irrelevance_accuracy) and open-book reading (every rag set)."""
         if stage == "sft" and stage in self.targets:
-            return [Metric(n, m, f"{n}_irrelevance" if m == "irrelevance_accuracy" else n, True)
-                    for n, s in self.sets.items() if s["kind"] == "tools" and n != self.targets[stage].set
-                    for m in ("call_accuracy", "irrelevance_accuracy")]
+            tools = [Metric(n, m, f"{n}_irrelevance" if m == "irrelevance_accuracy" else n, True)
+                     for n, s in self.sets.items() if s["kind"] == "tools" and n != self.targets[stage].set
+                     for m in ("call_accuracy", "irrelevance_accuracy")]
+            return tools + [m for m in self.reading(stage) if m != self.targets.get(stage)]
         if stage != "reasoning" or stage not in self.targets:
             return []
         t = self.targets[stage]
@@ -160,6 +170,14 @@ class EvalPlan:
         if "sft" in self.targets:
             out.append(self.targets["sft"])
         return out
+
+    def reading(self, stage: str) -> list[Metric]:
+        """SFT's open-book numbers, per rag set: token F1 with the oracle among the distractors, the same
+        with distractors only (the gap is what reading adds), and quote_valid."""
+        if stage not in self.targets:
+            return []
+        return [_metric(f"{n}.{m}", self, f"evaluate.sets.{n}") for n, s in self.sets.items() if s["kind"] == "rag"
+                for m in ("token_f1", f"token_f1{NO_ORACLE}", "quote_valid")]
 
     def describe(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """name → {path, kind, origin, items, data_hash} of the sets behind the numbers (missing files: None)."""
@@ -291,7 +309,9 @@ def _metric(ref: str, p: EvalPlan, key: str) -> Metric:
         task = f"{name}_sampled" if kind == "verifiable" and metric == "pass1" else name
         if kind == "tools" and metric == "irrelevance_accuracy":
             task = f"{name}_irrelevance"
-        return Metric(name, metric, task, metrics[metric])
+        if kind == "rag" and metric.endswith(NO_ORACLE):   # the no-oracle task's own metric
+            task, metric = f"{name}{NO_ORACLE}", metric[: -len(NO_ORACLE)]
+        return Metric(name, metric, task, metrics[metric] if metric in metrics else higher_is_better(metric))
     known = [task_name(t) for t in p.tasks]
     if name in known and metric:   # direction: the metrics table (unknown names: higher is better, lm-eval's default)
         return Metric(name, metric, name, higher_is_better(metric))
@@ -328,6 +348,8 @@ def check_file(name: str, path: Path, kind: str) -> str | None:
                 if bad:
                     return f"{path}:{i}: evaluate.sets.{name}: {bad}"
                 halves.add(bool(row["expected"]))
+            if kind == "rag" and (problem := _rag_problem(row)):
+                return f"{path}:{i}: evaluate.sets.{name}: {problem}; expected e.g. {EXAMPLES[kind]}"
     if n == 0:
         return f"{path}:1: evaluate.sets.{name}: the file has no items"
     if kind == "tools" and halves != {True, False}:
@@ -374,6 +396,16 @@ def tools_rows(path: Path) -> list[dict]:
                     "user": msgs[-1]["content"], "tools": json.dumps(row["tools"], ensure_ascii=False),
                     "expected": json.dumps(row["expected"], ensure_ascii=False)})
     return out
+
+
+def _rag_problem(row: Any) -> str | None:
+    from stagewise.rag import RagProblem, check_rag
+
+    try:
+        check_rag(row if isinstance(row, dict) else {})
+    except RagProblem as p:
+        return f"{p.problem} ({p.fix})"
+    return None
 
 
 def _prompt_field(path: Path, kind: str) -> str | None:
@@ -432,6 +464,8 @@ def compile_set(name: str, path: str, kind: str) -> dict[str, dict[str, Any]]:
                        "metadata": {"version": 1.0, "chat_template": True}}}
     if kind == "tools":
         return compile_tools(name, path)
+    if kind == "rag":
+        return compile_rag(name, path)
     prompt = qa_prompt(_prompt_field(p, kind))
     greedy = {"until": ["\n"], "max_gen_toks": 24, "do_sample": False}
     if kind == "qa":
@@ -482,6 +516,22 @@ def compile_tools(name: str, path: str) -> dict[str, dict[str, Any]]:
                                 "metric_list": [{"metric": "irrelevance_accuracy", "aggregation": "mean",
                                                  "higher_is_better": True}]},
     }
+
+
+def compile_rag(name: str, path: str) -> dict[str, dict[str, Any]]:
+    """A rag set → two generation tasks over the same questions: the oracle among 4 distractors (`name`)
+    and distractors only (`name_no_oracle`); prompts are built by process_docs (evals/utils.py, the
+    format of stagewise/rag.py, the one the raft step trains on)."""
+    def task(tname: str, docs: str) -> dict[str, Any]:
+        return {"task": tname, **_data(path), "output_type": "generate_until", "process_docs": f"!function utils.{docs}",
+                "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}", "target_delimiter": "",
+                "generation_kwargs": {"until": ["\n"], "max_gen_toks": 64, "do_sample": False},
+                "process_results": "!function utils.rag_results",
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                for m in ("token_f1", "exact_match", "quote_valid")],
+                "metadata": {"version": 1.0, "chat_template": True}}
+
+    return {name: task(name, "rag_docs"), f"{name}{NO_ORACLE}": task(f"{name}{NO_ORACLE}", "rag_docs_no_oracle")}
 
 
 class _Dumper(yaml.SafeDumper):

@@ -80,3 +80,11 @@ def dvc_out_hash(root: Path, stage: str) -> str | None:
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     outs = stages.get(stage, {}).get("outs") or []
     return outs[0].get("md5") if outs else None
+
+
+def training_data_hash(hashes: dict) -> str | None:
+    """The data hash of the training stages (lineage tag and cache key): DVC's md5 of data/05_curated,
+    and `+` that of data/05_raft when the raft step ran — SFT trains on both, so a changed raft setting
+    or raft output changes its key; each part is an md5 in dvc.lock."""
+    curated, raft = hashes.get("decontaminate"), hashes.get("raft")
+    return curated if raft is None or curated is None else f"{curated}+{raft}"

@@ -34,6 +34,7 @@ _TABLE = {m.name: m for m in (
     Metric("pass1", True, "accuracy"),
     Metric("token_f1", True, "accuracy"),
     Metric("f1", True, "accuracy"),
+    Metric("quote_valid", True, "accuracy"),   # rag sets: the reply quotes a given document verbatim
     Metric("margin", True, "margin"),
     Metric("call_accuracy", True, "accuracy"),          # tools sets (stagewise/tools.py)
     Metric("parse_rate", True, "accuracy"),

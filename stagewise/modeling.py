@@ -516,6 +516,17 @@ def load_chats(curated_dir: Path) -> tuple[list[dict], dict]:
     return rows, skipped
 
 
+def raft_chats(curated_dir: Path) -> list[dict]:
+    """The raft step's open-book chats (data/05_raft/chat.jsonl beside data/05_curated), if it wrote any."""
+    from stagewise.workspace import Workspace
+
+    path = Workspace(Path(curated_dir).parent.parent).raft / "chat.jsonl"
+    if not path.exists():
+        return []
+    return [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
+            for r in read_jsonl(path, ["messages"])]
+
+
 def lora_config(lc):
     """PEFT LoraConfig from the `sft.lora` settings (SFT's adapter; DPO's too with preference.peft: lora)."""
     from peft import LoraConfig

@@ -51,7 +51,7 @@ class Facts:
     width: int                     # hidden size of the model the stages train
     params: int | None = None      # parameters of the model pretraining builds (None: no pretraining)
     corpus_tokens: int | None = None   # tokens of the curated corpus pretraining trains on
-    chats: int = 0                 # curated chats
+    chats: int = 0                 # curated chats (+ the raft step's open-book chats)
     pairs: int = 0                 # curated preference pairs
     problems: int = 0              # curated verifiable problems
 

@@ -28,12 +28,14 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),
     "preference": ("prompt", "chosen", "rejected"),
     "verifiable": ("prompt", "answer"),
+    "rag": ("question", "answer"),   # + documents/oracle or oracle_text (stagewise/rag.py)
 }
 EXAMPLE = {
     "corpus": '{"id": "doc-1", "text": "..."}',
     "chat": '{"id": "c-1", "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
     "preference": '{"id": "p-1", "prompt": "...", "chosen": "...", "rejected": "..."}',
     "verifiable": '{"id": "v-1", "prompt": "...", "answer": "42"}',
+    "rag": '{"id": "r-1", "question": "...", "answer": "...", "documents": ["...", "..."], "oracle": 0}',
 }
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -91,6 +93,8 @@ def check_record(kind: str, obj: Any, default_id: str) -> dict:
             rec[k] = v
     if kind == "chat":
         _check_tool_use(rec)
+    if kind == "rag":
+        _check_rag_shape(rec)
     return rec
 
 
@@ -104,6 +108,18 @@ def _check_tool_use(rec: dict) -> None:
         check_chat(rec)
     except ToolError as e:
         raise BadRow(e.code, e.problem, e.fix) from None
+
+
+def _check_rag_shape(rec: dict) -> None:
+    """Types only: whether the oracle holds the answer, and whether distractors exist, is the raft
+    step's check (quarantined there, the run goes on)."""
+    from stagewise.rag import RagProblem, check_rag
+
+    try:
+        check_rag(rec)
+    except RagProblem as p:
+        if p.code in ("wrong_type", "missing_field"):
+            raise BadRow(p.code, p.problem, p.fix) from None
 
 
 def _check_messages(value: Any) -> list:
@@ -135,6 +151,8 @@ def detect_kind(obj: Any) -> str | None:
         return None
     if "messages" in obj:
         return "chat"
+    if "documents" in obj or "oracle_text" in obj:
+        return "rag"
     if "chosen" in obj or "rejected" in obj:
         return "preference"
     if "answer" in obj:
@@ -168,6 +186,8 @@ def dedup_text(kind: str, rec: dict) -> str:
 
             return exchange_text(rec)   # calls and results are part of the exchange
         return "\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"])
+    if kind == "rag":
+        return rec["question"]
     return rec["prompt"]
 
 
@@ -184,6 +204,8 @@ def prompt_texts(kind: str, rec: dict) -> list[str]:
 
             users.append(exchange_text(rec))   # a leaked call or result counts too
         return users
+    if kind == "rag":
+        return [rec["question"]]
     return [rec["prompt"]]
 
 

@@ -155,12 +155,22 @@ def _tried_rows(gate: dict) -> list[list[str]]:
 
 TRIED_HEADERS = ["candidate", "model", "verdict", "why"]
 CONTEXT_HEADERS = ["stage", "metric", "parent", "value"]
+CONTEXT_TITLE = ("Measured beside the targets, never a rule (SFT: tool calling on tools sets; open-book reading on "
+                 "rag sets — with the oracle, distractors only, quotes)")
 
 
 def _context_rows(summary: dict) -> list[list[str]]:
-    """Metrics scored beside each stage's target (its row's `context`, e.g. SFT's tools sets)."""
+    """Metrics scored beside each stage's target (its row's `context`)."""
     return [[s.get("name", ""), c, _num(v.get("baseline")), _num(v.get("value"))]
             for s in summary.get("stages") or [] for c, v in (s.get("context") or {}).items()]
+
+
+def _raft_line(r: dict) -> str:
+    if not r.get("enabled"):
+        return "Open-book chats (raft): off (raft.enabled: false)."
+    share = "–" if r.get("oracle_share") is None else f"{r['oracle_share']:.0%}"
+    return (f"Open-book chats (raft): {r.get('rows')} rows, oracle kept in {share}, {r.get('distractors')} "
+            f"distractors each, {r.get('refusals')} refusals, {r.get('quarantined', 0)} records quarantined.")
 
 
 def _no_leak_list(cur: dict) -> str:
@@ -479,9 +489,10 @@ def render_markdown(summary: dict) -> str:
                           [[n, g, _num(v.get("baseline")), _num(v.get("value"))] for n, g, v in general]), ""]
     context = _context_rows(summary)
     if context:
-        out += ["Beside the targets (scored, not gated; e.g. SFT's tool calling):", "",
-                _md_table(CONTEXT_HEADERS, context), ""]
+        out += [f"{CONTEXT_TITLE}:", "", _md_table(CONTEXT_HEADERS, context), ""]
     cur = summary.get("curation") or {}
+    if cur.get("raft"):
+        out += [_raft_line(cur["raft"]), ""]
     if cur.get("funnel"):
         out += ["## Data curation funnel", "",
                 _md_table(["step", "kind", "input", "kept"],
@@ -551,9 +562,6 @@ def render_html(summary: dict) -> str:
 
     if stage_notes(summary):
         parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in stage_notes(summary)) + "</ul>")
-    context = _context_rows(summary)
-    if context:
-        parts += ["<p>Beside the targets (scored, not gated):</p>", _html_table(CONTEXT_HEADERS, context)]
     if summary.get("eval_sets"):
         parts += ["<h2>Evaluation sets behind these numbers</h2>", _html_table(EVAL_SET_HEADERS, _eval_set_rows(summary))]
         if summary.get("eval_notes"):
@@ -562,7 +570,11 @@ def render_html(summary: dict) -> str:
     if warnings:
         parts += ["<h2 id='data-warnings'>Data warnings</h2>",
                   "<ul>" + "".join(f"<li><b>{e(w['message'])}</b></li>" for w in warnings) + "</ul>"]
+    if _context_rows(summary):
+        parts += [f"<h3>{e(CONTEXT_TITLE)}</h3>", _html_table(CONTEXT_HEADERS, _context_rows(summary))]
     cur = summary.get("curation") or {}
+    if cur.get("raft"):
+        parts.append(f"<p>{e(_raft_line(cur['raft']))}</p>")
     if cur.get("funnel") or cur.get("removed"):
         parts.append("<h2>Data curation funnel</h2>")
         parts.append(img(plot_funnel(summary), "data-curation funnel"))

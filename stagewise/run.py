@@ -128,7 +128,11 @@ def measure_recipe_facts(cfg: Config, model_dir: Path, curated_dir: Path):
         docs = [r["text"] for r in read_jsonl(curated_dir / "corpus.jsonl", ["text"])]
         train_docs, _ = split_corpus(docs, cfg.run.seed, cfg.pretrain.eval_fraction)   # what pretraining trains on
         corpus_tokens = len(token_stream(tok, train_docs))   # counted as pack() builds pretraining's blocks
-    return Facts(width=width, params=params, corpus_tokens=corpus_tokens, chats=lines("chat"),
+    from stagewise.workspace import Workspace
+
+    raft = Workspace(curated_dir.parent.parent).raft / "chat.jsonl"   # SFT trains on the raft step's chats too
+    raft_chats = sum(1 for line in raft.open() if line.strip()) if raft.exists() else 0
+    return Facts(width=width, params=params, corpus_tokens=corpus_tokens, chats=lines("chat") + raft_chats,
                  pairs=lines("preference"), problems=lines("verifiable"))
 
 

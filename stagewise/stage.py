@@ -358,7 +358,7 @@ def target_row(stage: str, child: dict, parent: dict, evals) -> dict[str, Any]:
                   "higher_is_better": g.higher_is_better, "set": g.set}
         for g in evals.general
     }
-    context = {
+    context = {   # scored beside the target, never a rule (e.g. SFT's open-book numbers on rag sets)
         c.label: {"value": child.get(c.task, {}).get(c.metric), "baseline": parent.get(c.task, {}).get(c.metric),
                   "higher_is_better": c.higher_is_better, "set": c.set}
         for c in evals.context(stage)

@@ -92,6 +92,7 @@ def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dic
                 {"id": rid, "kind": kind, "benchmark_item": item}
                 for kind, items in (decon.get("contaminated") or {}).items() for rid, item in items.items()
             ],
+            **({"raft": raft_counts(stats["raft"])} if stats.get("raft") else {}),
         },
         "stages": rows,
         **({"recipe": json.loads(recipe.read_text())} if recipe.exists() else {}),
@@ -102,6 +103,12 @@ def build_summary(ctx: RunContext, profile: str | None, data: dict, trained: dic
         "challenger": (verdict or {}).get("challenger"),
         **({"compression": compression} if compression else {}),
     }
+
+
+def raft_counts(s: dict) -> dict[str, Any]:
+    """The raft step's open-book rows for the curation report: rows, oracle share, distractors, refusals."""
+    return {k: s.get(k) for k in ("enabled", "rows", "oracle_share", "distractors", "refusals")} | {
+        "quarantined": sum((s.get("quarantined") or {}).values())}
 
 
 def _registry_champion(name: str) -> str | None:
@@ -138,6 +145,21 @@ def stage_notes(summary: dict) -> list[str]:
     return out
 
 
+def context_lines(summary: dict) -> list[str]:
+    """Numbers scored beside a stage's target (SFT's open-book reading on rag sets), parent → child."""
+    out = []
+    for r in summary.get("stages") or []:
+        ctx = r.get("context") or {}
+        if ctx:
+            out.append(f"{r['name']} also: " + ", ".join(f"{m} {_fmt(v.get('baseline'))} → {_fmt(v.get('value'))}"
+                                                        for m, v in ctx.items()))
+    raft = (summary.get("curation") or {}).get("raft")
+    if raft and raft.get("enabled"):
+        out.append(f"raft: {raft.get('rows')} open-book rows, oracle share {_fmt(raft.get('oracle_share'))}, "
+                   f"{raft.get('distractors')} distractors, {raft.get('refusals')} refusals")
+    return out
+
+
 def summary_table(summary: dict) -> str:
     """Plain-text table: one line per stage, then the verdict."""
     head = ("stage", "version", "target", "parent", "child", "improved", "significant", "rulebook", "cached",
@@ -158,6 +180,7 @@ def summary_table(summary: dict) -> str:
     out.append(f"data steps: ran {', '.join(data.get('ran') or []) or 'none'}; "
                f"cached {', '.join(data.get('cached') or []) or 'none'}")
     out += stage_notes(summary)
+    out += context_lines(summary)
     resolved = (summary.get("recipe") or {}).get("resolved") or []
     if resolved:
         out.append("recipe (auto settings, docs/training.md#recipes-that-transfer): "

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("corpus", "chat", "preference", "verifiable")
+KINDS = ("corpus", "chat", "preference", "verifiable", "rag")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ class Workspace:
     @property
     def curated(self) -> Path:      # decontaminate → what training reads
         return self.root / "data" / "05_curated"
+
+    @property
+    def raft(self) -> Path:         # raft → open-book chats SFT trains on beside the curated ones
+        return self.root / "data" / "05_raft"
 
     @property
     def validated(self) -> Path:    # GX results + Data Docs

@@ -28,6 +28,9 @@ STEPS: tuple[Step, ...] = (
          hashes=("eval_sets", "heldout"),
          args=lambda cfg, ws: dict(cfg=cfg.decontaminate, in_dir=ws.deduped, out_dir=ws.curated,
                                    **decontamination_inputs(cfg, ws.root))),
+    # open-book chats from the curated rag records; SFT trains on them beside the curated chats
+    Step("raft", "data", reads=("raft",), inputs=("curated",), outputs=("raft",),
+         args=lambda cfg, ws: dict(cfg=cfg.raft, in_dir=ws.curated, out_dir=ws.raft, root=ws.root)),
     Step("validate", "data", reads=("validate",), inputs=("curated",), outputs=("validated",),
          args=lambda cfg, ws: dict(cfg=cfg.validate_, in_dir=ws.curated, out_dir=ws.validated)),
     Step("tokenizer", "data", reads=("tokenizer",), inputs=("curated",), outputs=("tokenizer",),

@@ -101,6 +101,8 @@ def decontaminate(cfg: DecontaminateConfig, in_dir: Path, benchmarks_dir: Path |
                 hits[rec["id"]] = refs[0]
                 out.remove(kind, rec, "contaminated", matched=refs[0], matched_all=refs, rule=f"{cfg.ngram}-gram")
         else:
+            if kind == "rag":   # its documents are documents: a benchmark passage in them is a leak too
+                rows = _rag_document_hits(rows, doc_index, cfg.ngram, hasher, names, out, hits)
             for rec in progress(rows, f"decontaminate {kind}"):
                 found = _prompt_hit(prompt_texts(kind, rec), prompt_index, short_index, cfg, hasher)
                 if found is None:
@@ -257,6 +259,20 @@ def _document_hits(rows: list[dict], index: GramIndex, n: int, hasher: WordHashe
             found.setdefault(d, []).append(o)
         for d in range(len(batch)):
             yield list(dict.fromkeys(found.get(d, [])))
+
+
+def _rag_document_hits(rows: list[dict], index: GramIndex, n: int, hasher: WordHasher, names: list[str],
+                       out: StepOutput, hits: dict[str, str]) -> list[dict]:
+    """rag records whose documents share an n-gram with a benchmark item are removed; the rest returned."""
+    texts = [{"text": "\n".join([*(r.get("documents") or []), r.get("oracle_text") or ""])} for r in rows]
+    kept = []
+    for rec, matched in zip(rows, _document_hits(texts, index, n, hasher)):
+        if not matched:
+            kept.append(rec)
+            continue
+        hits[rec["id"]] = names[matched[0]]
+        out.remove("rag", rec, "contaminated", matched=names[matched[0]], rule=f"{n}-gram (documents)")
+    return kept
 
 
 def _prompt_hit(texts: list[str], index: GramIndex, short_index: dict[int, GramIndex], cfg: DecontaminateConfig,

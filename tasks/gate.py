@@ -95,9 +95,10 @@ def judge_candidate(ctx: RunContext, cfg: Config, lineage: list[Lineage], cand: 
     champ_now = registry.alias_version(ctx.registered_model, registry.CHAMPION)
     keep = book.champion_stages(champion_stage(ctx, champ_now), trained.stage) if champ_now != cand.version else []
     tasks = list(dict.fromkeys([*stage_evals(trained.stage, cfg, ctx.root), *(evals.targets[s].task for s in keep)]))
-    metrics = cand.metrics
-    if any(t not in metrics for t in tasks):   # scored on what this candidate was not yet (cached per weights)
-        metrics = evaluate(Path(cand.model_dir), tasks, ctx.ws, cfg.evaluate, tasks_dir=eval_tasks_dir(cfg, ctx.root))
+    metrics, missing = cand.metrics, [t for t in tasks if t not in cand.metrics]
+    if missing:   # scored on what this candidate was not scored on yet (the champion's targets; cached per weights)
+        metrics = {**evaluate(Path(cand.model_dir), missing, ctx.ws, cfg.evaluate,
+                              tasks_dir=eval_tasks_dir(cfg, ctx.root)), **cand.metrics}
     champ_version, champ = champion_metrics(ctx, cfg, tasks, cand.version)
     guards = book.guards_for(trained.stage, lineage[1:i])
     if champ is not None:

@@ -416,6 +416,11 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> dict:
     for name, rows in bench.items():
         if not name.startswith("_"):
             write_jsonl(bdir / f"{name}.jsonl", rows)
+    rag_train, rag_eval = rag_world(cfg)   # its own generator: the rest of the world is unchanged by it
+    if rag_train:
+        write_jsonl(out_dir / "rag.jsonl", rag_train)
+        write_jsonl(bdir / "rag.jsonl", rag_eval)
+        records["rag"] = rag_train
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     (out_dir / "world.json").write_text(json.dumps({"facts": world.facts}, indent=1, sort_keys=True))
     return {kind: len(rows) for kind, rows in records.items()} | {
@@ -535,6 +540,51 @@ def _benchmarks(world: World, cfg: GenerateConfig, rng: random.Random) -> dict[s
         "_arith_questions": {r["question"] for r in arith + unseen},
         "_arith_slots": _slot_index(arith + unseen),
     }
+
+
+# ---------------------------------------------------------------- open-book facts (the raft step, kind rag)
+# People and towns that appear nowhere else in the world: a model can answer questions about them only
+# by reading the documents it is given. Each document is one sentence (short prompts for a tiny model).
+SYLLABLES = ["ba", "de", "ki", "lo", "mu", "ra", "se", "ti", "vo", "za", "ne", "po", "gu", "fi", "ha", "ju"]
+JOBS = ["baker", "farmer", "potter", "sailor", "tailor", "miner", "weaver", "singer", "doctor", "teacher",
+        "builder", "hunter"]
+RAG_FACTS = {"town": ("{p} lives in {v}.", "Where does {p} live?"),
+             "job": ("{p} works as a {v}.", "What is the job of {p}?")}
+RAG_DOCS = 7   # documents per record: the oracle and six about other people (the raft step draws 4 of them)
+
+
+def rag_world(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
+    """Training rag records and the held-out rag eval set (disjoint people), `generate.n_rag` / `n_eval`."""
+    if cfg.n_rag == 0:
+        return [], []
+    rng = random.Random(f"{cfg.seed}:rag")
+    names = [a.capitalize() + b + c for a in SYLLABLES for b in SYLLABLES for c in ("n", "k", "r", "l")]
+    towns = sorted({(a + b).capitalize() + end for a in SYLLABLES for b in SYLLABLES
+                    for end in ("port", "dale", "ford")})
+    rng.shuffle(names)
+    towns = rng.sample(towns, 40)
+    n_train = max(-(-cfg.n_rag // 2), 3 * RAG_DOCS)   # two facts (two records) per person
+    n_heldout = max(cfg.n_eval, 3 * RAG_DOCS)   # enough other people to fill every item's documents
+    people = names[: n_train + n_heldout]
+    facts = {p: {"town": rng.choice(towns), "job": rng.choice(JOBS)} for p in people}
+
+    def records(group: list[str], prefix: str, n: int) -> list[dict]:
+        pairs = [(p, k) for p in group for k in RAG_FACTS]
+        rng.shuffle(pairs)
+        out = []
+        for i, (p, k) in enumerate(pairs[:n]):
+            answer = facts[p][k]
+            others = [o for o in group if o != p and facts[o][k] != answer]
+            picked = rng.sample(others, min(len(others), RAG_DOCS - 1))
+            docs = [RAG_FACTS[q][0].format(p=o, v=facts[o][q]) for o in picked for q in [rng.choice(list(RAG_FACTS))]]
+            docs = [d for d in docs if answer not in d] + [RAG_FACTS[k][0].format(p=p, v=answer)]
+            rng.shuffle(docs)
+            oracle = next(j for j, d in enumerate(docs) if d.startswith(f"{p} "))
+            out.append({"id": f"{prefix}-{i:04d}", "question": RAG_FACTS[k][1].format(p=p), "answer": answer,
+                        "documents": docs, "oracle": oracle})
+        return out
+
+    return records(people[:n_train], "rag", cfg.n_rag), records(people[n_train:], "rg", cfg.n_eval)
 
 
 def _slot_index(items: list[dict]) -> dict[str, list[tuple[str, ...]]]:

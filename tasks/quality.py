@@ -198,7 +198,18 @@ def verifiable_rules(cfg: QualityConfig) -> list[Rule]:
     return [empty, answer, too_long]
 
 
-RECORD_RULES = {"chat": chat_rules, "preference": preference_rules, "verifiable": verifiable_rules}
+def rag_rules(cfg: QualityConfig) -> list[Rule]:
+    # whether the oracle holds the answer is the raft step's check (stagewise/rag.py), quarantined there
+    def too_long(rec):
+        n = len(rec["question"]) + len(rec["answer"]) + sum(map(len, rec.get("documents") or [])) \
+            + len(rec.get("oracle_text") or "")
+        return "rag_too_long" if cfg.pair_max_chars is not None and n > cfg.pair_max_chars else None
+
+    return [too_long]
+
+
+RECORD_RULES = {"chat": chat_rules, "preference": preference_rules, "verifiable": verifiable_rules,
+                "rag": rag_rules}
 
 
 @task(name="quality", retries=1)

@@ -26,7 +26,7 @@ from stagewise.launch import accelerated
 from stagewise.modeling import (
     fit, publish_stage, arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, greedy_answers,
     heldout_texts, load_chats, load_parent, lora_config, mean_nll, normalize_answer, param_counts, progress_callback,
-    read_jsonl, set_threads, token_f1,
+    raft_chats, read_jsonl, set_threads, token_f1,
 )
 from stagewise.recipes import sft_eval_rows
 from tasks import step
@@ -105,6 +105,8 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
     if quant is not None:
         model, _ = load_parent(cfg, parent_dir, quant)
     rows, skipped = load_chats(curated_dir)
+    open_book = raft_chats(curated_dir)   # the raft step's chats train like any chat
+    rows += open_book
     patience = s.early_stopping_patience
     eval_rows = []
     if patience:   # save_steps vs eval_steps: checked before the run (recipes.check)
@@ -184,6 +186,7 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         "n_train": n_chats,
         "n_eval_early_stopping": len(eval_rows),
         "n_replay": n_replay,
+        "n_raft": len(open_book),
         "skipped": skipped,
         "before": before,
         "after": after,

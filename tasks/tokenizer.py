@@ -38,6 +38,20 @@ def iter_texts(curated_dir: Path):
     if files["verifiable"].exists():
         for r in read_jsonl(files["verifiable"], ["prompt", "answer"]):
             yield r["prompt"]
+    yield from rag_texts(curated_dir / "rag.jsonl")
+
+
+def rag_texts(path: Path):
+    """Open-book records (the raft step's input): their questions, answers and documents, and the reply
+    markers the raft chats use, so the vocabulary covers what SFT reads."""
+    if not path.exists():
+        return
+    from stagewise.rag import ANSWER, BEGIN, END
+
+    for r in read_jsonl(path, ["question", "answer"]):
+        # as often as the raft chats use them: frequent enough to become merges of their own
+        yield f"{BEGIN} {END} {ANSWER}"
+        yield from (r["question"], r["answer"], *(r.get("documents") or []), r.get("oracle_text") or "")
 
 
 def train_tokenizer(cfg: TokenizerConfig, curated_dir: Path, out_dir: Path) -> dict:

@@ -116,6 +116,9 @@ def frame(kind: str, rows: list[dict]):
     elif kind == "preference":
         data = {"id": [r.get("id") for r in rows], **{k: [r.get(k) for r in rows] for k in ("prompt", "chosen", "rejected")},
                 "chosen_equals_rejected": [str(r.get("chosen", "")).strip() == str(r.get("rejected", "")).strip() for r in rows]}
+    elif kind == "rag":
+        data = {"id": [r.get("id") for r in rows], "question": [r.get("question") for r in rows],
+                "answer": [r.get("answer") for r in rows]}
     else:
         data = {"id": [r.get("id") for r in rows], "prompt": [r.get("prompt") for r in rows],
                 "answer": [r.get("answer") for r in rows]}
@@ -165,6 +168,11 @@ def expectations(kind: str, cfg: ValidateConfig) -> list:
             gxe.ExpectColumnValuesToNotBeNull(column=col, severity=crit),
             gxe.ExpectColumnValueLengthsToBeBetween(column=col, min_value=cfg.min_text_chars, severity=crit),
         )] + [gxe.ExpectColumnValuesToBeInSet(column="chosen_equals_rejected", value_set=[False], severity=crit)]
+    if kind == "rag":
+        return ids + [e for col in ("question", "answer") for e in (
+            gxe.ExpectColumnValuesToNotBeNull(column=col, severity=crit),
+            gxe.ExpectColumnValueLengthsToBeBetween(column=col, min_value=cfg.min_text_chars, severity=crit),
+        )]
     return ids + [
         gxe.ExpectColumnValuesToNotBeNull(column="prompt", severity=crit),
         gxe.ExpectColumnValueLengthsToBeBetween(column="prompt", min_value=cfg.min_text_chars, severity=crit),

@@ -78,9 +78,11 @@ def test_mlflow_has_pipeline_run_nested_stage_runs_and_versions_with_lineage(smo
     sft = by_stage["sft"]
     assert sft.tags["parent_version"] == str(by_stage["pretrain"].version)
     assert sft.tags["base_model"] == "none"                 # the smoke profile starts from random init
-    assert sft.tags["data_hash"].endswith(".dir")          # DVC's md5 of data/05_curated
+    # DVC's md5 of data/05_curated, + that of data/05_raft (the open-book chats SFT also trains on)
+    parts = sft.tags["data_hash"].split("+")
+    assert len(parts) == 2 and all(p.endswith(".dir") for p in parts)
     lock = (ws / "dvc.lock").read_text()
-    assert sft.tags["data_hash"] in lock
+    assert all(p in lock for p in parts)
     assert len(sft.tags["config_hash"]) == 16 and sft.tags["code_version"]
     # artifacts live in the workspace store, never in a stray ./mlruns
     assert not (ws / "mlruns").exists() and (ws / "mlflow" / "artifacts").is_dir()
@@ -150,7 +152,7 @@ def test_planted_forgetting_is_blocked_names_the_metric_and_champion_stays(smoke
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert registry.alias_version("stagewise", registry.CHAMPION) == sft_version
 
-    up_to_sft = "generate,ingest,quality,dedup,decontaminate,validate,tokenizer,pretrain,sft,gate"
+    up_to_sft = "generate,ingest,quality,dedup,decontaminate,raft,validate,tokenizer,pretrain,sft,gate"
     proc = run_cli(ws, "run", "--profile", "smoke", "--stages", up_to_sft, "--set", "sft.replay_ratio=0", "--strict")
     assert proc.returncode == 1, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     planted = json.loads((ws / "reports" / "latest" / "summary.json").read_text())

@@ -36,7 +36,8 @@ def _user_params(tmp_path: Path, extra: str = "") -> Path:
 def test_demo_defaults_are_the_demo_benchmarks():
     p = plan(load_config(ROOT / "params.yaml", "demo"), ROOT)
     assert {n: s["origin"] for n, s in p.sets.items()} == {n: "demo" for n in (
-        "sw_general_text", "sw_general_mc", "sw_instruct", "sw_preference", "sw_arithmetic", "sw_arithmetic_unseen")}
+        "sw_general_text", "sw_general_mc", "sw_instruct", "sw_preference", "sw_arithmetic", "sw_arithmetic_unseen",
+        "sw_rag")}
     assert {s: m.label for s, m in p.targets.items()} == {
         "pretrain": "sw_general_text.word_perplexity", "sft": "sw_instruct.token_f1",
         "preference": "sw_preference.margin", "reasoning": "sw_arithmetic_sampled.pass1"}
@@ -48,6 +49,9 @@ def test_demo_defaults_are_the_demo_benchmarks():
     assert p.stage_tasks("preference") == ["sw_preference", "sw_general_text", "sw_instruct", "sw_general_mc"]
     off = plan(load_config(ROOT / "params.yaml", "demo", ["gate.guard_earlier_targets=false"]), ROOT)
     assert off.stage_tasks("preference") == ["sw_preference", "sw_general_text", "sw_general_mc"]
+    # SFT is scored on the open-book set beside its target: with the oracle, distractors only, quotes
+    assert [m.label for m in p.context("sft")] == ["sw_rag.token_f1", "sw_rag_no_oracle.token_f1", "sw_rag.quote_valid"]
+    assert p.stage_tasks("sft") == ["sw_instruct", "sw_rag", "sw_rag_no_oracle", "sw_general_text", "sw_general_mc"]
 
 
 def test_user_sources_never_fall_back_to_the_demo(tmp_path):

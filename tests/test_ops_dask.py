@@ -56,7 +56,7 @@ def test_data_steps_on_dask_match_the_sequential_run(tmp_path, monkeypatch):
                               ["ops.data_runner=dask", f"ops.dask_address={cluster.scheduler_address}"],
                               monkeypatch)
         ran = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
-    steps = ["generate", "ingest", "quality", "dedup", "decontaminate", "validate", "tokenizer"]
+    steps = ["generate", "ingest", "quality", "dedup", "decontaminate", "raft", "validate", "tokenizer"]
     assert {f"{s}_task" for s in steps} <= set(ran), ran           # every data step ran on the cluster
     assert dask["cached"] == [] and seq["cached"] == []
     a, b = tree(tmp_path / "seq"), tree(tmp_path / "dask")

@@ -28,7 +28,7 @@ from conftest import make_workspace
 # load 5-6), so the 1200 s default of pyproject would cut the first test; finish() bounds each run.
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
 BIN = Path(sys.executable).parent
-DATA = ["generate", "ingest", "quality", "dedup", "decontaminate", "validate", "tokenizer"]
+DATA = ["generate", "ingest", "quality", "dedup", "decontaminate", "raft", "validate", "tokenizer"]
 TRAIN = ["pretrain", "sft", "preference", "reasoning"]
 CHANGE = ["--set", "sft.learning_rate=0.002", "--set", "sft.save_steps=5"]
 
