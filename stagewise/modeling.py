@@ -535,13 +535,56 @@ def resolve_base_spec(spec: str) -> Path | str:
     return path if path.exists() else spec
 
 
-def gguf_to_folder(gguf: Path, out_dir: Path, trust_remote_code: bool = False) -> Path:
+def _template_source(chat_template: str | None) -> str | None:
+    # what a converted folder's template was made from (a changed model.chat_template converts again)
+    from stagewise.hashing import file_hash
+
+    return file_hash(Path(chat_template)) if chat_template and Path(chat_template).is_file() else None
+
+
+def with_chat_template(folder: Path, out_dir: Path, chat_template: str | None = None,
+                       trust_remote_code: bool = False) -> Path:
+    """`folder` itself when its tokenizer has a chat template; else a copy in `out_dir` (weights
+    hard-linked where the filesystem allows) whose tokenizer carries `model.chat_template` or the
+    default (stagewise/chat.py), so every folder made from it renders the same format. The user's
+    folder is never written to; the copy is made once per source weights and template."""
+    from transformers import AutoTokenizer
+
+    from stagewise.hashing import dir_hash
+
+    folder, out_dir = Path(folder), Path(out_dir)
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    if tok.chat_template:
+        return folder
+    src = {"folder": str(folder.resolve()), "weights": dir_hash(folder, "*.safetensors"),
+           "chat_template": _template_source(chat_template)}
+    marker = out_dir / "base_source.json"
+    if marker.exists() and json.loads(marker.read_text()) == src:
+        return out_dir
+    prepare_tokenizer(tok, chat_template)
+
+    def write(d: Path) -> None:
+        for f in folder.iterdir():
+            if f.is_file():
+                try:
+                    os.link(f, d / f.name)
+                except OSError:
+                    shutil.copy2(f, d / f.name)
+        tok.save_pretrained(d)
+        (d / "base_source.json").write_text(json.dumps(src, indent=1))
+
+    return publish_dir(out_dir, write)
+
+
+def gguf_to_folder(gguf: Path, out_dir: Path, trust_remote_code: bool = False,
+                   chat_template: str | None = None) -> Path:
     """A GGUF file (llama.cpp / Ollama) as an HF safetensors folder, converted once.
 
     transformers dequantizes GGUF weights on load (needs the `gguf` package) but refuses to save such a
     model ("quantized with gguf and is not serializable"): rebuild the architecture from its config
     without the quantization_config, copy the (dequantized, fp32) weights in, save that. `out_dir`
-    keeps the GGUF's content hash: a changed file converts again, an unchanged one costs nothing."""
+    keeps the GGUF's content hash: a changed file converts again, an unchanged one costs nothing. A GGUF
+    without a chat template (a plain pretrained model) gets `chat_template` or the default, saved."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from stagewise.hashing import file_hash
@@ -549,12 +592,14 @@ def gguf_to_folder(gguf: Path, out_dir: Path, trust_remote_code: bool = False) -
     gguf, out_dir = Path(gguf), Path(out_dir)
     src = file_hash(gguf)
     marker = out_dir / "gguf_source.json"
-    if marker.exists() and json.loads(marker.read_text()).get("sha") == src:
+    made = json.loads(marker.read_text()) if marker.exists() else {}
+    if made.get("sha") == src and made.get("chat_template") == _template_source(chat_template):
         return out_dir
     if importlib.util.find_spec("gguf") is None:   # transformers' own error names neither the setting nor the fix
         raise ImportError(f"model.base: {gguf}: reading GGUF needs the `gguf` package (pip install gguf)")
     kw = {"gguf_file": gguf.name, "trust_remote_code": trust_remote_code}
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+    prepare_tokenizer(tok, chat_template)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
     config = AutoConfig.from_pretrained(str(gguf.parent), **kw)
     if hasattr(config, "quantization_config"):
@@ -565,6 +610,7 @@ def gguf_to_folder(gguf: Path, out_dir: Path, trust_remote_code: bool = False) -
     del loaded
 
     def meta(d: Path) -> None:
-        (d / "gguf_source.json").write_text(json.dumps({"file": str(gguf), "sha": src}, indent=1))
+        (d / "gguf_source.json").write_text(json.dumps({"file": str(gguf), "sha": src,
+                                                        "chat_template": _template_source(chat_template)}, indent=1))
 
     return save_model(model.eval(), tok, out_dir, extra=meta)
