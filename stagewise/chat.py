@@ -28,17 +28,26 @@ import json
 from pathlib import Path
 
 # Only for a base without any chat template (a plain pretrained LM). Reuses the tokenizer's own EOS as
-# the end of every assistant turn; roles are plain words, so no token is added.
+# the end of every assistant turn; roles are plain words, so no token is added. The newlines are
+# expressions: `-%}` would strip a literal one (the turns then ran together, "…?Assistant:").
 DEFAULT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
-    "Assistant:{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{{ 'Assistant:' }}{% generation %}{{ ' ' + message['content'] + eos_token }}{% endgeneration %}{{ '\\n' }}"
     "{%- else -%}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{{ message['role'] | capitalize + ': ' + message['content'] + '\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
 )
+# A base whose tokenizer starts plain text with BOS (Gemma, Llama) saw it before every document in
+# pretraining; chat rendering is tokenized without special tokens, so the template must write it.
+DEFAULT_TEMPLATE_BOS = "{{ bos_token }}" + DEFAULT_TEMPLATE
+
+
+def default_template(tok) -> str:
+    ids = tok("a")["input_ids"]
+    return DEFAULT_TEMPLATE_BOS if tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id] else DEFAULT_TEMPLATE
 
 FIX = ("set `model.chat_template: <path to a .jinja>` (params.yaml) to a version of the model's template "
        "with {% generation %}…{% endgeneration %} around each assistant reply and its end-of-turn token")
@@ -74,7 +83,7 @@ def prepare_tokenizer(tok, template_path: str | Path | None = None) -> None:
             raise ChatTemplateError("the base tokenizer has neither a chat template nor an EOS token to end a "
                                     f"turn with; {FIX}")
         else:
-            tok.chat_template = DEFAULT_TEMPLATE
+            tok.chat_template = default_template(tok)
     if tok.pad_token is None:
         # padding is masked out everywhere: reusing EOS adds no token (HF's usual choice)
         tok.pad_token = tok.eos_token

@@ -361,19 +361,35 @@ def heldout_texts(curated_dir: Path, limit: int | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------- quick metrics (stage self-checks)
+# Full-vocabulary logits held at once, at most (fp32): a 262k-token vocabulary (Gemma 3) makes a batch
+# of 16 rows x 256 positions 4.3 GB of logits, twice that with its log-softmax.
+LOGITS_BUDGET_BYTES = 256 * 2**20
+
+
+def logit_rows(seq_len: int, vocab: int, budget: int | None = None) -> int:
+    """How many rows of `seq_len` positions fit the logits budget (at least one)."""
+    return max(1, (budget or LOGITS_BUDGET_BYTES) // max(1, seq_len * vocab * 4))
+
+
 @torch.no_grad()
 def mean_nll(model, tok, texts: list[str], max_len: int = 256, batch_size: int = 16) -> float:
-    """Token-weighted mean negative log-likelihood of `texts` (exp() is perplexity)."""
+    """Token-weighted mean negative log-likelihood of `texts` (exp() is perplexity). Batches shrink to
+    keep the logits within LOGITS_BUDGET_BYTES; the loss is read per token without a log-softmax copy."""
     model.eval()
     total, n = 0.0, 0
+    vocab = getattr(model.config, "vocab_size", None) or len(tok)
     for i in range(0, len(texts), batch_size):
         enc = tok([t + tok.eos_token for t in texts[i:i + batch_size]], return_tensors="pt", padding=True,
                   truncation=True, max_length=max_len)
-        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, enc.input_ids[:, 1:, None])[..., 0]
-        mask = enc.attention_mask[:, 1:].bool()
-        total -= lp[mask].sum().item()
-        n += int(mask.sum())
+        step = logit_rows(enc.input_ids.shape[1], vocab)
+        for j in range(0, enc.input_ids.shape[0], step):
+            ids, att = enc.input_ids[j:j + step], enc.attention_mask[j:j + step]
+            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+            mask = att[:, 1:].bool()
+            total += nll[mask].sum().item()
+            n += int(mask.sum())
+            del logits, nll
     return total / max(n, 1)
 
 
@@ -535,11 +551,16 @@ def resolve_base_spec(spec: str) -> Path | str:
     return path if path.exists() else spec
 
 
-def _template_source(chat_template: str | None) -> str | None:
-    # what a converted folder's template was made from (a changed model.chat_template converts again)
+def _template_source(chat_template: str | None) -> str:
+    # what a template-less base's template is made from: a changed model.chat_template, or a new
+    # default in stagewise/chat.py, converts again
+    from stagewise.chat import DEFAULT_TEMPLATE_BOS
+    from stagewise.config import hash_obj
     from stagewise.hashing import file_hash
 
-    return file_hash(Path(chat_template)) if chat_template and Path(chat_template).is_file() else None
+    if chat_template and Path(chat_template).is_file():
+        return file_hash(Path(chat_template))
+    return "default:" + hash_obj(DEFAULT_TEMPLATE_BOS)[:16]
 
 
 def with_chat_template(folder: Path, out_dir: Path, chat_template: str | None = None,

@@ -197,3 +197,21 @@ def test_steady_tokens_per_s_leaves_the_first_step_out():
     overall = 300 / (time.perf_counter() - t0)
     assert cb.steady_tokens_per_s > 5 * overall    # ~200 tokens / 0.02 s vs 300 / 0.52 s
     assert cb.steady_tokens_per_s <= 200 / 0.02 * 1.01
+
+
+def test_mean_nll_in_logit_budgeted_chunks_is_the_whole_batch_value(monkeypatch):
+    """A 262k vocabulary must not hold a whole batch's logits: rows are scored a few at a time, and the
+    number is the one the whole batch gives."""
+    from stagewise import modeling
+
+    tok = load_tokenizer(tokenizer_dir())
+    model = build_model(smoke_cfg().model, tok).eval()
+    texts = ["the fox is red", "a much longer sentence about the owl and the river bank", "hi"]
+    enc = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(**enc).logits[:, :-1].float(), -1).gather(-1, enc.input_ids[:, 1:, None])[..., 0]
+    mask = enc.attention_mask[:, 1:].bool()
+    whole = float(-lp[mask].sum() / mask.sum())
+    assert modeling.logit_rows(256, 262144) == 1 and modeling.logit_rows(96, 49152) == 14
+    monkeypatch.setattr(modeling, "LOGITS_BUDGET_BYTES", 1)   # one row at a time
+    assert modeling.mean_nll(model, tok, texts) == pytest.approx(whole, rel=1e-5)
