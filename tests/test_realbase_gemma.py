@@ -100,9 +100,8 @@ def test_the_fine_tune_loads_through_mlflow_and_answers_in_the_template(tmp_path
     from stagewise.chat import DEFAULT_TEMPLATE_BOS
 
     out, _ = sft_run()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)   # (conftest drops the MLFLOW_TRACKING_URI this exports, after the test)
-    mlflow.set_registry_uri(uri)
+    # a store of its own, artifacts inside it (conftest drops the MLFLOW_TRACKING_URI this exports)
+    registry.setup_tracking(tmp_path)
     with mlflow.start_run() as run:
         version = registry.log_model_version(out, "gemma", "sft", {"base_model": GEMMA}, run.info.run_id)
     parts = mlflow.transformers.load_model(f"models:/gemma/{version}", return_type="components")
