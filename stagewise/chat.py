@@ -3,8 +3,11 @@
 Every stage goes through these helpers, so a foreign base (SmolLM2, Qwen2.5, Llama 3.x, …) keeps its
 tokenizer, special tokens and chat template, and the project's demo model keeps its own:
 
-- `prepare_tokenizer`: keeps the template; only a base with *no* template gets `DEFAULT_TEMPLATE`
-  (built from tokens it already has: no token is added, no embedding resized);
+- `prepare_tokenizer`: keeps the template; only a base with *no* template gets `model.chat_template`
+  or else `DEFAULT_TEMPLATE` (built from tokens it already has: no token is added, no embedding
+  resized). The base folder the pipeline starts from is written with it (stagewise/modeling.py:
+  `gguf_to_folder`, `with_chat_template`), and every later folder copies its parent's tokenizer, so
+  training, evaluation, compression, serving and `mlflow.transformers.load_model` see one format;
 - `training_template`: the same template with `{% generation %}` markers, which is what assistant-only
   loss needs (HF's `return_assistant_tokens_mask`). In order: the template itself when it has markers
   (the demo's); TRL's patched version for the families TRL knows
@@ -31,17 +34,26 @@ import json
 from pathlib import Path
 
 # Only for a base without any chat template (a plain pretrained LM). Reuses the tokenizer's own EOS as
-# the end of every assistant turn; roles are plain words, so no token is added.
+# the end of every assistant turn; roles are plain words, so no token is added. The newlines are
+# expressions: `-%}` would strip a literal one (the turns then ran together, "…?Assistant:").
 DEFAULT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
-    "Assistant:{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{{ 'Assistant:' }}{% generation %}{{ ' ' + message['content'] + eos_token }}{% endgeneration %}{{ '\\n' }}"
     "{%- else -%}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{{ message['role'] | capitalize + ': ' + message['content'] + '\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
 )
+# A base whose tokenizer starts plain text with BOS (Gemma, Llama) saw it before every document in
+# pretraining; chat rendering is tokenized without special tokens, so the template must write it.
+DEFAULT_TEMPLATE_BOS = "{{ bos_token }}" + DEFAULT_TEMPLATE
+
+
+def default_template(tok) -> str:
+    ids = tok("a")["input_ids"]
+    return DEFAULT_TEMPLATE_BOS if tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id] else DEFAULT_TEMPLATE
 
 FIX = ("set `model.chat_template: <path to a .jinja>` (params.yaml) to a version of the model's template "
        "with {% generation %}…{% endgeneration %} around each assistant reply and its end-of-turn token")
@@ -68,10 +80,16 @@ def prepare_tokenizer(tok, template_path: str | Path | None = None) -> None:
     `template_path` (`model.chat_template`) is remembered for this template, so every later
     `training_template(tok)` of any stage in the process uses it."""
     if not tok.chat_template:
-        if tok.eos_token is None:
+        if template_path:   # the user's template is the format itself: it is saved with every model
+            p = Path(template_path)
+            if not p.is_file():
+                raise ChatTemplateError(f"model.chat_template: {p}: no such file; point it at a .jinja template")
+            tok.chat_template = p.read_text()
+        elif tok.eos_token is None:
             raise ChatTemplateError("the base tokenizer has neither a chat template nor an EOS token to end a "
                                     f"turn with; {FIX}")
-        tok.chat_template = DEFAULT_TEMPLATE
+        else:
+            tok.chat_template = default_template(tok)
     if tok.pad_token is None:
         # padding is masked out everywhere: reusing EOS adds no token (HF's usual choice)
         tok.pad_token = tok.eos_token

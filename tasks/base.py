@@ -29,18 +29,19 @@ def init_model(cfg: Config, tokenizer_dir: Path, out_dir: Path) -> Path:
 def resolve_base(cfg: Config, out_dir: Path) -> tuple[Path, str | None]:
     """`model.base` as a local HF folder, and the GGUF's hash when it came from one.
 
-    A local folder is used in place; a `.gguf` file (or `pkg://package/file.gguf`) is converted once
+    A local folder is used in place (copied with the chat template when it has none, stagewise/chat.py);
+    a `.gguf` file (or `pkg://package/file.gguf`) is converted once
     into `out_dir` (safetensors); a hub id is fetched by transformers for users with network (the
     demo and tests never take that branch)."""
     import json
 
-    from stagewise.modeling import gguf_to_folder, load_parent, resolve_base_spec, save_model
+    from stagewise.modeling import gguf_to_folder, load_parent, resolve_base_spec, save_model, with_chat_template
 
     path = resolve_base_spec(cfg.model.base)
     if isinstance(path, Path) and path.is_dir():
-        return path, None
+        return with_chat_template(path, out_dir, cfg.model.chat_template, cfg.model.trust_remote_code), None
     if isinstance(path, Path) and path.suffix == ".gguf":
-        folder = gguf_to_folder(path, out_dir, cfg.model.trust_remote_code)
+        folder = gguf_to_folder(path, out_dir, cfg.model.trust_remote_code, cfg.model.chat_template)
         return folder, json.loads((folder / "gguf_source.json").read_text())["sha"]
     if isinstance(path, Path):
         raise ValueError(f"model.base: {path}: neither a model folder nor a .gguf file; point it at an HF folder "

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 from prefect import task
 
+from stagewise import machine
 from stagewise.compression import distill as distill_mod
 from stagewise.compression import prune, quantize
 from stagewise.compression.data import curated_texts, lm_blocks, task_examples
@@ -342,7 +343,8 @@ def compress(cfg: Config, parent_dir: Path, ws: Workspace, out_root: Path,
               "runner_up": sel["runner_up"], "ranking": sel["ranking"], "front": sel["front"],
               "objective": sel["objective"], "task_metric": task_metric,
               "chosen_dir": next((r["model_dir"] for r in measured if r["method"] == chosen), None),
-              "plot": str(plot) if plot else None, "table": md}
+              "plot": str(plot) if plot else None, "table": md,
+              "machine": machine.describe()}   # what the tokens/s above were measured on
     (out_root / "compress.md").write_text(f"# compress\n\nchosen: {chosen}\n\n{reason}\n\n{md}")
     (out_root / "compress.json").write_text(json.dumps(result, indent=1, default=str))
     print(f"[compress] chosen: {chosen} — {reason}", flush=True)
@@ -453,7 +455,8 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
                              "config_hash": hash_obj(cfg.compress.model_dump(mode="json")), "cache_key": key,
                              "pipeline_run": ctx.run_id, "weights_hash": dir_hash(folder, "*.safetensors"),
                              "memory_bytes": by[method]["memory_bytes"],
-                             "speed_ratio": by[method].get("speed_ratio"), "compress_rank": len(registered) + 1},
+                             "speed_ratio": by[method].get("speed_ratio"), "compress_rank": len(registered) + 1,
+                             **machine.tags(result.get("machine"))},
                     run_id=run.info.run_id)
             except Exception as e:  # noqa: BLE001 - a candidate MLflow cannot log as a transformers model
                 why = f"{type(e).__name__}: {e}".rstrip(": ")
@@ -495,4 +498,5 @@ def _compress_summary(result: dict, cached: bool, parent: Lineage) -> dict[str, 
         "plot": result.get("plot"), "model_version": result.get("model_version"), "shipped": shipped,
         "fallbacks": result.get("fallbacks") or [],
         "registration_error": result.get("registration_error"), "cached": cached, "seconds": result.get("seconds"),
+        "machine": result.get("machine"),
     }

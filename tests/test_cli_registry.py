@@ -97,6 +97,31 @@ def test_gate_errors_exit_2_with_the_fix(store, args, message):
     assert res.exit_code == 2 and message in res.output, res.output
 
 
+def test_a_speed_ratio_measured_on_another_machine_kind_is_flagged(store):
+    from stagewise import machine, registry
+
+    ws, _, _, v = store
+    here = machine.describe()
+    other = dict(here, cpu="Some Other CPU", kind=None)
+    c = registry.client()
+    c.set_model_version_tag("cli", v["pretrain"], "speed_ratio", "1.06")
+    for k, val in machine.tags(machine.describe() | {"kind": machine.kind(other), "cpu": "Some Other CPU"}).items():
+        c.set_model_version_tag("cli", v["pretrain"], k, val)
+    c.set_model_version_tag("cli", v["sft"], "speed_ratio", "0.84")
+    for k, val in machine.tags(here).items():
+        c.set_model_version_tag("cli", v["sft"], k, val)
+    rows = {r["version"]: r for r in json.loads(cli(ws, "registry", "--name", "cli", "--json").stdout)["versions"]}
+    assert rows[v["pretrain"]]["speed_elsewhere"] is True and rows[v["pretrain"]]["speed_ratio"] == 1.06
+    assert rows[v["sft"]]["speed_elsewhere"] is False
+    out = cli(ws, "registry", "--name", "cli").stdout
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"{v['pretrain']} "))
+    assert "speed 1.06x the parent's, measured on another machine kind: Some Other CPU" in line
+    assert "another machine kind" not in next(ln for ln in out.splitlines() if ln.strip().startswith(f"{v['sft']} "))
+    for ver in v.values():
+        for k in ("speed_ratio", "speed_machine", "speed_machine_kind"):
+            c.delete_model_version_tag("cli", ver, k)
+
+
 def test_promote_refuses_failed_gate_unless_forced_with_reason_and_rollback(store):
     """Runs after the gate tests (file order): it sets the gate tags itself and then moves aliases."""
     import mlflow

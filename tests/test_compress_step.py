@@ -110,6 +110,11 @@ def test_compress_end_to_end(compress_env, tmp_path):  # noqa: F811
     assert json.loads((out_root / "compress.json").read_text())["chosen"] == res["chosen"]
     assert "| nf4" in res["table"]
     assert not (out_root / ".work").exists()
+    from stagewise import machine
+
+    # the tokens/s above are facts of this machine: recorded with them (issue 22)
+    assert res["machine"]["kind"] == machine.describe()["kind"] and res["machine"]["threads"] >= 1
+    assert json.loads((out_root / "compress.json").read_text())["machine"] == res["machine"]
 
 
 def test_merge_without_checkpoints_is_skipped_with_a_reason(compress_env, tmp_path):  # noqa: F811

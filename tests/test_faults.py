@@ -139,6 +139,59 @@ def test_plausible_hub_id_passes_the_check(tmp_path):
     check_model_base("gpt2", tmp_path)
 
 
+# ------------------------------------------------------------------ a stage alone in a fresh workspace
+def _plan(ws: Path, selected: list[str], skip: tuple[str, ...] = ()):
+    import tasks
+    from stagewise.steps import with_missing_upstream
+    from stagewise.workspace import Workspace
+
+    return with_missing_upstream(tasks.STEPS, selected, Workspace.at(ws), skip=skip)
+
+
+def test_a_stage_alone_in_a_fresh_workspace_gets_the_steps_making_its_missing_inputs(workspace):
+    steps, notes = _plan(workspace, ["pretrain"])
+    # validate makes nothing pretrain reads: it is not run
+    assert steps == ["generate", "ingest", "quality", "dedup", "decontaminate", "tokenizer", "pretrain"]
+    assert "running tokenizer first: pretrain needs data/07_tokenizer (missing)" in notes
+    assert "running generate first: decontaminate needs data/01_raw (missing)" in notes
+    assert len(notes) == 6
+    # sft's parent chain starts from the tokenizer's model: it is needed too, unless a base replaces it
+    assert "tokenizer" in _plan(workspace, ["sft"])[0]
+    assert "tokenizer" not in _plan(workspace, ["sft"], skip=("pretrain",))[0]
+
+
+def test_inputs_on_disk_are_used_as_they_are_and_a_skipped_maker_is_not_run(workspace):
+    for layer in ("05_curated", "07_tokenizer"):
+        (workspace / "data" / layer).mkdir(parents=True)
+        (workspace / "data" / layer / "stats.json").write_text("{}")
+    assert _plan(workspace, ["pretrain"]) == (["pretrain"], [])
+    (workspace / "data" / "07_tokenizer" / "stats.json").unlink()   # an empty folder is missing
+    assert _plan(workspace, ["pretrain"])[0] == ["tokenizer", "pretrain"]
+    # user data (data.sources): ingest reads them, generate's data/01_raw is not needed
+    assert _plan(workspace, ["ingest"], skip=("generate",)) == (["ingest"], [])
+
+
+@pytest.mark.slow
+def test_a_training_stage_alone_in_a_fresh_workspace_runs_what_it_needs_and_says_so(workspace):
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, PREFECT_HOME=str(workspace / ".prefect"), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([str(bin_dir / "stagewise"), "run", "--profile", "smoke", "--stages", "sft",
+                           "--set", "pretrain.max_steps=20", "--set", "sft.max_steps=3",
+                           "--config", str(workspace / "params.yaml")],
+                          cwd=workspace, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "running tokenizer first: sft needs data/07_tokenizer (missing)" in proc.stderr
+    assert "running pretrain first: the selected stages after it train on its model" in proc.stderr
+    summary = json.loads((workspace / "reports" / "latest" / "summary.json").read_text())
+    assert [r["name"] for r in summary["stages"]] == ["pretrain", "sft"]
+    assert not any(r["cached"] for r in summary["stages"])
+
+
 # ------------------------------------------------------------------ curation
 DOC = " ".join(["The quick brown fox jumps over the lazy dog near the river bank today."] * 8)
 

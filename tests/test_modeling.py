@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from stage_fixtures import smoke_cfg, tokenizer_dir
+from stage_fixtures import curated, smoke_cfg, tokenizer_dir
 from stagewise.modeling import (
     build_model, load_model, load_tokenizer, param_counts, parse_answer, publish_dir, save_model, use_bf16,
 )
@@ -87,6 +89,72 @@ def test_template_less_base_gets_the_default_on_its_own_tokens(tmp_path):
     assert masked == " is red</s>"
 
 
+def _plain_base(d: Path) -> Path:
+    """A tiny plain pretrained LM folder (no chat template), built from a config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["the fox is red. What is 2 plus 3? The answer is 5."] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                 eos_token_id=tok.eos_token_id)).save_pretrained(d)
+    tok.save_pretrained(d)
+    assert not tok.chat_template
+    return d
+
+
+def test_a_template_less_base_folder_starts_the_chain_with_the_default_template_saved(tmp_path):
+    """The folder the pipeline starts from carries the template (a copy: the user's folder is not
+    written to), so every evaluation's plain `AutoTokenizer.from_pretrained` renders the format
+    training used, and every folder made from it (SFT here) keeps it."""
+    from transformers import AutoTokenizer
+
+    from stagewise.chat import DEFAULT_TEMPLATE
+    from tasks.base import resolve_base
+    from tasks.sft import sft
+
+    user = _plain_base(tmp_path / "plain")
+    before = sorted(p.name for p in user.iterdir())
+    cfg = smoke_cfg(f"model.base={user}", "sft.max_steps=2", "sft.batch_size=2", "sft.eval_limit=2")
+    base, sha = resolve_base(cfg, tmp_path / "models" / "base")
+    assert base == tmp_path / "models" / "base" and sha is None
+    assert sorted(p.name for p in user.iterdir()) == before   # untouched
+    assert AutoTokenizer.from_pretrained(base).chat_template == DEFAULT_TEMPLATE
+    stamp = (base / "model.safetensors").stat().st_mtime_ns
+    assert resolve_base(cfg, base)[0] == base and (base / "model.safetensors").stat().st_mtime_ns == stamp  # once
+    out = tmp_path / "models" / "sft"
+    res = sft(cfg, base, curated(), out)
+    assert res["steps"] == 2
+    assert AutoTokenizer.from_pretrained(out).chat_template == DEFAULT_TEMPLATE
+
+
+def test_model_chat_template_is_the_format_of_a_template_less_base(tmp_path):
+    from transformers import AutoTokenizer
+
+    from stagewise.chat import encode_chat
+    from tasks.base import resolve_base
+
+    user = _plain_base(tmp_path / "plain")
+    jinja = tmp_path / "mine.jinja"
+    jinja.write_text("{%- for m in messages -%}{%- if m['role'] == 'assistant' -%}<A>{% generation %}"
+                     "{{ m['content'] }}{{ eos_token }}{% endgeneration %}{%- else -%}<U>{{ m['content'] }}"
+                     "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}<A>{%- endif -%}")
+    base, _ = resolve_base(smoke_cfg(f"model.base={user}", f"model.chat_template={jinja}"), tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(base)
+    assert tok.chat_template == jinja.read_text()
+    enc = encode_chat(tok, [{"role": "user", "content": "the fox"}, {"role": "assistant", "content": "is red"}],
+                      jinja)
+    assert tok.decode([i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]) == "is red</s>"
+    # another template is another base folder, made again
+    jinja.write_text(jinja.read_text().replace("<U>", "<User>"))
+    base, _ = resolve_base(smoke_cfg(f"model.base={user}", f"model.chat_template={jinja}"), tmp_path / "base")
+    assert "<User>" in AutoTokenizer.from_pretrained(base).chat_template
+
+
 def test_an_unknown_template_is_an_error_naming_the_setting(tmp_path):
     """A template neither TRL nor stagewise can mark: the error names model.chat_template; a file given
     there is used only if it renders the model's own format."""
@@ -129,3 +197,21 @@ def test_steady_tokens_per_s_leaves_the_first_step_out():
     overall = 300 / (time.perf_counter() - t0)
     assert cb.steady_tokens_per_s > 5 * overall    # ~200 tokens / 0.02 s vs 300 / 0.52 s
     assert cb.steady_tokens_per_s <= 200 / 0.02 * 1.01
+
+
+def test_mean_nll_in_logit_budgeted_chunks_is_the_whole_batch_value(monkeypatch):
+    """A 262k vocabulary must not hold a whole batch's logits: rows are scored a few at a time, and the
+    number is the one the whole batch gives."""
+    from stagewise import modeling
+
+    tok = load_tokenizer(tokenizer_dir())
+    model = build_model(smoke_cfg().model, tok).eval()
+    texts = ["the fox is red", "a much longer sentence about the owl and the river bank", "hi"]
+    enc = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(**enc).logits[:, :-1].float(), -1).gather(-1, enc.input_ids[:, 1:, None])[..., 0]
+    mask = enc.attention_mask[:, 1:].bool()
+    whole = float(-lp[mask].sum() / mask.sum())
+    assert modeling.logit_rows(256, 262144) == 1 and modeling.logit_rows(96, 49152) == 14
+    monkeypatch.setattr(modeling, "LOGITS_BUDGET_BYTES", 1)   # one row at a time
+    assert modeling.mean_nll(model, tok, texts) == pytest.approx(whole, rel=1e-5)

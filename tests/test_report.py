@@ -123,10 +123,13 @@ def test_compress_step_result_is_reported_with_its_own_pareto_plot(tmp_path):
         "parent_measure": row("parent", 14_000_000, 30.0),
         "candidates": [row("quantize_int8", 4_300_000, 30.4), row("prune_50", 7_000_000, 45.0, ok=False),
                        {"method": "merge_ties", "model_dir": None, "error": "skipped: no second model"}],
-        "chosen": "quantize_int8", "reason": "quantize_int8: smallest passing candidate", "plot": str(plot)}
+        "chosen": "quantize_int8", "reason": "quantize_int8: smallest passing candidate", "plot": str(plot),
+        "machine": {"cpu": "AMD EPYC 9B14", "flags": {"avx512f": True, "avx512_bf16": True}, "threads": 2,
+                    "gpu": None}}
     md, page = write_gate_report(tmp_path / "r", summary)
     text = md.read_text()
     section = text.split("## Compression candidates")[1]
+    assert "Tokens/s measured on AMD EPYC 9B14 (avx512f, avx512_bf16), 2 thread(s), no GPU." in section
     assert "| quantize_int8 (chosen) | 4.3 | 30.4 |" in section and "| prune_50 | 7 | 45 | 50 | 1.00x | – | no |" in section
     assert "skipped: no second model" in section and "Chosen: quantize_int8 — quantize_int8: smallest" in section
     assert images(page.read_text())[-1] == plot.read_bytes()       # the compress step's own plot, embedded
