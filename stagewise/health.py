@@ -133,7 +133,7 @@ def check_services(tracking_uri: str | None, s3_uris: list[str], timeout: float 
         problem = _s3_problem(uri, timeout)
         if problem:
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
-            raise StoreError(f"S3 store {redact(uri)} at {redact(endpoint)} is unreachable ({redact(problem)[:200]}) — "
+            raise StoreError(f"S3 store {redact(uri)} at {redact(endpoint)} is not usable ({redact(problem)[:200]}) — "
                              "start the object store, or fix AWS_ENDPOINT_URL / the credentials / the bucket")
 
 
