@@ -61,4 +61,6 @@ def test_the_data_phase_on_ray_matches_the_local_run(tmp_path, monkeypatch):
     a, b = tree(tmp_path / "local"), tree(tmp_path / "ray")
     assert a.keys() == b.keys() and len(a) > 20
     assert [f for f in a if a[f] != b[f]] == []
-    assert sharded["hashes"] == local["hashes"]          # the DVC hashes of every data step
+    # the DVC hashes of every data step but validate, whose Data Docs carry the validation time
+    same = {k: v for k, v in sharded["hashes"].items() if k != "validate"}
+    assert same == {k: v for k, v in local["hashes"].items() if k != "validate"} and len(same) == 6
