@@ -145,7 +145,7 @@ def data_phase(cfg: Config, ctx: RunContext, selected: list[str]) -> dict[str, A
         if step not in selected or (not ctx.forced(step) and current(step)):
             out["cached"].append(step)
             out["stats"][step] = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-        else:  # submitted: runs on the phase's task runner (threads, or Dask workers with ops.data_runner)
+        else:  # submitted: runs on the phase's task runner (sharded steps then fan out over Ray)
             out["stats"][step] = step_task.submit(**kwargs).result()
             ran = True
             dvc_commit_task(ctx.root, step, out["stats"][step])
@@ -239,7 +239,7 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
                                   run_id=run_id)
         selected = _with_missing_upstream(cfg, ctx, stages or cfg.run.stages)
         try:
-            data = data_phase.with_options(task_runner=data_task_runner(cfg.ops))(cfg, ctx, selected)
+            data = data_phase.with_options(task_runner=data_task_runner())(cfg, ctx, selected)
             trained = train_phase(cfg, ctx, data, selected)
             cfg = trained.get("cfg", cfg)   # auto settings resolved (stagewise/recipes.py)
             # a candidate exists once one trained stage was kept (lineage[0] is the untrained init or model.base)

@@ -125,6 +125,11 @@ def run(
     check_writable(root, cfg.ops.min_free_mb, private=cfg.ops.private_stores)
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         check_tracking_store(root / "mlflow")
+    from stagewise.health import check_services
+
+    # a tracking server or an object store that does not answer: one line now, not minutes of retries
+    check_services(os.environ.get("MLFLOW_TRACKING_URI"),
+                   [u for u in (cfg.ops.ray_scratch,) if u and u.startswith("s3://")])
     from stagewise.errors import quiet_prefect_crashes
     from stagewise.run import local_prefect
     from stagewise.signals import stop_on_signals

@@ -600,13 +600,18 @@ class RecipeConfig(Section):
 class OpsConfig(Section):
     # How runs are executed, not what they compute: never part of a cache key (docs/operations.md).
     lock_timeout: float = 3600     # seconds a run waits for another run in the same workspace; 0 = fail at once
-    data_runner: Literal["sequential", "dask"] = "sequential"  # task runner of the data phase (prefect-dask)
-    dask_address: str | None = None  # data_runner=dask: scheduler of a running cluster; null = a LocalCluster
-    dask_workers: int = Field(2, gt=0)
+    # Ray (docs/scale-out.md): quality and dedup split their records into data_tasks shards, one Ray
+    # task each; the outputs are the same for any number of tasks, so none of this is in a cache key.
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str | None = None     # auto | ray://head:10001 | null = a local Ray of ray_num_cpus per step
+    ray_num_cpus: int = Field(2, gt=0)   # the local Ray only
+    data_tasks: int = Field(4, gt=0)     # shards per sharded data step (engine: ray)
+    ray_scratch: str | None = None     # where shards travel: null = <workspace>/.stagewise/shards; s3://... on a cluster
+    ray_task_memory_gb: float = Field(0.5, gt=0)  # memory a task reserves on its node
     # Checked before the Prefect server starts: a full disk fails in one line, not 25 tracebacks later.
     min_free_mb: float = Field(200, ge=0)
     # mlflow/, reports/, .prefect/ 0700 and mlflow.db 0600; false: the umask decides (stagewise/health.py)
-    private_stores: bool = True          # LocalCluster only: worker processes
+    private_stores: bool = True
 
 
 class Config(Section):

@@ -106,3 +106,46 @@ def _sqlite_problem(db: Path) -> str | None:
 def private_file(path: Path, private: bool = True) -> None:
     if private and Path(path).exists():
         os.chmod(path, 0o600)
+
+
+# ---------------------------------------------------------------- shared services (docs/scale-out.md)
+def check_services(tracking_uri: str | None, s3_uris: list[str], timeout: float = 10.0) -> None:
+    """An MLflow tracking server (http(s) MLFLOW_TRACKING_URI) answers `/health`, and the S3 endpoint
+    behind every `s3://` store holds its bucket: otherwise one line naming the address (credentials
+    masked), exit 3, within seconds — MLflow's and botocore's own retries take minutes to give up."""
+    from stagewise.redact import redact
+
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - the user's own server
+                ok = r.status == 200
+        except Exception as e:  # noqa: BLE001 - refused, timed out, DNS, HTTP error: all one message
+            ok, why = False, f"{type(e).__name__}: {e}"
+        else:
+            why = "" if ok else f"HTTP {r.status}"
+        if not ok:
+            raise StoreError(f"MLflow tracking server {redact(tracking_uri)} is unreachable ({redact(why)[:200]}) — "
+                             "start it, or fix MLFLOW_TRACKING_URI")
+    for uri in s3_uris:
+        problem = _s3_problem(uri, timeout)
+        if problem:
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+            raise StoreError(f"S3 store {redact(uri)} at {redact(endpoint)} is not usable ({redact(problem)[:200]}) — "
+                             "start the object store, or fix AWS_ENDPOINT_URL / the credentials / the bucket")
+
+
+def _s3_problem(uri: str, timeout: float) -> str | None:
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    bucket = uri.removeprefix("s3://").split("/", 1)[0]
+    client = boto3.client("s3", config=BotoConfig(connect_timeout=timeout, read_timeout=timeout,
+                                                  retries={"max_attempts": 1}))
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as e:  # noqa: BLE001 - no endpoint, no bucket, refused credentials: all one message
+        return f"{type(e).__name__}: {e}"
+    return None

@@ -295,19 +295,9 @@ def _experiment() -> str:
     return EXPERIMENT
 
 
-def data_task_runner(ops):
-    """The data phase's Prefect task runner: threads (default) or Dask (`ops.data_runner: dask`).
-
-    Dask: `ops.dask_address` names a running scheduler; without one a LocalCluster of
-    `ops.dask_workers` processes lives as long as the data phase.
-    """
-    if ops.data_runner == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        if ops.dask_address:
-            return DaskTaskRunner(address=ops.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": ops.dask_workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+def data_task_runner():
+    """The data phase's Prefect task runner: one thread, the steps in order (each depends on the one
+    before); the sharded steps spread their own work over Ray (`ops.engine: ray`, stagewise/shards.py)."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=1)

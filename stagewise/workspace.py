@@ -73,5 +73,9 @@ class Workspace:
         return self.root / "evals"
 
     @property
+    def shards(self) -> Path:  # a sharded step's tasks' inputs and outputs on Ray (ops.ray_scratch)
+        return self.root / ".stagewise" / "shards"
+
+    @property
     def resolved_params(self) -> Path:  # the run's resolved config; dvc.yaml reads params from it
         return self.root / "params.resolved.yaml"

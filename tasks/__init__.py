@@ -20,9 +20,9 @@ STEPS: tuple[Step, ...] = (
          args=lambda cfg, ws: dict(data_cfg=cfg.data, cfg=cfg.ingest, raw_dir=ws.raw, out_dir=ws.ingested,
                                    root=ws.root)),
     Step("quality", "data", reads=("quality",), inputs=("ingested",), outputs=("filtered",),
-         args=lambda cfg, ws: dict(cfg=cfg.quality, in_dir=ws.ingested, out_dir=ws.filtered)),
+         args=lambda cfg, ws: dict(cfg=cfg.quality, in_dir=ws.ingested, out_dir=ws.filtered, ops=_ops(cfg, ws))),
     Step("dedup", "data", reads=("dedup",), inputs=("filtered",), outputs=("deduped",),
-         args=lambda cfg, ws: dict(cfg=cfg.dedup, in_dir=ws.filtered, out_dir=ws.deduped)),
+         args=lambda cfg, ws: dict(cfg=cfg.dedup, in_dir=ws.filtered, out_dir=ws.deduped, ops=_ops(cfg, ws))),
     # every eval set the run scores on is a reference (stagewise/evalsets.py), held-out shares are cut here
     Step("decontaminate", "data", reads=("decontaminate",), inputs=("deduped", "raw"), outputs=("curated",),
          hashes=("eval_sets", "heldout"),
@@ -49,6 +49,11 @@ STEPS: tuple[Step, ...] = (
 )
 
 BY_NAME = {s.name: s for s in STEPS}
+
+
+def _ops(cfg, ws):
+    """The sharded steps' ops, their Ray scratch folder defaulting to the workspace's."""
+    return cfg.ops.model_copy(update={"ray_scratch": cfg.ops.ray_scratch or str(ws.shards)})
 
 
 def step(name: str) -> Step:

@@ -17,7 +17,8 @@ from typing import Callable
 
 from prefect import task
 
-from stagewise.config import QualityConfig
+from stagewise import shards
+from stagewise.config import OpsConfig, QualityConfig
 from stagewise.records import StepOutput, input_kinds, progress, read_jsonl
 
 Rule = Callable[[dict], str | None]
@@ -26,22 +27,58 @@ Rule = Callable[[dict], str | None]
 _PREFIX = {"gopher_quality": "", "gopher_repetition": "gopher_rep_", "c4": "c4_", "fineweb": "fineweb_"}
 
 
-def quality(cfg: QualityConfig, in_dir: Path, out_dir: Path) -> dict:
-    """Filter each <kind>.jsonl in in_dir; kept records to out_dir, the rest to removed/<reason>.jsonl."""
+def quality(cfg: QualityConfig, in_dir: Path, out_dir: Path, ops: OpsConfig | None = None) -> dict:
+    """Filter each <kind>.jsonl in in_dir; kept records to out_dir, the rest to removed/<reason>.jsonl.
+
+    The records are judged in contiguous shards (one here; `ops.data_tasks` Ray tasks with
+    `ops.engine: ray`) and the verdicts replayed in input order, so the outputs do not depend on
+    how many shards judged them."""
     out = StepOutput("quality", out_dir)
     edited: Counter = Counter()
-    for kind in input_kinds(in_dir):
-        rules = corpus_rules(cfg, edited) if kind == "corpus" else RECORD_RULES[kind](cfg)
+    kinds = input_kinds(in_dir)
+    rows = {kind: read_jsonl(Path(in_dir) / f"{kind}.jsonl") for kind in kinds}
+    n = shards.n_tasks(ops)
+    cuts = {kind: shards.slices(len(rows[kind]), n) for kind in kinds}
+    parts = [[{"kind": kind, "rec": rec} for kind in kinds for rec in rows[kind][slice(*cuts[kind][t])]]
+             for t in range(n)]
+    results = shards.run_tasks(judge, parts, ops, shared=cfg.model_dump(mode="json"), step="quality")
+    verdicts = {kind: iter([v for part, res in zip(parts, results) for item, v in zip(part, res)
+                            if item["kind"] == kind]) for kind in kinds}
+    for kind in kinds:
         kept = []
-        for rec in progress(read_jsonl(Path(in_dir) / f"{kind}.jsonl"), f"quality {kind}"):
+        for rec in progress(rows[kind], f"quality {kind}"):
+            v = next(verdicts[kind])
             out.input[kind] += 1
-            reason = next((r for r in (rule(rec) for rule in rules) if r), None)
-            if reason:
-                out.remove(kind, rec, reason)
+            for family in v["edited"]:
+                edited[family] += 1
+            if "text" in v:
+                rec["text"] = v["text"]
+            if v["reason"]:
+                out.remove(kind, rec, v["reason"])
             else:
                 kept.append(rec)
         out.keep(kind, kept)
     return out.finish(edited=dict(edited))
+
+
+def judge(part: list[dict], cfg_json: dict) -> list[dict]:
+    """One shard's verdicts, in order: the first rule's reason code (or None), and the C4 line edits."""
+    cfg = QualityConfig.model_validate(cfg_json)
+    edited: Counter = Counter()
+    rules: dict[str, list[Rule]] = {}
+    verdicts = []
+    for item in part:
+        kind, rec = item["kind"], item["rec"]
+        if kind not in rules:
+            rules[kind] = corpus_rules(cfg, edited) if kind == "corpus" else RECORD_RULES[kind](cfg)
+        edited.clear()
+        text = rec["text"] if kind == "corpus" else None
+        reason = next((r for r in (rule(rec) for rule in rules[kind]) if r), None)
+        v = {"reason": reason, "edited": list(edited)}
+        if text is not None and rec["text"] != text:
+            v["text"] = rec["text"]
+        verdicts.append(v)
+    return verdicts
 
 
 # ---------------------------------------------------------------- corpus: datatrove filters
@@ -213,6 +250,6 @@ RECORD_RULES = {"chat": chat_rules, "preference": preference_rules, "verifiable"
 
 
 @task(name="quality", retries=1)
-def quality_task(cfg: QualityConfig, in_dir: Path, out_dir: Path) -> dict:
+def quality_task(cfg: QualityConfig, in_dir: Path, out_dir: Path, ops: OpsConfig | None = None) -> dict:
     """Apply the quality filters; removed records keep their reason code."""
-    return quality(cfg, in_dir, out_dir)
+    return quality(cfg, in_dir, out_dir, ops)
