@@ -378,6 +378,9 @@ class ReasoningConfig(Section):
     warm_start_below: float = Field(0.05, ge=0.0, le=1.0)
     warm_start_share: float = Field(0.5, gt=0.0, le=1.0)
     warm_start_probe: int = Field(32, ge=1)
+    # ... undone (GRPO starts from the parent) when held-out general word perplexity rises more than this
+    # (the gate's default limit; its own setting so that tuning gate limits does not retrain this stage)
+    warm_start_max_ppl_rise_pct: float = Field(10.0, ge=0)
     # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
     # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
     # held-out share of the stage's own data). docs/evaluation.md.

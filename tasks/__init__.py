@@ -40,8 +40,7 @@ STEPS: tuple[Step, ...] = (
     # DPO with LoRA, and RLHF's reward model, reuse SFT's adapter settings (sft.lora)
     Step("preference", "train", reads=("preference", "sft", "model", "train"), inputs=("curated",)),
     # the replay term batches SFT chats (sft.max_length) and pretraining blocks (pretrain.seq_len)
-    # gate: the warm start's held-out general-text check uses the gate's perplexity limit
-    Step("reasoning", "train", reads=("reasoning", "sft", "pretrain", "model", "train", "gate"), inputs=("curated",)),
+    Step("reasoning", "train", reads=("reasoning", "sft", "pretrain", "model", "train"), inputs=("curated",)),
     # candidates are checked against the gate's limits, on the gate's evaluations
     Step("compress", "ship", reads=("compress", "evaluate", "gate", "train")),
     # a compressed candidate's task may drop at most compress.select's limit vs its uncompressed model

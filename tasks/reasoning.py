@@ -291,7 +291,7 @@ def warm_start(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, 
     merged after; full fine-tuning at `sft.learning_rate` otherwise) and `sft.replay_ratio` (curated-corpus
     documents mixed in, loss on every token). A full-FT warm start without replay took a real base's
     held-out word perplexity from 207 to 681 (issue 21). Before GRPO starts, held-out general text is
-    checked: if its perplexity rose more than `gate.perplexity_max_rise_pct`, the warm start is undone
+    checked: if its perplexity rose more than `reasoning.warm_start_max_ppl_rise_pct`, the warm start is undone
     (GRPO starts from the parent) and the report says so. Returns (model, tok, report)."""
     import math
     import random
@@ -355,9 +355,9 @@ def warm_start(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, 
         per_word = sum(len(tok(t + tok.eos_token)["input_ids"]) for t in texts) / max(1, sum(len(t.split()) for t in texts))
         rise = 100.0 * (math.exp((nll_after - nll_before) * per_word) - 1.0)
         report.update(general_ppl_rise_pct=round(rise, 2), general_texts=len(texts))
-        if rise > cfg.gate.perplexity_max_rise_pct:
-            report["undone"] = (f"held-out general-text perplexity rose {rise:.1f}% (> gate.perplexity_max_rise_pct "
-                                f"{cfg.gate.perplexity_max_rise_pct:g}): GRPO starts from the parent")
+        if rise > r.warm_start_max_ppl_rise_pct:
+            report["undone"] = (f"held-out general-text perplexity rose {rise:.1f}% (> reasoning.warm_start_max_ppl_rise_pct "
+                                f"{r.warm_start_max_ppl_rise_pct:g}): GRPO starts from the parent")
             log.warning("reasoning: warm start %s", report["undone"])
             # the weights were trained in place (no second copy of a large model is kept): reload the parent
             return (*load_parent(cfg, parent_dir), report)

@@ -84,7 +84,13 @@ def test_prefect_cache_answers_only_while_the_registered_model_is_there(tmp_path
     client.create_registered_model("sw-test")
     client.create_model_version("sw-test", source=str(out), tags={
         "stage": "sft", "cache_key": key, "weights_hash": dir_hash(out, "*.safetensors")})
-    assert key_fn(task_ctx, params) == f"stagewise-sft-{key}-v1"
+    hit = key_fn(task_ctx, params)
+    assert hit.startswith(f"stagewise-sft-{key}-v1-r")
+    # the replayed row carries the rulebook's verdict: other gate settings or another chain re-decide it
+    assert key_fn(task_ctx, dict(params, cfg=cfg.model_copy(update={"gate": cfg.gate.model_copy(
+        update={"general_max_drop_points": 1.0})}))) not in (None, hit)
+    other = Lineage("pretrain", "", "k", version="1", weights_hash="w")
+    assert key_fn(task_ctx, dict(params, accepted=[other])) not in (None, hit)
 
     assert key_fn(task_ctx, dict(params, data_hash="other.dir")) is None   # other inputs
     ctx.force_stages = ["sft"]

@@ -138,7 +138,8 @@ def test_a_declared_rag_set_can_be_sfts_target_and_a_gate_general_metric(tmp_pat
     assert pl.set_tasks("mine") == ["mine", "mine_no_oracle"]
     # beside the target, without repeating it
     assert [m.label for m in pl.context("sft")] == ["mine_no_oracle.token_f1", "mine.quote_valid"]
-    assert pl.stage_tasks("sft") == ["mine", "mine_no_oracle"]
+    # and the earlier stage's target (pretrain's held-out corpus: the rulebook keeps it)
+    assert pl.stage_tasks("sft") == ["mine", "mine_no_oracle", "heldout_corpus"]
     # a bad row stops at config load with file:line
     (tmp_path / "rag.jsonl").write_text(json.dumps({**ROWS[0], "oracle": 3, "answer": "Nowhere"}) + "\n")
     with pytest.raises(Exception, match=r"rag.jsonl:1: evaluate.sets.mine: the answer 'Nowhere' does not occur"):

@@ -57,7 +57,7 @@ def test_a_warm_start_that_forgets_is_undone_and_a_lora_one_follows_sft_peft(tmp
 
     parent = pretrained()[0]
     cfg = smoke_cfg("reasoning.warm_start_below=1.0", "reasoning.warm_start_probe=8", "reasoning.sft_epochs=1",
-                    "sft.replay_ratio=0", "sft.learning_rate=0.05", "gate.perplexity_max_rise_pct=0")
+                    "sft.replay_ratio=0", "sft.learning_rate=0.05", "reasoning.warm_start_max_ppl_rise_pct=0")
     model, tok = load_parent(cfg, parent)
     w0 = model.model.embed_tokens.weight.detach().clone()
     back, _, report = warm_start(cfg, parent, curated(), tmp_path / "reasoning", model, tok)
@@ -67,7 +67,7 @@ def test_a_warm_start_that_forgets_is_undone_and_a_lora_one_follows_sft_peft(tmp
     assert torch.equal(back.model.embed_tokens.weight, w0)                     # ... and GRPO gets the parent
 
     cfg = smoke_cfg("reasoning.warm_start_below=1.0", "reasoning.warm_start_probe=8", "reasoning.sft_epochs=1",
-                    "sft.peft=lora", "gate.perplexity_max_rise_pct=1000")
+                    "sft.peft=lora", "reasoning.warm_start_max_ppl_rise_pct=1000")
     model, tok = load_parent(cfg, parent)
     w0 = model.model.layers[0].mlp.up_proj.weight.detach().clone()
     out, _, report = warm_start(cfg, parent, curated(), tmp_path / "r-lora", model, tok)
