@@ -84,7 +84,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v",
 
 @app.command()
 def run(
-    profile: str = typer.Option("demo", help="Profile from params.yaml `profiles:` (smoke, demo)."),
+    profile: str = typer.Option("demo", help="Profile from params.yaml `profiles:` (smoke, demo, smollm2; "
+                                             "`stagewise profiles` lists them)."),
     stages: Optional[list[str]] = typer.Option(None, help="Comma-separated steps to run (default: all)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override, e.g. --set sft.epochs=2 (repeatable)."),
     config: Path = typer.Option(Path("params.yaml"), help="The params file (its folder is the workspace)."),
@@ -173,7 +174,7 @@ def step(
 
 
 @app.command()
-def profiles(config: Path = typer.Option(Path("params.yaml"))) -> None:
+def profiles(config: Path = typer.Option(Path("params.yaml"), help="The params file.")) -> None:
     """List the profiles defined in params.yaml."""
     from stagewise.config import profiles_in
 

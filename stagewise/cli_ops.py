@@ -59,6 +59,14 @@ def register_commands(app: typer.Typer) -> None:
         except ValueError as e:
             typer.echo(f'error: --cron {cron!r} is not a cron expression ({e}); e.g. --cron "0 3 * * *"', err=True)
             raise typer.Exit(2)
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            typer.echo(f"error: --timezone {timezone!r} is not an IANA time zone; e.g. --timezone UTC or "
+                       "--timezone Europe/Berlin", err=True)
+            raise typer.Exit(2)
 
         from stagewise.logs import configure
         from stagewise.run import env_defaults
