@@ -80,6 +80,10 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v",
 
     if verbose:
         set_verbose(True)
+    else:
+        from stagewise.logs import quiet_noisy_loggers
+
+        quiet_noisy_loggers()
 
 
 @app.command()
