@@ -591,3 +591,17 @@ def test_serve_refuses_an_unknown_time_zone_before_any_server(workspace, monkeyp
                          "--config", str(workspace / "params.yaml")), 2)
     assert line == ("error: --timezone 'Mars/Olympus' is not an IANA time zone; e.g. --timezone UTC or "
                     "--timezone Europe/Berlin")
+
+
+def test_downloads_stay_off_unless_the_user_allows_them(tmp_path, monkeypatch):
+    """docs/configuration.md: HF_HUB_OFFLINE=0 stagewise run … lets a hub id download; the default is offline."""
+    from stagewise.run import env_defaults
+
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    env_defaults(tmp_path)
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    env_defaults(tmp_path)
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "0"

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_workspace
+from conftest import workspace_env
 
 BIN = Path(sys.executable).parent
 
@@ -45,19 +44,20 @@ def test_a_copied_store_reads_and_writes_its_own_artifacts_once_the_original_is_
 
 
 def stagewise(ws: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
-    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_HOME"):
-        env.pop(k, None)     # the workspace's own stores (PREFECT_HOME: <workspace>/.prefect)
-    proc = subprocess.run([str(BIN / "stagewise"), *args], cwd=ws, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([str(BIN / "stagewise"), *args], cwd=ws, env=workspace_env(ws), capture_output=True,
+                          text=True, timeout=timeout)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
     return proc
 
 
 @pytest.mark.slow
-def test_a_finished_workspace_copied_with_cp_a_loads_the_champion_and_reruns_cached(tmp_path):
-    orig = make_workspace(tmp_path / "orig")
-    stagewise(orig, "run", "--profile", "smoke")
+def test_a_finished_workspace_copied_with_cp_a_loads_the_champion_and_reruns_cached(finished_smoke_workspace,
+                                                                                   tmp_path):
+    # The shared run stays untouched: a first copy plays the original (a `stagewise registry` there makes
+    # its store its own), is copied with `cp -a` to another path and deleted.
+    orig = tmp_path / "orig"
+    subprocess.run(["cp", "-a", str(finished_smoke_workspace), str(orig)], check=True)
+    assert "stagewise" in stagewise(orig, "registry").stdout
     copy = tmp_path / "elsewhere" / "copy"
     copy.parent.mkdir()
     subprocess.run(["cp", "-a", str(orig), str(copy)], check=True)
@@ -67,18 +67,16 @@ def test_a_finished_workspace_copied_with_cp_a_loads_the_champion_and_reruns_cac
     summary = json.loads((copy / "reports" / "latest" / "summary.json").read_text())
     assert summary["data"]["ran"] == [], summary["data"]
     assert all(s["cached"] for s in summary["stages"]), summary["stages"]
-    assert "tracking store moved from" in again.stderr + again.stdout
+    assert f"tracking store moved from {orig}" in again.stderr + again.stdout
     assert not orig.exists()                      # nothing wrote into the old place
 
     # README "Load the champion anywhere MLflow reaches the store", in the copy
-    code = ("import mlflow, torch\n"
+    code = ("import mlflow\n"
             "mlflow.set_tracking_uri('sqlite:///mlflow/mlflow.db')\n"
             "parts = mlflow.transformers.load_model('models:/stagewise@champion', return_type='components')\n"
             "ids = parts['tokenizer']('What is 12 plus 7?', return_tensors='pt')\n"
             "print(parts['model'].generate(**ids, max_new_tokens=4).shape[1] > ids['input_ids'].shape[1])\n")
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    out = subprocess.run([sys.executable, "-c", code], cwd=copy, env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run([str(copy / ".venv" / "bin" / "python"), "-c", code], cwd=copy, env=workspace_env(copy),
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("True"), out.stderr[-4000:]
     assert not orig.exists()
