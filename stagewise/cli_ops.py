@@ -35,7 +35,7 @@ def register_commands(app: typer.Typer) -> None:
         stages: Optional[list[str]] = typer.Option(None, help="Comma-separated steps to run (default: all)."),
         set_: Optional[list[str]] = typer.Option(None, "--set", help="Override, e.g. --set sft.epochs=2 (repeatable)."),
         config: Path = typer.Option(Path("params.yaml"), help="The params file (its folder is the workspace)."),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Library logs too."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", metavar="", help="Library logs too."),
     ) -> None:
         """Serve the pipeline as a Prefect deployment on a cron schedule (blocks; Ctrl-C stops and pauses it)."""
         from stagewise.cli_common import split_names as _split

@@ -165,7 +165,7 @@ def register_commands(app: typer.Typer) -> None:
     def registry_cmd(config: Path = _config(), profile: Optional[str] = _profile(),
                      set_: Optional[list[str]] = _set(),
                      name: Optional[str] = _name(),
-                     as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+                     as_json: bool = typer.Option(False, "--json", metavar="", help="Machine-readable output.")) -> None:
         """List registered versions: stage, parent, aliases, gate verdict."""
         try:
             _, cfg = _setup(config, profile, set_)
@@ -236,7 +236,7 @@ def register_commands(app: typer.Typer) -> None:
 
     @app.command()
     def promote(version: str = typer.Option(..., help="The registered version to make champion."),
-                force: bool = typer.Option(False, help="Promote even though its gate did not pass."),
+                force: bool = typer.Option(False, metavar="", help="Promote even though its gate did not pass."),
                 reason: Optional[str] = typer.Option(None, help="Required with --force; recorded as a tag."),
                 config: Path = _config(), profile: Optional[str] = _profile(),
                 set_: Optional[list[str]] = _set(),
@@ -301,7 +301,7 @@ def register_commands(app: typer.Typer) -> None:
                                                                  "`stage` tag)."),
                  config: Path = _config(), profile: Optional[str] = _profile(),
                  set_: Optional[list[str]] = _set(),
-                 as_json: bool = typer.Option(False, "--json", help="Print the full gate result as JSON.")) -> None:
+                 as_json: bool = typer.Option(False, "--json", metavar="", help="Print the full gate result as JSON.")) -> None:
         """Forgetting guard on a model: exit 0 pass, 1 fail, 2 error."""
         try:
             root, cfg = _setup(config, profile, set_)

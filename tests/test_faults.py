@@ -605,3 +605,11 @@ def test_downloads_stay_off_unless_the_user_allows_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
     env_defaults(tmp_path)
     assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "0"
+
+
+def test_flags_in_help_do_not_ask_for_a_value():
+    """`--strict <bool>` read as if it took a value; a flag takes none."""
+    for command in (["--help"], ["run", "--help"], ["serve", "--help"], ["registry", "--help"], ["gate", "--help"]):
+        res = runner.invoke(app, command, env={"COLUMNS": "160"})
+        ours = [ln for ln in res.output.splitlines() if "<bool>" in ln and "--help" not in ln]   # --help: typer's
+        assert res.exit_code == 0 and not ours, res.output
