@@ -57,7 +57,7 @@ def test_a_finished_workspace_copied_with_cp_a_loads_the_champion_and_reruns_cac
     # its store its own), is copied with `cp -a` to another path and deleted.
     orig = tmp_path / "orig"
     subprocess.run(["cp", "-a", str(finished_smoke_workspace), str(orig)], check=True)
-    assert "stagewise" in stagewise(orig, "registry").stdout
+    assert "champion" in stagewise(orig, "registry").stdout
     copy = tmp_path / "elsewhere" / "copy"
     copy.parent.mkdir()
     subprocess.run(["cp", "-a", str(orig), str(copy)], check=True)
