@@ -129,3 +129,25 @@ def test_steady_tokens_per_s_leaves_the_first_step_out():
     overall = 300 / (time.perf_counter() - t0)
     assert cb.steady_tokens_per_s > 5 * overall    # ~200 tokens / 0.02 s vs 300 / 0.52 s
     assert cb.steady_tokens_per_s <= 200 / 0.02 * 1.01
+
+
+def test_progress_lines_are_readable_and_the_repeated_last_eval_is_logged_once(caplog):
+    """`[sft] step 10/114 loss 1.652 tokens/s 643` — not a raw trainer dict; the last step's evaluation
+    arrives twice from the Trainer (eval strategy, then the end of training) and is shown once."""
+    import logging
+    from types import SimpleNamespace
+
+    from stagewise.modeling import progress_callback
+
+    cb = progress_callback("sft")
+    state = SimpleNamespace(num_input_tokens_seen=0, is_world_process_zero=True, global_step=0, max_steps=20)
+    cb.on_train_begin(None, state, None)
+    with caplog.at_level(logging.INFO, logger="stagewise"):
+        for step, logs in ((10, {"loss": 1.65171, "grad_norm": 3.0}), (20, {"eval_loss": 1.5771}),
+                           (20, {"eval_loss": 1.5771})):
+            state.global_step = step
+            cb.on_log(None, state, None, logs=logs)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[sft]")]
+    assert [ln.rsplit(" tokens/s", 1)[0] for ln in lines] == ["[sft] step 10/20 loss 1.652",
+                                                              "[sft] step 20/20 eval_loss 1.577"]
+    assert not any("{" in ln for ln in lines)
