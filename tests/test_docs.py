@@ -105,6 +105,7 @@ def test_snippet_in_a_fresh_workspace(snippet, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)   # the first one sets up the shared smoke run (minutes on a loaded machine)
 @pytest.mark.parametrize("snippet", of_kind("workspace"))
 def test_snippet_in_a_finished_smoke_workspace(snippet, finished_smoke_workspace):
     run_snippet(snippet, finished_smoke_workspace, timeout=900)

@@ -51,6 +51,7 @@ def stagewise(ws: Path, *args: str, timeout: int = 1200) -> subprocess.Completed
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)   # the shared smoke run is set up inside this item when it comes first
 def test_a_finished_workspace_copied_with_cp_a_loads_the_champion_and_reruns_cached(finished_smoke_workspace,
                                                                                    tmp_path):
     # The shared run stays untouched: a first copy plays the original (a `stagewise registry` there makes
