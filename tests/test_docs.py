@@ -26,7 +26,7 @@ import pytest
 
 from conftest import ROOT, docs_workspace, workspace_env
 
-TIMEOUT_S = 120
+TIMEOUT_S = 300   # seconds; a cheap snippet takes ~10 s, a loaded 2-core machine makes that minutes
 LANGS = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python", "py": "python"}
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
