@@ -48,4 +48,4 @@ ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root mlflow/artifacts
 
 clean:
-	rm -rf reports models .prefect params.resolved.yaml
+	rm -rf reports models .prefect

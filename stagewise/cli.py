@@ -74,24 +74,29 @@ app = typer.Typer(
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v",
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", metavar="",
                                        help="Tracebacks and library logs (also each command's own --verbose).")) -> None:
     from stagewise.errors import set_verbose
 
     if verbose:
         set_verbose(True)
+    else:
+        from stagewise.logs import quiet_noisy_loggers
+
+        quiet_noisy_loggers()
 
 
 @app.command()
 def run(
-    profile: str = typer.Option("demo", help="Profile from params.yaml `profiles:` (smoke, demo)."),
+    profile: str = typer.Option("demo", help="Profile from params.yaml `profiles:` (smoke, demo, smollm2; "
+                                             "`stagewise profiles` lists them)."),
     stages: Optional[list[str]] = typer.Option(None, help="Comma-separated steps to run (default: all)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override, e.g. --set sft.epochs=2 (repeatable)."),
     config: Path = typer.Option(Path("params.yaml"), help="The params file (its folder is the workspace)."),
-    force: bool = typer.Option(False, help="Re-run every step, ignoring caches."),
+    force: bool = typer.Option(False, metavar="", help="Re-run every step, ignoring caches."),
     force_stage: Optional[list[str]] = typer.Option(None, help="Re-run this step, and every stage trained on top of it (repeatable / comma-separated)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Library logs too."),
-    strict: bool = typer.Option(False, "--strict", help="Exit 1 when the gate fails (for CI and schedulers)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", metavar="", help="Library logs too."),
+    strict: bool = typer.Option(False, "--strict", metavar="", help="Exit 1 when the gate fails (for CI and schedulers)."),
 ) -> None:
     """Run the pipeline end to end and print the summary table.
 
@@ -178,7 +183,7 @@ def step(
 
 
 @app.command()
-def profiles(config: Path = typer.Option(Path("params.yaml"))) -> None:
+def profiles(config: Path = typer.Option(Path("params.yaml"), help="The params file.")) -> None:
     """List the profiles defined in params.yaml."""
     from stagewise.config import profiles_in
 

@@ -30,7 +30,8 @@ def _data() -> None:
 @data_app.command()
 def curate(
     input: Path = typer.Option(..., "--input", "-i", help="JSONL / Parquet file, a folder of them, a .txt folder, or a save_to_disk folder"),
-    output: Path = typer.Option(..., "--output", "-o", help="curated records (JSONL)"),
+    output_arg: str = typer.Option(..., "--output", "-o", help="curated records: a JSONL file, or a folder "
+                                   "(an existing one, a path ending in /, or the folder --report goes into)"),
     report: Path = typer.Option(..., "--report", "-r", help="REPORT.json: counts, removed ids per reason, duplicate_of"),
     kind: Optional[str] = typer.Option(None, "--kind", "-k", help="corpus | chat | preference | verifiable (default: guessed from the first record)"),
     steps: Optional[str] = typer.Option(None, "--steps", help="comma-separated subset of quality,dedup,decontaminate (default: quality,dedup, plus decontaminate with --benchmark)"),
@@ -39,6 +40,7 @@ def curate(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="params.yaml whose quality/dedup/decontaminate sections to use (default: built-in defaults)"),
 ) -> None:
     """Curate one file: ingest (schema check), quality filters, dedup, decontamination."""
+    import contextlib
     import os
     import shutil
     import tempfile
@@ -65,7 +67,15 @@ def curate(
         fail("--steps decontaminate needs the eval sets: pass --benchmark FILE.jsonl (repeatable)")
     if not input.exists():
         fail(f"{input}: no such file or folder")
-    out_file = output / "x.jsonl" if output.is_dir() else output
+    output = Path(output_arg)
+    # `-o curated/ -r curated/report.json`: a folder, though it does not exist yet (Path drops the "/")
+    as_folder = output.is_dir() or output_arg.endswith(("/", os.sep)) or output.resolve() in report.resolve().parents
+    if as_folder and output.exists() and not output.is_dir():
+        fail(f"--output {output_arg}: {output} is a file, not a folder: remove it or write elsewhere")
+    blocking = next((p for p in report.resolve().parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        fail(f"--report {report}: {blocking} is a file, not a folder: remove it or write the report elsewhere")
+    out_file = output / "x.jsonl" if as_folder else output
     src, dst = input.resolve(), out_file.resolve()
     if dst == src or (src.is_dir() and src in dst.parents) or report.resolve() == src:
         fail(f"--output {output} would overwrite or land inside the input {input}: write the curated "
@@ -83,7 +93,7 @@ def curate(
     if kind is None:
         fail(f"{input}: cannot tell the record kind from the first record; pass --kind corpus|chat|preference|verifiable")
 
-    if output.is_dir():  # a folder: the curated file goes inside it
+    if as_folder:  # a folder: the curated file goes inside it
         output = output / f"{kind}.jsonl"
 
     from tasks.decontaminate import decontaminate
@@ -93,7 +103,9 @@ def curate(
 
     work = Path(tempfile.mkdtemp(prefix="stagewise-curate-"))
     out_dir = output.parent
+    made = [p for p in [out_dir, *out_dir.parents] if not p.exists()]   # removed again on failure
     out_dir.mkdir(parents=True, exist_ok=True)
+    done = False
     # Everything is written here first and moved into place only once complete: a curate that fails
     # (bad row, full disk) leaves no output, no partial removed/ file, no report.
     stage = Path(tempfile.mkdtemp(prefix=".curate-", dir=out_dir))
@@ -160,13 +172,18 @@ def curate(
         for tmp, dest in publish:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, dest)
+        report.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(stage / ".report.json", report)
         except OSError:  # another file system: write_json is atomic on its own
             write_json(report, result)
+        done = True
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(stage, ignore_errors=True)
+        for p in made if not done else []:
+            with contextlib.suppress(OSError):   # only folders this run created, only if left empty
+                p.rmdir()
     summary = ", ".join(f"{r} {len(ids)}" for r, ids in sorted(removed.items())) or "nothing"
     typer.echo(f"{kind}: {n_input} in, {n_kept} kept; removed: {summary}\nreport: {report}")
 

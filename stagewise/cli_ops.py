@@ -35,7 +35,7 @@ def register_commands(app: typer.Typer) -> None:
         stages: Optional[list[str]] = typer.Option(None, help="Comma-separated steps to run (default: all)."),
         set_: Optional[list[str]] = typer.Option(None, "--set", help="Override, e.g. --set sft.epochs=2 (repeatable)."),
         config: Path = typer.Option(Path("params.yaml"), help="The params file (its folder is the workspace)."),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Library logs too."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", metavar="", help="Library logs too."),
     ) -> None:
         """Serve the pipeline as a Prefect deployment on a cron schedule (blocks; Ctrl-C stops and pauses it)."""
         from stagewise.cli_common import split_names as _split
@@ -58,6 +58,14 @@ def register_commands(app: typer.Typer) -> None:
             validate_cron_string(cron)
         except ValueError as e:
             typer.echo(f'error: --cron {cron!r} is not a cron expression ({e}); e.g. --cron "0 3 * * *"', err=True)
+            raise typer.Exit(2)
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            typer.echo(f"error: --timezone {timezone!r} is not an IANA time zone; e.g. --timezone UTC or "
+                       "--timezone Europe/Berlin", err=True)
             raise typer.Exit(2)
 
         from stagewise.logs import configure

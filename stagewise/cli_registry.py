@@ -8,6 +8,7 @@ Mounted by stagewise/cli.py (`register_commands(app)`); every heavy import happe
     stagewise promote --version 5                        # refuses unless version 5 passed its gate
     stagewise promote --version 4 --force --reason "hotfix approved by on-call"
     stagewise rollback                                   # champion ← previous-champion
+    stagewise download models:/stagewise@champion champion   # a version as a plain HF folder
 
 Model URIs: `models:/<name>/<version>`, `models:/<name>@<alias>`, or a local HF model folder.
 """
@@ -210,7 +211,7 @@ def register_commands(app: typer.Typer) -> None:
     def registry_cmd(config: Path = _config(), profile: Optional[str] = _profile(),
                      set_: Optional[list[str]] = _set(),
                      name: Optional[str] = _name(),
-                     as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+                     as_json: bool = typer.Option(False, "--json", metavar="", help="Machine-readable output.")) -> None:
         """List registered versions: stage, parent, aliases, gate verdict."""
         try:
             _, cfg = _setup(config, profile, set_)
@@ -248,6 +249,11 @@ def register_commands(app: typer.Typer) -> None:
             typer.echo(json.dumps({"name": name, "versions": rows}, indent=1))
             return
         if not rows:
+            if name != cfg.run.registered_model:   # a --name that names nothing is a typo, not an empty store
+                known = sorted(m.name for m in c.search_registered_models())
+                typer.echo(f"error: no registered model {name!r} in this store (known: "
+                           f"{', '.join(known) or 'none'}) — check --name", err=True)
+                raise typer.Exit(2)
             typer.echo(f"no versions of {name!r} yet (run `stagewise run`)")
             return
         typer.echo(f"{'version':>7}  {'stage':<10} {'parent':>6}  {'gate':<7} aliases")
@@ -261,8 +267,35 @@ def register_commands(app: typer.Typer) -> None:
                        f"{', '.join(r['aliases'])}{extra}")
 
     @app.command()
+    def download(uri: str = typer.Argument(..., help="models:/<name>/<version> or models:/<name>@<alias>."),
+                 dest: Path = typer.Argument(..., help="The folder to write (replaced if it exists)."),
+                 config: Path = _config()) -> None:
+        """Write a registered version as a plain HF folder (safetensors + tokenizer), NF4/int8 included."""
+        try:
+            _setup(config, None, None)
+            from stagewise import registry
+
+            m = _URI.match(uri)
+            if m is None:
+                raise CliError(f"{uri}: not a model URI (models:/<name>/<version> or models:/<name>@<alias>)")
+            name, version = m["name"], m["version"] or registry.alias_version(m["name"], m["alias"])
+            if version is None:
+                raise CliError(f"{uri}: registered model {name!r} has no alias {m['alias']!r} "
+                               "(see `stagewise registry`)")
+            try:
+                registry.version_tags(name, version)
+            except Exception:
+                raise CliError(f"{uri}: no version {version} of registered model {name!r} "
+                               "(see `stagewise registry`)") from None
+            registry.download_model(name, version, dest)
+        except CliError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        typer.echo(f"{dest}: {name} v{version} (model + tokenizer)")
+
+    @app.command()
     def promote(version: str = typer.Option(..., help="The registered version to make champion."),
-                force: bool = typer.Option(False, help="Promote even though its gate did not pass."),
+                force: bool = typer.Option(False, metavar="", help="Promote even though its gate did not pass."),
                 reason: Optional[str] = typer.Option(None, help="Required with --force; recorded as a tag."),
                 config: Path = _config(), profile: Optional[str] = _profile(),
                 set_: Optional[list[str]] = _set(),
@@ -327,7 +360,7 @@ def register_commands(app: typer.Typer) -> None:
                                                                  "`stage` tag)."),
                  config: Path = _config(), profile: Optional[str] = _profile(),
                  set_: Optional[list[str]] = _set(),
-                 as_json: bool = typer.Option(False, "--json", help="Print the full gate result as JSON.")) -> None:
+                 as_json: bool = typer.Option(False, "--json", metavar="", help="Print the full gate result as JSON.")) -> None:
         """Forgetting guard on a model: exit 0 pass, 1 fail, 2 error."""
         try:
             root, cfg = _setup(config, profile, set_)

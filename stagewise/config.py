@@ -731,12 +731,36 @@ def _apply_set(raw: dict, assignment: str) -> None:
                           "e.g. --set sft.epochs=2 or --set 'compress.methods=[nf4]'") from None
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _known_keys(loc: tuple) -> list[str]:
+    """The field names of the settings section at `loc` (empty when it is not a plain section)."""
+    model: Any = Config
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _unknown_key(loc: tuple, sets: dict[str, str]) -> str:
+    """`unknown key` naming where it came from (a --set or the file) and the closest real key."""
+    import difflib
+
+    key = ".".join(str(p) for p in loc)
+    close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1)
+    hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else "check its spelling"
+    given = next((a for k, a in sets.items() if k == key or k.startswith(key + ".")), None)
+    where = f"--set {given!r}: " if given else ""
+    return f"{where}unknown key '{key}': {hint} (settings: docs/configuration.md)"
+
+
+def _format_validation_error(err: ValidationError, source: str, overrides: list[str] | None = None) -> str:
+    sets = {a.split("=", 1)[0].strip(): a for a in overrides or [] if "=" in a}
     problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            problems.append(f"unknown key '{key}': remove it or check its spelling (see docs/configuration.md)")
+            problems.append(_unknown_key(tuple(e["loc"]), sets))
         else:
             msg = e["msg"].removeprefix("Value error, ")
             problems.append(f"'{key}': {msg} (got {e.get('input')!r}) — fix it in the file, its profile or "
@@ -876,7 +900,7 @@ def load_config(
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, str(path))) from None
+        raise ConfigError(_format_validation_error(e, str(path), overrides)) from None
     check_evaluation(cfg, Path(root) if root is not None else path.resolve().parent, path)
     from stagewise.recipes import pin_demo_world
 
@@ -925,5 +949,8 @@ def check_evaluation(cfg: Config, root: Path, path: Path) -> None:
 
 
 def profiles_in(path: str | Path = "params.yaml") -> list[str]:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file (run from the project root or pass --config)")
+    raw = yaml.safe_load(path.read_text()) or {}
     return sorted((raw.get("profiles") or {}).keys())

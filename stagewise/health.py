@@ -149,3 +149,49 @@ def _s3_problem(uri: str, timeout: float) -> str | None:
     except Exception as e:  # noqa: BLE001 - no endpoint, no bucket, refused credentials: all one message
         return f"{type(e).__name__}: {e}"
     return None
+
+
+# Where MLflow's SQLite store records a location as an absolute path or `file://` URI (MLflow
+# resolves every local artifact location to an absolute one when it creates an experiment).
+_LOCATIONS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+              ("model_versions", "source"), ("model_versions", "storage_location"),
+              ("logged_models", "artifact_location"))
+
+
+def reroot_tracking_store(store: Path, experiment: str = "stagewise") -> str | None:
+    """Point the artifact locations of a copied or moved workspace's store at its own `artifacts/`.
+
+    MLflow writes `file:///old/workspace/mlflow/artifacts/...` into the database, so a copy (`cp -a`,
+    `mv`, a restored backup) would read — and write — the original's files, and fail once the original
+    is gone. The experiment's recorded location says where the store was created; when that is not
+    this store, every location under the old workspace root is rewritten to the new one, in one
+    transaction (locations elsewhere, e.g. an S3 bucket, are left alone). Returns the old root, or
+    None when nothing moved. Run before MLflow opens the database.
+    """
+    from urllib.parse import unquote, urlparse
+
+    db = Path(store) / "mlflow.db"
+    if not db.exists() or db.stat().st_size == 0:
+        return None
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)).fetchone()
+        suffix = "/mlflow/artifacts"
+        if not row or not (row[0] or "").startswith("file://") or not row[0].endswith(suffix):
+            return None
+        old_uri = row[0][: -len(suffix)]
+        new_root = Path(store).resolve().parent
+        new_uri = new_root.as_uri()
+        if old_uri == new_uri:
+            return None
+        old_path = unquote(urlparse(old_uri).path)
+        with con:   # one transaction: all of it, or none of it
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            for old, new in ((old_uri + "/", new_uri + "/"), (old_path + "/", str(new_root) + "/")):
+                for table, col in _LOCATIONS:
+                    if table in tables:
+                        con.execute(f"UPDATE {table} SET {col} = ? || substr({col}, ?) "   # noqa: S608 - fixed names
+                                    f"WHERE substr({col}, 1, ?) = ?", (new, len(old) + 1, len(old), old))
+        return old_path
+    finally:
+        con.close()

@@ -40,6 +40,13 @@ def quiet_again(*names: str) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def quiet_noisy_loggers() -> None:
+    """The known-harmless library warnings off, for every command (those that never call `configure`
+    too: `stagewise download`, `gate`, … load bitsandbytes models as well)."""
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def configure(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -251,6 +251,7 @@ def progress_callback(stage: str):
             self.tok0 = 0
             self.first_step = None      # (time, tokens) at the end of this invocation's first step
             self.steady_tokens_per_s = None
+            self.last = None            # (step, values) of the line logged last
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen or 0
@@ -272,8 +273,12 @@ def progress_callback(stage: str):
             shown = {k.replace("rewards/", "").replace("/mean", ""): round(v, 4) for k, v in logs.items()
                      if isinstance(v, (int, float)) and ("loss" in k or k in ("reward", "frac_reward_zero_std")
                                                          or (k.startswith("rewards/") and k.endswith("/mean")))}
-            msg = f"[{stage}] step {state.global_step}/{state.max_steps} {shown} tokens/s {tps:,.0f}"
-            log.info(msg)
+            # the last step's evaluation arrives twice (eval strategy, then the end-of-training one)
+            if (state.global_step, shown) == self.last:
+                return
+            self.last = (state.global_step, shown)
+            values = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
+            log.info(f"[{stage}] step {state.global_step}/{state.max_steps} {values} tokens/s {tps:,.0f}")
 
     return Progress()
 

@@ -43,16 +43,24 @@ def base_model_tag(base: str | None) -> str:
 def setup_tracking(root: Path, experiment: str = EXPERIMENT, private: bool = True) -> str:
     """Point MLflow at the workspace store (`mlflow/`) unless MLFLOW_TRACKING_URI says otherwise.
 
+    A store copied or moved with its workspace is re-rooted first (health.reroot_tracking_store).
+
     The local store is checked first (stagewise/health.py): a missing, truncated or corrupt
     `mlflow.db` is a StoreError with the fix, never a silently created empty registry.
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from stagewise.health import check_tracking_store, private_dir, private_file
+    from stagewise.health import check_tracking_store, private_dir, private_file, reroot_tracking_store
 
     global _REGISTRY_LOCK
     store = Path(root) / "mlflow"
     if not _USER_TRACKING_URI:
         check_tracking_store(store)
+        moved_from = reroot_tracking_store(store, experiment)   # a copied or moved workspace reads its own files
+        if moved_from:
+            import logging
+
+            logging.getLogger("stagewise").info("tracking store moved from %s: artifact locations now point "
+                                                "into %s", moved_from, store / "artifacts")
     private_dir(store, private)
     _REGISTRY_LOCK = Path(root) / ".stagewise" / "registry.lock"
     import mlflow
@@ -158,6 +166,9 @@ def log_model_version(model_dir: Path, registered_name: str, stage: str, lineage
 
     model = resaveable(AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code))
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    # MLflow records this as the model's name and serves it as the chat reply's "model": the
+    # registered name, not the training machine's folder.
+    model.name_or_path = registered_name
     active = mlflow.active_run()
     same = active is not None and active.info.run_id == run_id
     with contextlib.nullcontext() if same else mlflow.start_run(run_id=run_id):

@@ -45,6 +45,37 @@ def make_workspace(dest: Path) -> Path:
     return dest
 
 
+def docs_workspace(dest: Path) -> Path:
+    """make_workspace plus `.venv` → this interpreter's venv: the docs write `.venv/bin/…`."""
+    import sys
+
+    ws = make_workspace(dest)
+    (ws / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    return ws
+
+
+def workspace_env(ws: Path) -> dict:
+    """The environment a user's shell in `ws` has: `.venv/bin` first, the workspace's own stores."""
+    env = dict(os.environ, PATH=f"{ws / '.venv' / 'bin'}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_HOME"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def finished_smoke_workspace(tmp_path_factory) -> Path:
+    """One `stagewise run --profile smoke` per session (per xdist worker), shared by the slow tests that
+    read a finished run (tests/test_docs.py, tests/test_workspace_move.py). Read it; copy it to change it."""
+    import subprocess
+    import sys
+
+    ws = docs_workspace(tmp_path_factory.mktemp("smoke-shared") / "ws")
+    proc = subprocess.run([str(Path(sys.executable).parent / "stagewise"), "run", "--profile", "smoke"], cwd=ws,
+                          env=workspace_env(ws), capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    return ws
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     return make_workspace(tmp_path / "ws")

@@ -122,6 +122,14 @@ def test_a_speed_ratio_measured_on_another_machine_kind_is_flagged(store):
             c.delete_model_version_tag("cli", ver, k)
 
 
+def test_registry_with_an_unknown_name_is_an_error_not_an_empty_list(store):
+    ws, *_ = store
+    res = cli(ws, "registry", "--name", "clj")
+    assert res.exit_code == 2, res.output
+    assert "error: no registered model 'clj' in this store (known: cli) — check --name" in res.output
+    assert "Traceback" not in res.output
+
+
 def test_promote_refuses_failed_gate_unless_forced_with_reason_and_rollback(store):
     """Runs after the gate tests (file order): it sets the gate tags itself and then moves aliases."""
     import mlflow

@@ -594,3 +594,75 @@ def test_stage_params_logged_to_mlflow_carry_no_credentials():
     assert params["data.sources.web.path"] == "s3://alice:***@bucket/corpus"
     assert params["data.sources.web.kind"] == "corpus" and params["data.steps"] == "1,2"
     assert "s3cr3t" not in repr(params)
+
+
+# ------------------------------------------------------------------ a newcomer's mistakes (issue 23)
+def test_profiles_from_a_folder_without_params_yaml_is_one_line(tmp_path):
+    line = one_error(cli("profiles", cwd=tmp_path), 2)
+    assert line == ("error: params.yaml: no such config file (run from the project root or pass --config)")
+
+
+def test_profiles_lists_the_shipped_ones():
+    res = cli("profiles", "--config", str(ROOT / "params.yaml"))
+    assert res.exit_code == 0 and {"smoke", "demo", "smollm2"} <= set(res.output.split()), res.output
+
+
+def test_a_misspelt_set_key_names_the_set_and_the_key_it_meant(workspace, monkeypatch):
+    monkeypatch.setattr("stagewise.run.local_prefect", lambda *a, **k: pytest.fail("Prefect started"))
+    line = one_error(cli("run", "--profile", "smoke", "--set", "sft.epochz=2",
+                         "--config", str(workspace / "params.yaml")), 2)
+    assert line == (f"error: {workspace / 'params.yaml'}: invalid configuration: --set 'sft.epochz=2': unknown "
+                    "key 'sft.epochz': did you mean 'sft.epochs'? (settings: docs/configuration.md)")
+
+
+def test_curate_into_a_new_folder_holding_the_report(tmp_path):
+    """`-o curated/ -r curated/report.json`: curated/ is a folder though it does not exist yet."""
+    src = tmp_path / "my.jsonl"
+    src.write_text("".join(json.dumps({"text": f"{DOC} {i}"}) + "\n" for i in range(4)))
+    res = cli("data", "curate", "-i", str(src), "-o", "curated/", "-r", "curated/report.json", cwd=tmp_path)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "curated").is_dir() and (tmp_path / "curated" / "corpus.jsonl").is_file()
+    report = json.loads((tmp_path / "curated" / "report.json").read_text())
+    assert report["input"] == 4 and report["removed_counts"]      # (near-duplicates of each other)
+    assert (tmp_path / "curated" / "removed").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curated", "my.jsonl"]   # no removed/ beside it
+
+
+def test_curate_with_a_report_under_a_file_fails_first_and_leaves_nothing(tmp_path):
+    src = tmp_path / "my.jsonl"
+    src.write_text(json.dumps({"text": DOC}) + "\n")
+    (tmp_path / "taken").write_text("a file\n")
+    line = one_error(cli("data", "curate", "-i", str(src), "-o", "out/c.jsonl", "-r", "taken/report.json",
+                         cwd=tmp_path), 2)
+    assert line.startswith("error: --report taken/report.json: ") and "is a file, not a folder" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my.jsonl", "taken"]
+
+
+def test_serve_refuses_an_unknown_time_zone_before_any_server(workspace, monkeypatch):
+    monkeypatch.setattr("stagewise.run.env_defaults", lambda *a, **k: pytest.fail("got past the checks"))
+    line = one_error(cli("serve", "--cron", "0 3 * * *", "--timezone", "Mars/Olympus", "--profile", "smoke",
+                         "--config", str(workspace / "params.yaml")), 2)
+    assert line == ("error: --timezone 'Mars/Olympus' is not an IANA time zone; e.g. --timezone UTC or "
+                    "--timezone Europe/Berlin")
+
+
+def test_downloads_stay_off_unless_the_user_allows_them(tmp_path, monkeypatch):
+    """docs/configuration.md: HF_HUB_OFFLINE=0 stagewise run … lets a hub id download; the default is offline."""
+    from stagewise.run import env_defaults
+
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    env_defaults(tmp_path)
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    env_defaults(tmp_path)
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "0"
+
+
+def test_flags_in_help_do_not_ask_for_a_value():
+    """`--strict <bool>` read as if it took a value; a flag takes none."""
+    for command in (["--help"], ["run", "--help"], ["serve", "--help"], ["registry", "--help"], ["gate", "--help"]):
+        res = runner.invoke(app, command, env={"COLUMNS": "160"})
+        ours = [ln for ln in res.output.splitlines() if "<bool>" in ln and "--help" not in ln]   # --help: typer's
+        assert res.exit_code == 0 and not ours, res.output

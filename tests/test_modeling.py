@@ -215,3 +215,25 @@ def test_mean_nll_in_logit_budgeted_chunks_is_the_whole_batch_value(monkeypatch)
     assert modeling.logit_rows(256, 262144) == 1 and modeling.logit_rows(96, 49152) == 14
     monkeypatch.setattr(modeling, "LOGITS_BUDGET_BYTES", 1)   # one row at a time
     assert modeling.mean_nll(model, tok, texts) == pytest.approx(whole, rel=1e-5)
+
+
+def test_progress_lines_are_readable_and_the_repeated_last_eval_is_logged_once(caplog):
+    """`[sft] step 10/114 loss 1.652 tokens/s 643` — not a raw trainer dict; the last step's evaluation
+    arrives twice from the Trainer (eval strategy, then the end of training) and is shown once."""
+    import logging
+    from types import SimpleNamespace
+
+    from stagewise.modeling import progress_callback
+
+    cb = progress_callback("sft")
+    state = SimpleNamespace(num_input_tokens_seen=0, is_world_process_zero=True, global_step=0, max_steps=20)
+    cb.on_train_begin(None, state, None)
+    with caplog.at_level(logging.INFO, logger="stagewise"):
+        for step, logs in ((10, {"loss": 1.65171, "grad_norm": 3.0}), (20, {"eval_loss": 1.5771}),
+                           (20, {"eval_loss": 1.5771})):
+            state.global_step = step
+            cb.on_log(None, state, None, logs=logs)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[sft]")]
+    assert [ln.rsplit(" tokens/s", 1)[0] for ln in lines] == ["[sft] step 10/20 loss 1.652",
+                                                              "[sft] step 20/20 eval_loss 1.577"]
+    assert not any("{" in ln for ln in lines)

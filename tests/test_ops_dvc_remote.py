@@ -10,9 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
-from conftest import make_workspace
+from conftest import ROOT, make_workspace
 
 BIN = Path(sys.executable).parent
 
@@ -61,3 +62,54 @@ def test_push_then_pull_into_an_empty_cache_restores_the_data(tmp_path, monkeypa
     assert tree(raw) == before
     assert "up to date" in dvc(ws, "status", "generate")
     assert dvcops.is_current(ws, "generate")
+
+
+def git(cwd: Path, *args: str) -> str:
+    out = subprocess.run(["git", "-c", "user.email=ci@stagewise", "-c", "user.name=ci", *args], cwd=cwd,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"git {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def data_run(ws: Path) -> dict:
+    """The data phase of the smoke profile, the way a user starts it; returns its summary."""
+    import json
+
+    data_steps = ",".join(s.name for s in __import__("tasks").of_kind("data"))
+    env = dict(os.environ, PREFECT_HOME=str(ws / ".prefect"), PATH=f"{BIN}:{os.environ['PATH']}")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([str(BIN / "stagewise"), "run", "--profile", "smoke", "--stages", data_steps], cwd=ws,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    return json.loads((ws / "reports" / "latest" / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_readme_round_trip_run_commit_push_clone_pull_is_clean_and_the_next_run_reuses_it(tmp_path):
+    """README "Data versioning with a team remote", as written: run, commit what it says, push to a
+    folder remote; a fresh clone pulls, `dvc status` is clean, and its next run re-runs no data step."""
+    ws = make_workspace(tmp_path / "ws")
+    for f in (".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "data/.gitignore"):   # as in a clone
+        (ws / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, ws / f)
+    git(ws, "init", "-q")
+    git(ws, "add", "-A")
+    git(ws, "commit", "-qm", "workspace")
+    first = data_run(ws)
+    assert first["data"]["ran"], first["data"]
+
+    dvc(ws, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
+    git(ws, "add", "dvc.lock", "params.resolved.yaml", "metrics/", ".dvc/config")
+    git(ws, "commit", "-qm", "data of the run")
+    assert not git(ws, "status", "--porcelain"), "the README's list left something out"
+    dvc(ws, "push")
+
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(ws), str(clone))
+    dvc(clone, "pull")
+    assert "Data and pipelines are up to date" in dvc(clone, "status")
+    for layer in ("01_raw", "05_curated", "07_tokenizer"):
+        assert tree(clone / "data" / layer) == tree(ws / "data" / layer), layer
+    again = data_run(clone)
+    assert again["data"]["ran"] == [] and set(again["data"]["cached"]) == set(first["data"]["ran"]), again["data"]
+    assert "Data and pipelines are up to date" in dvc(clone, "status")

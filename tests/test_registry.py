@@ -106,8 +106,27 @@ def test_nf4_folder_registers_and_downloads_as_the_same_quantized_model(store, t
     assert registry.version_tags("reg-q", v)["compression"] == "nf4"
     comps = mlflow.transformers.load_model(f"models:/reg-q/{v}", return_type="components")
     assert type(comps["model"].model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    with pytest.raises(NotImplementedError):       # why docs/evaluation.md says resaveable / stagewise download
+        comps["model"].save_pretrained(tmp_path / "bare", safe_serialization=True)
     out = registry.download_model("reg-q", v, tmp_path / "dl")
     assert (out / "model.safetensors").read_bytes() == (nf4 / "model.safetensors").read_bytes()
+    # the documented command (docs/evaluation.md): the same folder
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from stagewise.cli import app
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", store / "params.yaml")
+    res = CliRunner().invoke(app, ["download", f"models:/reg-q/{v}", str(tmp_path / "cli"),
+                                   "--config", str(store / "params.yaml")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (nf4 / "model.safetensors").read_bytes()
+    assert (tmp_path / "cli" / "tokenizer.json").exists()
+    res = CliRunner().invoke(app, ["download", "models:/reg-q@nope", str(tmp_path / "x"),
+                                   "--config", str(store / "params.yaml")])
+    assert res.exit_code == 2 and "error: models:/reg-q@nope: registered model 'reg-q' has no alias 'nope'" \
+        in res.output and not (tmp_path / "x").exists()
     x = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():
         assert torch.equal(load_candidate(out)(x).logits, load_candidate(nf4)(x).logits)

@@ -85,6 +85,8 @@ def test_the_registry_version_is_a_chat_model(served_store):
     out = mlflow.pyfunc.load_model("models:/serve-test@champion").predict(
         {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 20})
     assert out[0]["choices"][0]["message"]["content"] == ANSWER
+    # the reply names the registered model, not the folder it was trained in
+    assert flavor["source_model_name"] == "serve-test" and out[0]["model"] == "serve-test"
 
 
 def test_mlflow_models_serve_answers_openai_style_chat(served_store):
