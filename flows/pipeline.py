@@ -114,11 +114,11 @@ def data_report_task(cfg: Config, ctx: RunContext, stats: dict[str, dict]) -> di
 
 
 @task(name="finish-run", retries=1)
-def finish_run_task(ctx: RunContext, summary: dict[str, Any]) -> str:
+def finish_run_task(ctx: RunContext, summary: dict[str, Any], cfg: Config | None = None) -> str:
     """Write reports/<run_id>/summary.json and close the MLflow parent run."""
     from stagewise.run import finish_run
 
-    return str(finish_run(ctx, summary))
+    return str(finish_run(ctx, summary, cfg=cfg))
 
 
 # ------------------------------------------------------------------ phases
@@ -255,6 +255,6 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
             raise
         summary = build_summary(ctx, profile, data, trained, verdict, compression, seconds=time.time() - t0)
         gate_report_task(ctx, summary)
-        finish_run_task(ctx, summary)
+        finish_run_task(ctx, summary, cfg)
     publish_summary_task(summary)
     return summary

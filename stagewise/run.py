@@ -312,12 +312,18 @@ def _prefect_flow_run_id() -> str | None:
         return None
 
 
-def finish_run(ctx: RunContext, summary: dict[str, Any], status: str = "FINISHED") -> Path:
+def finish_run(ctx: RunContext, summary: dict[str, Any], status: str = "FINISHED", cfg: Config | None = None) -> Path:
     """Write reports/<run_id>/summary.json (+ reports/latest/), close the MLflow parent run."""
     import mlflow
 
     run_dir = ctx.ws.reports / ctx.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg is not None:
+        # again at the end: a set's prompt field is read from its data, which a fresh run's `generate`
+        # writes only after start_run compiled the first copy (it rendered {{prompt}} for `question` rows)
+        from stagewise.evalsets import copy_to_report, plan
+
+        copy_to_report(plan(cfg, ctx.root), ctx.root, run_dir)
     path = run_dir / "summary.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=2, default=str))

@@ -167,3 +167,12 @@ def test_planted_forgetting_is_blocked_names_the_metric_and_champion_stays(smoke
     assert ("sw_instruct.token_f1", f"champion v{sft_version}") in failed
     assert registry.alias_version("stagewise", registry.CHAMPION) == sft_version      # did not move
     assert "NOT PROMOTED" in (ws / "reports" / planted["run_id"] / "gate.md").read_text().splitlines()[2]
+
+
+def test_the_reports_lm_eval_tasks_read_the_fields_the_data_has(smoke_run):
+    """reports/<run>/evals/ is what docs/evaluation.md's `lm_eval --include_path` reads: compiled again at
+    the end of the run, from the data a fresh run's `generate` wrote after the first compile."""
+    ws, _, s = smoke_run
+    evals = ws / "reports" / s["run_id"] / "evals"
+    assert "{{question}}" in (evals / "sw_arithmetic.yaml").read_text()
+    assert "{{question}}" in (evals / "sw_instruct.yaml").read_text()

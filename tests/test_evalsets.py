@@ -210,3 +210,19 @@ def test_an_appended_source_record_makes_ingest_stale_and_a_fresh_clone_commits(
     resolve_and_run()
     assert "one more?" in (ws.ingested / "chat.jsonl").read_text()
     assert "ingest" not in dvcops.stale_stages(ws_root)
+
+
+def test_the_reports_compiled_tasks_read_the_prompt_field_the_data_has(tmp_path):
+    """A fresh run compiles its sets before `generate` writes them (start_run), when a qa/verifiable set's
+    prompt field can only be guessed ({{prompt}}); the demo's arithmetic rows say `question`. finish_run
+    copies the compiled tasks again, from the data: the report's YAMLs then run with the stock lm_eval."""
+    from stagewise.evalsets import copy_to_report, demo_plan
+
+    p = demo_plan(tmp_path)
+    run_dir = tmp_path / "reports" / "r1"
+    copy_to_report(p, tmp_path, run_dir)
+    assert "{{prompt}}" in (run_dir / "evals" / "sw_arithmetic.yaml").read_text()
+    _jsonl(Path(p.sets["sw_arithmetic"]["path"]), [{"question": "What is 2 plus 3?", "answer": "5"}])
+    copy_to_report(p, tmp_path, run_dir)
+    text = (run_dir / "evals" / "sw_arithmetic.yaml").read_text()
+    assert "{{question}}" in text and "{{prompt}}" not in text
