@@ -208,6 +208,9 @@ def test_force_stage_reruns_that_stage_and_everything_downstream_only(ws, resume
         assert int(r[stage]["model_version"]) > int(rows(before)[stage]["model_version"])
     assert versions_of(client, "preference")[-1].tags["parent_version"] == str(r["sft"]["model_version"])
     assert versions_of(client, "reasoning")[-1].tags["parent_version"] == str(r["preference"]["model_version"])
-    table = [line.split() for line in log.splitlines() if line.split()[:1] in (["pretrain"], ["sft"])]
-    assert [t[6] for t in table[-2:]] == ["yes", "NO"]               # the printed table's cached column
+    lines = log.splitlines()
+    head = max(i for i, line in enumerate(lines) if line.split()[:2] == ["stage", "version"] and "cached" in line)
+    col = lines[head].split().index("cached")
+    table = {t[0]: t for t in (line.split() for line in lines[head + 2:head + 2 + len(TRAIN)])}
+    assert [table[st][col] for st in ("pretrain", "sft")] == ["yes", "NO"]   # the printed table's cached column
     assert "data steps: ran none; cached" in log and s["data"]["ran"] == []
