@@ -137,15 +137,13 @@ def run_gate(root: Path, cfg, candidate: str, baseline: Optional[str], stage: Op
         scores["parent"] = evaluate(parent_dir, tasks, ws, cfg.evaluate)
     if base_dir is not None and base_dir != cand_dir and base_dir != parent_dir:
         scores["baseline"] = evaluate(base_dir, tasks, ws, cfg.evaluate)
-    # Where fine-tuning started, as the pipeline's gate sees it: the registered pretrain model, or the
-    # workspace's starting model (models/init: model.base converted, or the random init) under the first
-    # fine-tuned ancestor. `lineage` is the chain oldest first, the candidate's own model last.
-    ancestors = [info for _, info in reversed(chain)]
-    fine_tuned = [i for i, a in enumerate(ancestors) if a.get("stage") not in ("pretrain", "compress")]
+    # Where fine-tuning started, as the pipeline's gate sees it: the nearest registered pretrain ancestor, or
+    # the workspace's starting model (models/init: model.base converted, or the random init).
+    pre = next(((folder, info) for folder, info in chain if info.get("stage") == "pretrain"), None)
+    fine_tuned = any(info.get("stage") not in ("pretrain", "compress") for _, info in chain)
     fine_tuning_dir, fine_tuning = None, None
-    pre = [chain[len(chain) - 1 - i] for i, a in enumerate(ancestors) if a.get("stage") == "pretrain"]
     if pre:
-        fine_tuning_dir, fine_tuning = pre[-1][0], f"v{pre[-1][1]['version']} (pretrain)"
+        fine_tuning_dir, fine_tuning = pre[0], f"v{pre[1]['version']} (pretrain)"
     elif (ws.model_dir("init") / "config.json").exists():
         fine_tuning_dir, fine_tuning = ws.model_dir("init"), str(ws.model_dir("init"))
     base_checked = fine_tuning_dir is not None

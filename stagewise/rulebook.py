@@ -276,9 +276,6 @@ class Rulebook:
             out.append(Guard(x.stage, x.version, x.metrics))
         return out
 
-    def guarded_tasks(self, guards: list[Guard]) -> list[str]:
-        return list(dict.fromkeys(self.evals.targets[g.stage].task for g in guards))
-
     def champion_stages(self, champion_stage: str | None, stage: str) -> list[str]:
         """The stages whose targets a candidate must keep against the champion: every stage up to the one
         the champion was trained by (a fallback to an earlier model may not drop the champion's skills)."""

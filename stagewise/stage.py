@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stagewise.config import Config, StepConfig, hash_obj
-from stagewise.rulebook import describe, significant
+from stagewise.rulebook import Rulebook, describe, significant
 from stagewise.steps import Step
 from stagewise.workspace import Workspace
 
@@ -342,8 +342,6 @@ def ci_width_note(rule: dict | None, child: dict, points: float = 5.0) -> dict[s
 def judge_child(cfg: Config, evals, child: Lineage, accepted: list[Lineage]):
     """The rulebook on a trained child: its target vs the parent, the general rules vs the parent and
     the fine-tuning base, and every earlier accepted stage's target (stagewise/rulebook.py)."""
-    from stagewise.rulebook import Rulebook
-
     book = Rulebook.of(cfg, evals)
     base = fine_tuning_base([*accepted, child])
     return book.judge(child.stage, child.metrics, parent=child.parent_metrics, base=base[1] if base else None,
