@@ -2,7 +2,8 @@
 
 Aliases, not stages (deprecated in MLflow 3): `challenger` is the latest gated candidate, `champion`
 moves only when its gate passed, `previous-champion` is what `stagewise rollback` returns to.
-Every version is logged with MLflow's chat task (`llm/v1/chat`), so the registry serves itself:
+Every version is logged with MLflow's chat task (`llm/v1/chat`), so the registry serves itself, tool
+calls included (the pyfunc flavour loads through stagewise/serving.py):
 
     mlflow models serve -m models:/stagewise@champion --env-manager local   # OpenAI-style /invocations
 
@@ -153,6 +154,10 @@ def log_model_version(model_dir: Path, registered_name: str, stage: str, lineage
                       run_id: str, trust_remote_code: bool = False) -> str:
     """Log the HF folder as an MLflow transformers chat model inside `run_id`, register it, tag lineage.
 
+    The MLmodel is MLflow's transformers one with its pyfunc flavour loading through
+    stagewise/serving.py (request `tools` rendered as training rendered them, replies parsed into
+    `tool_calls`); `mlflow.transformers.load_model` reads it as before (docs/serving.md#tool-calls).
+
     Called only after `model_dir` was written completely (stages save atomically), so a crash can
     never register a half-written model. A LoRA/QLoRA stage's adapter (`<model_dir>/adapter`, PEFT
     format) is logged beside it as run artifacts `<stage>-adapter/`, its base named in the tags
@@ -164,6 +169,8 @@ def log_model_version(model_dir: Path, registered_name: str, stage: str, lineage
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from stagewise import serving
+
     model = resaveable(AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code))
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     # MLflow records this as the model's name and serves it as the chat reply's "model": the
@@ -172,7 +179,12 @@ def log_model_version(model_dir: Path, registered_name: str, stage: str, lineage
     active = mlflow.active_run()
     same = active is not None and active.info.run_id == run_id
     with contextlib.nullcontext() if same else mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
+        # mlflow.transformers.log_model's own path (Model.log) with stagewise.serving as the flavour
+        # module: the same transformers flavour, and a pyfunc flavour that serves tool calls.
+        info = mlflow.models.Model.log(
+            artifact_path=None,
+            flavor=serving,
+            flavor_name=serving.FLAVOR_NAME,
             transformers_model={"model": model, "tokenizer": tok},
             name=stage,
             # OpenAI-style chat in and out; MLflow applies the tokenizer's chat template and generation
