@@ -106,6 +106,14 @@ def test_nf4_folder_registers_and_downloads_as_the_same_quantized_model(store, t
     assert registry.version_tags("reg-q", v)["compression"] == "nf4"
     comps = mlflow.transformers.load_model(f"models:/reg-q/{v}", return_type="components")
     assert type(comps["model"].model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    # the pyfunc flavour (stagewise/serving.py: what `mlflow models serve` loads) is the same 4-bit model
+    served = mlflow.pyfunc.load_model(f"models:/reg-q/{v}")
+    assert type(served.get_raw_model().model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    from tests.tool_fixtures import TOOLS
+
+    answer = served.predict({"messages": [{"role": "user", "content": "What does the fox eat?"}], "tools": TOOLS[:1],
+                             "max_tokens": 4})
+    assert answer[0]["object"] == "chat.completion" and 0 < answer[0]["usage"]["completion_tokens"] <= 4
     with pytest.raises(NotImplementedError):       # why docs/evaluation.md says resaveable / stagewise download
         comps["model"].save_pretrained(tmp_path / "bare", safe_serialization=True)
     out = registry.download_model("reg-q", v, tmp_path / "dl")
