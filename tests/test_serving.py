@@ -7,26 +7,21 @@ own CLI on loopback. The request is plain HTTP (urllib), the way any client woul
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
+from serve_fixtures import mlflow_serve, post
 from stagewise import registry
 from stagewise.config import GenerateConfig, ModelConfig, TokenizerConfig
 
 QUESTION, ANSWER = "Say hi.", "hi there"
-STARTUP_S = 180
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +60,6 @@ def served_store(tmp_path_factory):
     return root, uri, tok
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict, timeout: float = 60) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
 def test_the_registry_version_is_a_chat_model(served_store):
     import mlflow
 
@@ -96,34 +79,11 @@ def test_the_registry_version_is_a_chat_model(served_store):
     assert parts["tokenizer"].chat_template == tok.chat_template and parts["model"].num_parameters() > 0
 
 
-@contextlib.contextmanager
 def served(uri: str, model_uri: str, log: Path):
-    """`mlflow models serve` on loopback (a free port, bounded start-up wait, always stopped); yields its URL."""
-    port = _free_port()
+    """`mlflow models serve` on loopback against the store at `uri`; yields its URL."""
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ['PATH']}"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", model_uri,
-                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + STARTUP_S
-        while True:
-            assert proc.poll() is None, f"mlflow models serve exited ({proc.returncode}): {log.read_text()[-2000:]}"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                assert time.time() < deadline, f"server not up after {STARTUP_S}s: {log.read_text()[-2000:]}"
-                time.sleep(1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    return mlflow_serve(mlflow_cli, model_uri, env, log)
 
 
 def test_mlflow_models_serve_answers_openai_style_chat(served_store):
@@ -131,7 +91,7 @@ def test_mlflow_models_serve_answers_openai_style_chat(served_store):
     with served(uri, "models:/serve-test@champion", root / "serve.log") as url:
         body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 20}
         t0 = time.perf_counter()
-        reply = _post(f"{url}/invocations", body)
+        reply = post(f"{url}/invocations", body)
         latency = time.perf_counter() - t0
     choice = (reply[0] if isinstance(reply, list) else reply)["choices"][0]
     usage = (reply[0] if isinstance(reply, list) else reply)["usage"]
@@ -206,7 +166,7 @@ def test_mlflow_models_serve_answers_tool_calls_then_the_answer(tool_store):
         for chat in TOOL_CHATS:
             user, taught, result, answer = chat
             first = {"messages": [user], "tools": tools, "max_tokens": 60}
-            reply = _post(f"{url}/invocations", first)[0]
+            reply = post(f"{url}/invocations", first)[0]
             (choice,) = reply["choices"]
             print(f"\nserving: {json.dumps(first)[:120]}… -> {json.dumps(choice)}")
             assert choice["finish_reason"] == "tool_calls" and choice["message"]["role"] == "assistant"
@@ -219,7 +179,7 @@ def test_mlflow_models_serve_answers_tool_calls_then_the_answer(tool_store):
             # the client appends the reply as it came and the tool's result for that call's id
             follow = {"messages": [user, choice["message"], {**result, "tool_call_id": tc["id"]}], "tools": tools,
                       "max_tokens": 60}
-            reply = _post(f"{url}/invocations", follow)[0]
+            reply = post(f"{url}/invocations", follow)[0]
             (choice,) = reply["choices"]
             print(f"serving: follow-up with the tool result -> {json.dumps(choice)}")
             assert choice == {"index": 0, "finish_reason": "stop",
@@ -230,9 +190,9 @@ def test_mlflow_models_serve_answers_tool_calls_then_the_answer(tool_store):
             {"id": "c1", "type": "function", "function": {"name": "animal_food", "arguments": "{animal: fox"}}]}],
             "tools": tools}
         with pytest.raises(urllib.error.HTTPError) as e:
-            _post(f"{url}/invocations", bad)
+            post(f"{url}/invocations", bad)
         assert e.value.code == 400 and "arguments are not JSON" in json.loads(e.value.read())["message"]
         # a tool without a function (MLflow's chat signature lets it through): a 400 naming it
         with pytest.raises(urllib.error.HTTPError) as e:
-            _post(f"{url}/invocations", {"messages": [TOOL_CHATS[0][0]], "tools": [{"type": "function"}]})
+            post(f"{url}/invocations", {"messages": [TOOL_CHATS[0][0]], "tools": [{"type": "function"}]})
         assert e.value.code == 400 and "tools[0] has no function name" in json.loads(e.value.read())["message"]
