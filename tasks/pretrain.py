@@ -15,7 +15,7 @@ from prefect import task
 from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.config import Config
-from stagewise.launch import accelerated
+from stagewise.launch import on_ranks, rank_batch
 from stagewise.modeling import (
     fit, publish_stage, build_model, common_args, heldout_texts, load_tokenizer, mean_nll, pack, param_counts, split_corpus,
     perplexity, progress_callback, read_jsonl, set_threads,
@@ -23,7 +23,7 @@ from stagewise.modeling import (
 from tasks import step
 
 
-@accelerated
+@on_ranks
 def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """Train the base model; save it (with tokenizer and chat template) to out_dir."""
     from datasets import Dataset
@@ -49,7 +49,7 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
     args = TrainingArguments(
         **common_args(cfg, out_dir, report_to),
         max_steps=p.max_steps,
-        per_device_train_batch_size=p.batch_size,
+        per_device_train_batch_size=rank_batch(p.batch_size),
         per_device_eval_batch_size=p.batch_size,
         learning_rate=p.learning_rate,
         lr_scheduler_type="cosine",
