@@ -192,42 +192,41 @@ def ray_launch(fn, cfg, **kwargs) -> dict:
     name = f"{stage}-{uuid.uuid4().hex[:8]}"
     # the inputs are read at the caller's paths: every rank's node must see them (docs/scale-out.md)
     spec = _spec(fn, cfg, kwargs)
-    trainer = TorchTrainer(
-        _rank_main,
-        train_loop_config={"spec": json.dumps(spec), "env": {"OMP_NUM_THREADS": str(max(1, int(res.num_cpus))),
-                                                              **_mlflow_env()}},
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.num_gpus > 0,
-                                     resources_per_worker={"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}),
-        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )
     with ray_session(ops):
-        outcome = trainer.fit()
-    try:
-        if outcome.checkpoint is None:
-            raise RuntimeError(f"{stage}: the Ray Train run {name} finished without a published model "
-                               f"(storage {scratch}/train)")
-        tmp = out_dir.parent / f".{out_dir.name}.incoming"
-        shutil.rmtree(tmp, ignore_errors=True)
-        outcome.checkpoint.to_directory(str(tmp))
-        notes = json.loads((tmp / "ranks.json").read_text())
-        (tmp / "ranks.json").unlink()
-        result = json.loads(outcome.metrics["result"])
-        # rank 0 published into its own node's folder: name the folder the caller asked for instead
-        info = json.loads((tmp / "stage_info.json").read_text())
-        for d in (result, info):
-            if "model_dir" in d:
-                d["model_dir"] = str(out_dir)
-        (tmp / "stage_info.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    finally:
-        import pyarrow.fs
+        try:
+            outcome = TorchTrainer(
+                _rank_main,
+                train_loop_config={"spec": json.dumps(spec), "env": _mlflow_env()},
+                scaling_config=ScalingConfig(
+                    num_workers=res.num_workers, use_gpu=res.num_gpus > 0,
+                    resources_per_worker={"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}),
+                run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                     checkpoint_config=CheckpointConfig(num_to_keep=1)),
+            ).fit()
+            if outcome.checkpoint is None:
+                raise RuntimeError(f"{stage}: the Ray Train run {name} finished without a published model "
+                                   f"(storage {scratch}/train)")
+            tmp = out_dir.parent / f".{out_dir.name}.incoming"
+            shutil.rmtree(tmp, ignore_errors=True)
+            outcome.checkpoint.to_directory(str(tmp))
+            notes = json.loads((tmp / "ranks.json").read_text())
+            (tmp / "ranks.json").unlink()
+            result = json.loads(outcome.metrics["result"])
+            # rank 0 published into its own node's folder: name the folder the caller asked for instead
+            info = json.loads((tmp / "stage_info.json").read_text())
+            for d in (result, info):
+                if "model_dir" in d:
+                    d["model_dir"] = str(out_dir)
+            (tmp / "stage_info.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(tmp, out_dir)
+        finally:
+            import pyarrow.fs
 
-        try:   # the run's folder (its checkpoint is out_dir now); only the placement record stays
-            (fs or pyarrow.fs.LocalFileSystem()).delete_dir(f"{path}/{name}")
-        except (OSError, FileNotFoundError):  # pragma: no cover - nothing was written
-            pass
+            try:   # the run's folder (its checkpoint is out_dir now); only the placement record stays
+                (fs or pyarrow.fs.LocalFileSystem()).delete_dir(f"{path}/{name}")
+            except (OSError, FileNotFoundError):  # nothing was written
+                pass
     record_placement(scratch.rstrip("/"), "train", stage, notes)
     logging.getLogger("stagewise").info("%s: %d rank(s) on node(s) %s", stage, len(notes),
                                         sorted({n["node_ip"] for n in notes}))
