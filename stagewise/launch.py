@@ -15,6 +15,10 @@ and publishes.
   checkpoint; Ray Train persists it to the shared storage (`ops.ray_scratch`: S3 on a cluster) and
   the caller copies it into out_dir: no disk is shared with the ranks' nodes. The stage's batch_size
   is split over the ranks (`rank_batch`), so a step sees the batch one process would.
+  Ray's `ray.train.huggingface.transformers` helpers are not needed: `prepare_trainer` only swaps
+  the Trainer's dataloaders for Ray Data iterators (the stages keep their own datasets) and
+  `RayTrainReportCallback` reports every HF checkpoint (the stages keep their own resume logic).
+  The ranks read the stage's inputs at the caller's paths (docs/scale-out.md section 3).
 
 An active MLflow run is handed over through MLFLOW_RUN_ID so the trainers' curves land in the
 caller's run.
@@ -141,6 +145,22 @@ def _storage(root: str):
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def _check_fits(stage: str, res, need: dict) -> None:
+    """Ray Train waits (retrying forever) for ranks no node can hold: refuse such a request at once.
+    Counts the nodes alive now; on an autoscaling cluster keep one node of each kind up."""
+    import ray
+
+    from stagewise.errors import ConfigError
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    fits = sum(int(min(n.get(k, 0) / v for k, v in need.items()) + 1e-9) for n in nodes)
+    if fits < res.num_workers:
+        have = sorted({f"{{CPU: {n.get('CPU', 0):g}, GPU: {n.get('GPU', 0):g}}}" for n in nodes})
+        raise ConfigError(f"{stage}.resources: {res.num_workers} rank(s) of {{CPU: {res.num_cpus:g}, GPU: "
+                          f"{res.num_gpus:g}}} each do not fit the Ray cluster (room for {fits}; its nodes: "
+                          f"{', '.join(have)}): lower {stage}.resources or add nodes")
+
+
 def _rank_main(config: dict) -> None:
     """One Ray Train worker: the stage function on this rank; rank 0 reports the published folder."""
     import socket
@@ -190,16 +210,16 @@ def ray_launch(fn, cfg, **kwargs) -> dict:
     scratch = ops.ray_scratch or str(out_dir.parent / f"{out_dir.name}.ray")   # a local Ray: beside out_dir
     path, fs = _storage(f"{scratch.rstrip('/')}/train")
     name = f"{stage}-{uuid.uuid4().hex[:8]}"
-    # the inputs are read at the caller's paths: every rank's node must see them (docs/scale-out.md)
     spec = _spec(fn, cfg, kwargs)
+    need = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
     with ray_session(ops):
+        _check_fits(stage, res, need)
         try:
             outcome = TorchTrainer(
                 _rank_main,
                 train_loop_config={"spec": json.dumps(spec), "env": _mlflow_env()},
-                scaling_config=ScalingConfig(
-                    num_workers=res.num_workers, use_gpu=res.num_gpus > 0,
-                    resources_per_worker={"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}),
+                scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.num_gpus > 0,
+                                             resources_per_worker=need),
                 run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                                      checkpoint_config=CheckpointConfig(num_to_keep=1)),
             ).fit()

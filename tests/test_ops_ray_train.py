@@ -102,3 +102,15 @@ def test_sft_as_ddp_over_two_ray_ranks_trains_the_one_process_model_and_register
     # the Ray Train runs' folders are gone; only the placement records stay
     assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == ["placement", "train"]
     assert not any((tmp_path / "scratch" / "train").iterdir())
+
+
+@pytest.mark.slow   # a local Ray (the module's): ~10 s
+def test_a_resource_request_the_cluster_cannot_hold_is_one_error_naming_the_setting(local_ray, tmp_path):
+    """Ray Train would wait for the ranks forever: 3 ranks of 1 CPU on a 2-CPU Ray are refused at once."""
+    from stagewise.errors import ConfigError
+    from tasks.sft import sft
+
+    with pytest.raises(ConfigError, match=r"sft.resources: 3 rank\(s\) of \{CPU: 1, GPU: 0\} each do not fit the "
+                                          r"Ray cluster \(room for 2; its nodes: \{CPU: 2, GPU: 0\}\)"):
+        sft(on_ray(tmp_path, 3), pretrained()[0], curated(), tmp_path / "sft")
+    assert not (tmp_path / "sft").exists()
