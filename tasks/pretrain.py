@@ -76,6 +76,7 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
         + ([EarlyStoppingCallback(early_stopping_patience=patience)] if patience else []),
     )
     run = fit(trainer, out_dir)
+    final_eval = trainer.evaluate()   # under DDP a collective: every rank takes part, not only the one that reports
     if run is None:
         return {}
     if patience and trainer.state.global_step < p.max_steps:
@@ -83,7 +84,7 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
             f"early stopping at step {trainer.state.global_step} of {p.max_steps}: held-out loss did not improve "
             f"for {patience} evaluations; kept the best checkpoint (step {trainer.state.best_global_step}, "
             f"eval loss {trainer.state.best_metric:.4f})")
-    run["train_metrics"].update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+    run["train_metrics"].update({k: float(v) for k, v in final_eval.items() if isinstance(v, (int, float))})
     tokens = trainer.state.num_input_tokens_seen
     model.config.use_cache = True
     nll_after = mean_nll(model, tok, heldout, cfg.model.max_seq_len) if heldout else None

@@ -114,3 +114,29 @@ def test_a_resource_request_the_cluster_cannot_hold_is_one_error_naming_the_sett
                                           r"Ray cluster \(room for 2; its nodes: \{CPU: 2, GPU: 0\}\)"):
         sft(on_ray(tmp_path, 3), pretrained()[0], curated(), tmp_path / "sft")
     assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.slow   # three 2-rank Ray Train runs: ~35 s each on 2 busy cores
+@pytest.mark.parametrize("stage", ["pretrain", "preference", "reasoning"])
+def test_the_other_training_stages_run_as_two_ddp_ranks(local_ray, tmp_path, stage):
+    """pretrain, DPO and GRPO on two ranks: both in one world of 2, the same weights at the end, the model
+    published. (pretrain's final evaluation is a collective: every rank must take part, or the ranks' next
+    collectives mismatch.)"""
+    import importlib
+
+    from stage_fixtures import sft_model, tokenizer_dir
+
+    sets = {"pretrain": ["pretrain.max_steps=6"],
+            "preference": ["preference.max_steps=4", "preference.eval_limit=8"],
+            "reasoning": ["reasoning.max_steps=2", "reasoning.eval_limit=8", "reasoning.warm_start_below=0"]}[stage]
+    cfg = smoke_cfg("ops.engine=ray", f"ops.ray_scratch={tmp_path / 'scratch'}", f"{stage}.resources.num_workers=2",
+                    *sets)
+    inputs = (tokenizer_dir(), curated()) if stage == "pretrain" else (sft_model()[0], curated())
+    res = getattr(importlib.import_module(f"tasks.{stage}"), stage)(cfg, *inputs, tmp_path / stage)
+    ranks = json.loads((tmp_path / "scratch" / "placement" / f"train-{stage}.json").read_text())
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    assert res["steps"] == int(sets[0].split("=")[1])
+    assert json.loads((tmp_path / stage / "stage_info.json").read_text())["stage"] == stage
+    if stage == "pretrain":
+        assert "eval_loss" in res["train_metrics"]
