@@ -244,6 +244,17 @@ class TrainConfig(Section):
     keep_parent_on_regression: bool = True
 
 
+class Resources(Section):
+    # Where a training stage runs with ops.engine: ray (docs/scale-out.md section 3): num_workers ranks
+    # (Ray Train, DDP when > 1), each reserving num_cpus CPUs and num_gpus GPUs on its node. The stage's
+    # batch_size stays the batch of one optimizer step, split over the ranks, so the model is the one a
+    # single process trains (within float noise): placement only, never part of a cache key.
+    # ops.engine: local ignores it.
+    num_workers: int = Field(1, gt=0)
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+
+
 class PretrainConfig(Section):
     # auto (max_steps, learning_rate, warmup_ratio, eval_steps, save_steps, early_stopping_patience):
     # stagewise/recipes.py derives them from the corpus and the model
@@ -261,6 +272,8 @@ class PretrainConfig(Section):
     eval_fraction: float = Field(0.05, gt=0, lt=1)   # corpus documents held out for the periodic eval loss
     max_eval_blocks: int = Field(64, gt=0)     # cap on eval blocks: periodic eval stays cheap
     heldout_limit: int | None = Field(None, gt=0)  # benchmark general_text items for the before/after perplexity
+    resources: Resources = Field(default_factory=Resources)   # ops.engine: ray (placement, DDP ranks)
+
     # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
     # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
     # held-out share of the stage's own data). docs/evaluation.md.
@@ -298,6 +311,8 @@ class SFTConfig(Section):
     early_stopping_patience: Auto(int | None, gt=0) = None
     eval_steps: Auto(int, gt=0) = 50
     eval_fraction: float = Field(0.1, gt=0, lt=1)
+    resources: Resources = Field(default_factory=Resources)   # ops.engine: ray (placement, DDP ranks)
+
     # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
     # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
     # held-out share of the stage's own data). docs/evaluation.md.
@@ -343,6 +358,8 @@ class PreferenceConfig(Section):
     # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
     # held-out share of the stage's own data). docs/evaluation.md.
     target: str | None = None
+    resources: Resources = Field(default_factory=Resources)   # ops.engine: ray (placement, DDP ranks)
+
     reward: RewardModelConfig = Field(default_factory=RewardModelConfig)
     ppo: PPOConfigSection = Field(default_factory=PPOConfigSection)
 
@@ -381,6 +398,8 @@ class ReasoningConfig(Section):
     # ... undone (GRPO starts from the parent) when held-out general word perplexity rises more than this
     # (the gate's default limit; its own setting so that tuning gate limits does not retrain this stage)
     warm_start_max_ppl_rise_pct: float = Field(10.0, ge=0)
+    resources: Resources = Field(default_factory=Resources)   # ops.engine: ray (placement, DDP ranks)
+
     # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;
     # null: resolved by stagewise/evalsets.py (demo set, the only declared set of the stage's kind, or a
     # held-out share of the stage's own data). docs/evaluation.md.
@@ -647,7 +666,7 @@ class Config(Section):
 
     def section_hash(self, name: str) -> str:
         """Stable hash of one section: part of every stage's cache key and lineage."""
-        return hash_obj(self.section(name).model_dump(mode="json"))
+        return hash_obj(recipe_dump(self.section(name)))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -695,6 +714,15 @@ class StepConfig:
 
     def unrestricted(self) -> "Config":
         return self._cfg
+
+
+# Where a stage runs, not what it computes (Resources): left out of cache keys and lineage hashes.
+PLACEMENT = frozenset({"resources"})
+
+
+def recipe_dump(section: Section) -> dict[str, Any]:
+    """A section's settings without its placement: what a stage's result depends on."""
+    return section.model_dump(mode="json", exclude=set(PLACEMENT & set(type(section).model_fields)))
 
 
 def hash_obj(obj: Any) -> str:

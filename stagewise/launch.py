@@ -1,12 +1,27 @@
-"""`train.launcher: accelerate` — run a training stage under `accelerate launch`.
+"""Run a training stage on N ranks: `train.launcher: accelerate` (one host) or `ops.engine: ray` (Ray Train).
 
-A stage function decorated with `@accelerated` notices it is not yet inside a launched process and calls `relaunch(...)`:
-that writes the resolved config and the stage's arguments to a spec file, runs
-`accelerate launch --config_file <train.accelerate_config> -m stagewise.launch <spec>`, waits,
-and returns the result the main process wrote. Inside, every rank runs the same stage function
-(HF/TRL trainers pick up the distributed state: DDP over gloo on CPU); only the main process
-evaluates and publishes out_dir. An active MLflow run is handed over through MLFLOW_RUN_ID so
-the trainers' curves land in the caller's run.
+A stage function decorated with `@on_ranks` notices it is not yet inside a launched process and hands
+itself to one of two backends, both carrying the same JSON spec (the stage function by module and
+name, the resolved config, its arguments); every rank rebuilds the call from it (`run_spec`) and runs
+the same stage function, whose HF/TRL trainer picks up the distributed state; only rank 0 evaluates
+and publishes.
+
+- `accelerate`: `accelerate launch --config_file <train.accelerate_config> -m stagewise.launch <spec>`
+  on this host; rank 0 writes the result file the caller reads.
+- `ray`: a Ray Train `TorchTrainer` of `<stage>.resources.num_workers` workers, each reserving
+  `num_cpus`/`num_gpus` (Ray places them on any nodes with those free; DDP over gloo on CPUs, NCCL
+  on GPUs). Ray Train brings up torch.distributed across the nodes, so the stage needs no launcher of
+  its own on each host. Rank 0 publishes into a folder on its own node and reports it as the run's
+  checkpoint; Ray Train persists it to the shared storage (`ops.ray_scratch`: S3 on a cluster) and
+  the caller copies it into out_dir: no disk is shared with the ranks' nodes. The stage's batch_size
+  is split over the ranks (`rank_batch`), so a step sees the batch one process would.
+  Ray's `ray.train.huggingface.transformers` helpers are not needed: `prepare_trainer` only swaps
+  the Trainer's dataloaders for Ray Data iterators (the stages keep their own datasets) and
+  `RayTrainReportCallback` reports every HF checkpoint (the stages keep their own resume logic).
+  The ranks read the stage's inputs at the caller's paths (docs/scale-out.md section 3).
+
+An active MLflow run is handed over through MLFLOW_RUN_ID so the trainers' curves land in the
+caller's run.
 """
 
 from __future__ import annotations
@@ -15,6 +30,7 @@ import functools
 import importlib
 import inspect
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,10 +39,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+RAY_RANKS = "STAGEWISE_RAY_RANKS"   # set inside a Ray Train rank: how many ranks split the stage's batch
 
 
 def launched() -> bool:
-    """True inside a process started by `accelerate launch` (or torchrun)."""
+    """True inside a process started by `accelerate launch` (or torchrun), or a Ray Train rank."""
     return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCHED" in os.environ
 
 
@@ -34,10 +51,42 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def relaunch(fn, cfg, **kwargs) -> dict:
-    """Run the stage function `fn(cfg, **kwargs)` under `accelerate launch`; return its result.
+def rank_batch(batch: int) -> int:
+    """The per-rank batch of a stage whose `batch_size` is one optimizer step's: split over the Ray
+    ranks (config checks it divides). The accelerate launcher keeps batch_size per process."""
+    return batch // int(os.environ.get(RAY_RANKS, "1"))
 
-    Every rank imports `fn` by its module and name (the spec file carries both)."""
+
+def _spec(fn, cfg, kwargs: dict) -> dict:
+    """What every rank needs to make the same call: JSON only (nothing is unpickled from disk)."""
+    reads = sorted(getattr(cfg, "_reads", ()))   # a StepConfig stays one inside the ranks
+    return {"fn": f"{fn.__module__}:{fn.__qualname__}", "cfg": cfg.to_dict(), "reads": reads,
+            "kwargs": {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}}
+
+
+def run_spec(spec: dict):
+    """Inside a rank: rebuild the config and the arguments, run the stage function."""
+    from stagewise.config import Config, StepConfig
+
+    cfg = Config.model_validate(spec["cfg"])
+    if spec.get("reads"):
+        cfg = StepConfig(cfg, spec["fn"].rpartition(":")[2], tuple(spec["reads"]))
+    kwargs = {k: Path(v) if k.endswith("_dir") else v for k, v in spec["kwargs"].items()}
+    module, _, name = spec["fn"].partition(":")
+    return getattr(importlib.import_module(module), name)(cfg, **kwargs)
+
+
+def _mlflow_env() -> dict:
+    try:
+        import mlflow
+    except ImportError:  # pragma: no cover
+        return {}
+    run = mlflow.active_run()
+    return {} if run is None else {"MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+
+
+def relaunch(fn, cfg, **kwargs) -> dict:
+    """Run the stage function `fn(cfg, **kwargs)` under `accelerate launch`; return its result."""
     stage = fn.__name__
     conf = Path(cfg.train.accelerate_config)
     if not conf.is_absolute():
@@ -47,22 +96,11 @@ def relaunch(fn, cfg, **kwargs) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"stagewise-{stage}-") as tmp:
         spec = Path(tmp) / "spec.json"
         result = Path(tmp) / "result.json"
-        reads = sorted(getattr(cfg, "_reads", ()))   # a StepConfig stays one inside the ranks
-        spec.write_text(json.dumps({"fn": f"{fn.__module__}:{fn.__qualname__}", "cfg": cfg.to_dict(), "reads": reads,
-                                    "result": str(result),
-                                    "kwargs": {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}}))
+        spec.write_text(json.dumps({**_spec(fn, cfg, kwargs), "result": str(result)}))
         env = os.environ.copy()
         env["ACCELERATE_LAUNCHED"] = "1"
         env.setdefault("OMP_NUM_THREADS", "1")   # n processes share the cores
-        try:
-            import mlflow
-
-            run = mlflow.active_run()
-            if run is not None:
-                env["MLFLOW_RUN_ID"] = run.info.run_id
-                env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
-        except ImportError:  # pragma: no cover
-            pass
+        env.update(_mlflow_env())
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(conf),
                "-m", "stagewise.launch", str(spec)]
         proc = subprocess.run(cmd, env=env, cwd=str(ROOT))
@@ -72,19 +110,166 @@ def relaunch(fn, cfg, **kwargs) -> dict:
         return json.loads(result.read_text())
 
 
-def accelerated(fn=None, *, when: Callable[[Any], bool] | None = None):
-    """Decorate a stage function `fn(cfg, ...)`: with `train.launcher: accelerate` (and `when(cfg)`, if
-    given) a call outside a launched process relaunches it under `accelerate launch`; inside one, and
-    with the in-process launcher, it runs as written."""
+# ---------------------------------------------------------------- the Ray Train backend
+_notes: dict = {}   # what this rank's training left behind (note_rank): the stage returns nothing on ranks > 0
+
+
+def note_rank(trainer) -> None:
+    """Inside a Ray Train rank, after training: this rank's world size, its loss curve and a hash of
+    its weights (DDP keeps every rank's copy equal; the placement record shows it)."""
+    if RAY_RANKS not in os.environ:
+        return
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    for k, v in sorted(trainer.model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    _notes.update(world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                  weights_sha256=h.hexdigest(),
+                  loss=[[e["step"], float(e["loss"])] for e in trainer.state.log_history if "loss" in e])
+
+
+def _storage(root: str):
+    """(storage_path, storage_filesystem) for Ray Train: a local folder, or any fsspec URL (s3://...
+    through s3fs, which honours AWS_ENDPOINT_URL like the data steps' scratch) wrapped for pyarrow."""
+    if "://" not in root:
+        return str(Path(root).resolve()), None
+    import fsspec
+    import pyarrow.fs
+
+    fs, path = fsspec.core.url_to_fs(root)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def _check_fits(stage: str, res, need: dict) -> None:
+    """Ray Train waits (retrying forever) for ranks no node can hold: refuse such a request at once.
+    Counts the nodes alive now; on an autoscaling cluster keep one node of each kind up."""
+    import ray
+
+    from stagewise.errors import ConfigError
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    fits = sum(int(min(n.get(k, 0) / v for k, v in need.items()) + 1e-9) for n in nodes)
+    if fits < res.num_workers:
+        have = sorted({f"{{CPU: {n.get('CPU', 0):g}, GPU: {n.get('GPU', 0):g}}}" for n in nodes})
+        raise ConfigError(f"{stage}.resources: {res.num_workers} rank(s) of {{CPU: {res.num_cpus:g}, GPU: "
+                          f"{res.num_gpus:g}}} each do not fit the Ray cluster (room for {fits}; its nodes: "
+                          f"{', '.join(have)}): lower {stage}.resources or add nodes")
+
+
+def _rank_main(config: dict) -> None:
+    """One Ray Train worker: the stage function on this rank; rank 0 reports the published folder."""
+    import socket
+
+    import ray
+    import ray.train
+
+    ctx = ray.train.get_context()
+    os.environ.update(config["env"], **{RAY_RANKS: str(ctx.get_world_size())})
+    spec = json.loads(config["spec"])
+    with tempfile.TemporaryDirectory(prefix="stagewise-rank-") as tmp:
+        out = Path(tmp) / "out"   # this node's own disk; rank 0's copy travels as the checkpoint
+        spec["kwargs"]["out_dir"] = str(out)
+        _notes.clear()
+        result = run_spec(spec)
+        rt = ray.get_runtime_context()
+        note = dict(_notes, rank=ctx.get_world_rank(), node_ip=ray.util.get_node_ip_address(),
+                    node_id=rt.get_node_id(), host=socket.gethostname(), reserved=rt.get_assigned_resources())
+        # every rank's note goes to rank 0 (all ranks must reach report() anyway: it is a barrier)
+        import torch.distributed as dist
+
+        notes = [None] * ctx.get_world_size()
+        dist.all_gather_object(notes, note)
+        ckpt = None
+        if ctx.get_world_rank() == 0 and (out / "stage_info.json").exists():
+            (out / "ranks.json").write_text(json.dumps(notes))
+            ckpt = ray.train.Checkpoint.from_directory(out)
+        ray.train.report({"result": json.dumps(result if ctx.get_world_rank() == 0 else None, default=str)},
+                         checkpoint=ckpt)
+
+
+def ray_launch(fn, cfg, **kwargs) -> dict:
+    """Run `fn(cfg, **kwargs)` as a Ray Train TorchTrainer placed by `<stage>.resources`; copy the
+    published model into out_dir; record which node ran which rank."""
+    import shutil
+    import uuid
+
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from stagewise.shards import ray_session, record_placement
+
+    stage = fn.__name__
+    full = cfg.unrestricted() if hasattr(cfg, "unrestricted") else cfg
+    ops, res = full.ops, full.section(stage).resources
+    out_dir = Path(kwargs["out_dir"])
+    scratch = ops.ray_scratch or str(out_dir.parent / f"{out_dir.name}.ray")   # a local Ray: beside out_dir
+    path, fs = _storage(f"{scratch.rstrip('/')}/train")
+    name = f"{stage}-{uuid.uuid4().hex[:8]}"
+    spec = _spec(fn, cfg, kwargs)
+    need = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+    with ray_session(ops):
+        _check_fits(stage, res, need)
+        try:
+            outcome = TorchTrainer(
+                _rank_main,
+                train_loop_config={"spec": json.dumps(spec), "env": _mlflow_env()},
+                scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.num_gpus > 0,
+                                             resources_per_worker=need),
+                run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                     checkpoint_config=CheckpointConfig(num_to_keep=1)),
+            ).fit()
+            if outcome.checkpoint is None:
+                raise RuntimeError(f"{stage}: the Ray Train run {name} finished without a published model "
+                                   f"(storage {scratch}/train)")
+            tmp = out_dir.parent / f".{out_dir.name}.incoming"
+            shutil.rmtree(tmp, ignore_errors=True)
+            outcome.checkpoint.to_directory(str(tmp))
+            notes = json.loads((tmp / "ranks.json").read_text())
+            (tmp / "ranks.json").unlink()
+            result = json.loads(outcome.metrics["result"])
+            # rank 0 published into its own node's folder: name the folder the caller asked for instead
+            info = json.loads((tmp / "stage_info.json").read_text())
+            for d in (result, info):
+                if "model_dir" in d:
+                    d["model_dir"] = str(out_dir)
+            (tmp / "stage_info.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(tmp, out_dir)
+        finally:
+            import pyarrow.fs
+
+            try:   # the run's folder (its checkpoint is out_dir now); only the placement record stays
+                (fs or pyarrow.fs.LocalFileSystem()).delete_dir(f"{path}/{name}")
+            except (OSError, FileNotFoundError):  # nothing was written
+                pass
+    record_placement(scratch.rstrip("/"), "train", stage, notes)
+    logging.getLogger("stagewise").info("%s: %d rank(s) on node(s) %s", stage, len(notes),
+                                        sorted({n["node_ip"] for n in notes}))
+    return result
+
+
+def on_ranks(fn=None, *, when: Callable[[Any], bool] | None = None):
+    """Decorate a stage function `fn(cfg, ...)`. Outside a launched process (and when `when(cfg)`, if
+    given): with `ops.engine: ray` it runs as a Ray Train job placed by `<stage>.resources`; with
+    `train.launcher: accelerate` under `accelerate launch`; otherwise, and inside a rank, as written."""
     def wrap(f):
         sig = inspect.signature(f)
 
         @functools.wraps(f)
         def run(cfg, *args, **kwargs):
-            if cfg.train.launcher == "accelerate" and not launched() and (when is None or when(cfg)):
-                bound = sig.bind(cfg, *args, **kwargs)
-                bound.apply_defaults()
-                return relaunch(run, cfg, **{k: v for k, v in bound.arguments.items() if k != "cfg"})
+            if not launched() and (when is None or when(cfg)):
+                full = cfg.unrestricted() if hasattr(cfg, "unrestricted") else cfg
+                backend = (ray_launch if full.ops.engine == "ray"
+                           else relaunch if cfg.train.launcher == "accelerate" else None)
+                if backend is not None:
+                    bound = sig.bind(cfg, *args, **kwargs)
+                    bound.apply_defaults()
+                    return backend(run, cfg, **{k: v for k, v in bound.arguments.items() if k != "cfg"})
             return f(cfg, *args, **kwargs)
 
         return run
@@ -93,16 +278,8 @@ def accelerated(fn=None, *, when: Callable[[Any], bool] | None = None):
 
 
 def main(spec_path: str) -> None:
-    from stagewise.config import Config, StepConfig
-
     spec = json.loads(Path(spec_path).read_text())
-    cfg = Config.model_validate(spec["cfg"])
-    if spec.get("reads"):
-        cfg = StepConfig(cfg, spec["fn"].rpartition(":")[2], tuple(spec["reads"]))
-    kwargs = {k: Path(v) if k.endswith("_dir") else v for k, v in spec["kwargs"].items()}
-    module, _, name = spec["fn"].partition(":")
-    fn = getattr(importlib.import_module(module), name)
-    res = fn(cfg, **kwargs)
+    res = run_spec(spec)
     if is_main_process():
         Path(spec["result"]).write_text(json.dumps(res, default=str))
 

@@ -298,11 +298,14 @@ def train_with_resume(trainer, ckpt_dir: Path) -> tuple[Any, int | None]:
 def fit(trainer, out_dir: Path) -> dict | None:
     """Train (resuming from out_dir's checkpoints of a killed run): the result fields every stage reports.
 
-    None on ranks other than the main one (accelerate): they have nothing to save or report.
+    None on ranks other than the main one (accelerate, Ray Train): they have nothing to save or report.
     """
     t0 = time.perf_counter()
     out, resumed = train_with_resume(trainer, checkpoint_dir(out_dir))
     wall = time.perf_counter() - t0
+    from stagewise.launch import note_rank
+
+    note_rank(trainer)   # a Ray Train rank's world size, loss curve and weights hash, for its placement record
     if not trainer.is_world_process_zero():
         return None
     metrics = final_metrics(trainer, out)

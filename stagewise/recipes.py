@@ -262,4 +262,14 @@ def check(cfg) -> None:
             raise ConfigError(f"{section}.early_stopping_patience needs a checkpoint at every evaluation: "
                               f"{section}.save_steps ({c.save_steps}) must be a multiple of {section}.eval_steps "
                               f"({c.eval_steps}); set both to the same number, or both to auto")
+    for section in ("pretrain", "sft", "preference", "reasoning"):
+        c = cfg.section(section)
+        n = c.resources.num_workers
+        if c.batch_size % n:   # stagewise.launch.rank_batch: one optimizer step's batch, split over the ranks
+            raise ConfigError(f"{section}.batch_size ({c.batch_size}) does not split over {section}.resources."
+                              f"num_workers ({n}) ranks: make it a multiple of {n}")
+    if cfg.ops.engine == "ray" and cfg.train.launcher == "accelerate":
+        raise ConfigError("ops.engine: ray runs the training stages on Ray Train, placed by <stage>.resources; "
+                          "train.launcher: accelerate is the one-host launcher without Ray: set train.launcher: "
+                          "inprocess (or ops.engine: local)")
 

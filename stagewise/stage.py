@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from stagewise.config import Config, StepConfig, hash_obj
+from stagewise.config import Config, StepConfig, hash_obj, recipe_dump
 from stagewise.rulebook import Rulebook, describe, significant
 from stagewise.steps import Step
 from stagewise.workspace import Workspace
@@ -92,7 +92,7 @@ def cache_key(step: Step, cfg: Config, parent: Lineage | None, data_hash: str | 
 def config_part(step: Step, cfg: Config) -> dict[str, Any]:
     """The settings a step's result depends on: the sections it declares, and the run's seed."""
     full = cfg.unrestricted() if isinstance(cfg, StepConfig) else cfg
-    return {"run.seed": full.run.seed, **{s: full.section(s).model_dump(mode="json") for s in step.reads}}
+    return {"run.seed": full.run.seed, **{s: recipe_dump(full.section(s)) for s in step.reads}}
 
 
 def stage_key(step: Step, cfg: Config, parent: Lineage | None, data_hash: str | None) -> str:

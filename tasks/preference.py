@@ -20,7 +20,7 @@ from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.chat import stop_token_ids
 from stagewise.config import Config
-from stagewise.launch import accelerated
+from stagewise.launch import on_ranks, rank_batch
 from stagewise.modeling import (
     padding_side,
     fit, publish_stage, benchmarks_dir, checkpoint_dir, common_args, final_metrics, greedy_answers, load_parent,
@@ -68,7 +68,7 @@ def dpo(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         **common_args(cfg, out_dir, report_to),
         num_train_epochs=pc.epochs,
         max_steps=pc.max_steps,
-        per_device_train_batch_size=pc.batch_size,
+        per_device_train_batch_size=rank_batch(pc.batch_size),
         learning_rate=pc.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
@@ -219,7 +219,7 @@ def rlhf(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report
 
 
 # rlhf always runs in-process: stagewise/ppo.py is a single-process loop.
-@accelerated(when=lambda cfg: cfg.preference.method == "dpo")
+@on_ranks(when=lambda cfg: cfg.preference.method == "dpo")
 def preference(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """Preference alignment of the SFT model (`preference.method`: dpo | rlhf)."""
     set_threads(cfg)

@@ -15,7 +15,7 @@ from prefect import task
 from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.config import Config
-from stagewise.launch import accelerated
+from stagewise.launch import on_ranks, rank_batch
 from stagewise.modeling import (
     fit, publish_stage, build_model, common_args, heldout_texts, load_tokenizer, mean_nll, pack, param_counts, split_corpus,
     perplexity, progress_callback, read_jsonl, set_threads,
@@ -23,7 +23,7 @@ from stagewise.modeling import (
 from tasks import step
 
 
-@accelerated
+@on_ranks
 def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """Train the base model; save it (with tokenizer and chat template) to out_dir."""
     from datasets import Dataset
@@ -49,7 +49,7 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
     args = TrainingArguments(
         **common_args(cfg, out_dir, report_to),
         max_steps=p.max_steps,
-        per_device_train_batch_size=p.batch_size,
+        per_device_train_batch_size=rank_batch(p.batch_size),
         per_device_eval_batch_size=p.batch_size,
         learning_rate=p.learning_rate,
         lr_scheduler_type="cosine",
@@ -76,6 +76,7 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
         + ([EarlyStoppingCallback(early_stopping_patience=patience)] if patience else []),
     )
     run = fit(trainer, out_dir)
+    final_eval = trainer.evaluate()   # under DDP a collective: every rank takes part, not only the one that reports
     if run is None:
         return {}
     if patience and trainer.state.global_step < p.max_steps:
@@ -83,7 +84,7 @@ def pretrain(cfg: Config, tokenizer_dir: Path, curated_dir: Path, out_dir: Path,
             f"early stopping at step {trainer.state.global_step} of {p.max_steps}: held-out loss did not improve "
             f"for {patience} evaluations; kept the best checkpoint (step {trainer.state.best_global_step}, "
             f"eval loss {trainer.state.best_metric:.4f})")
-    run["train_metrics"].update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+    run["train_metrics"].update({k: float(v) for k, v in final_eval.items() if isinstance(v, (int, float))})
     tokens = trainer.state.num_input_tokens_seen
     model.config.use_cache = True
     nll_after = mean_nll(model, tok, heldout, cfg.model.max_seq_len) if heldout else None

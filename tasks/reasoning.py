@@ -25,7 +25,7 @@ from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.chat import stop_token_ids
 from stagewise.config import Config
-from stagewise.launch import accelerated
+from stagewise.launch import on_ranks, rank_batch
 from stagewise.modeling import (
     padding_side,
     fit, publish_stage, arithmetic_accuracy, benchmarks_dir, common_args, load_parent, param_counts,
@@ -207,7 +207,7 @@ def _replay_ends(losses: list[float]) -> dict:
     return {"replay_loss_first": sum(losses[:n]) / n, "replay_loss_last": sum(losses[-n:]) / n}
 
 
-@accelerated
+@on_ranks
 def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """GRPO with correctness + format rewards; save the model to out_dir."""
     from datasets import Dataset
@@ -223,7 +223,7 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
     args = GRPOConfig(
         **common_args(cfg, out_dir, report_to),
         max_steps=r.max_steps,
-        per_device_train_batch_size=r.batch_size,
+        per_device_train_batch_size=rank_batch(r.batch_size),
         num_generations=r.num_generations,
         max_completion_length=r.max_completion_length,
         temperature=r.temperature,

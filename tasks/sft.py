@@ -22,7 +22,7 @@ from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.chat import encode_chat
 from stagewise.config import Config
-from stagewise.launch import accelerated
+from stagewise.launch import on_ranks, rank_batch
 from stagewise.modeling import (
     fit, publish_stage, arithmetic_accuracy, benchmarks_dir, checkpoint_dir, common_args, greedy_answers,
     heldout_texts, load_chats, load_parent, lora_config, mean_nll, normalize_answer, param_counts, progress_callback,
@@ -86,7 +86,7 @@ def instruct_eval(model, tok, curated_dir: Path, limit: int | None) -> dict:
     return out
 
 
-@accelerated
+@on_ranks
 def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """Fine-tune the parent on chat data; save a full (merged) model to out_dir."""
     from trl import SFTConfig, SFTTrainer
@@ -128,7 +128,7 @@ def sft(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         **common_args(cfg, out_dir, report_to),
         num_train_epochs=s.epochs,
         max_steps=s.max_steps,
-        per_device_train_batch_size=s.batch_size,
+        per_device_train_batch_size=rank_batch(s.batch_size),
         learning_rate=s.learning_rate if s.peft == "none" else s.lora_learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=s.warmup_ratio,

@@ -161,3 +161,29 @@ def test_a_checkpoint_off_the_evaluations_is_refused_before_the_run_naming_both_
     if section == "pretrain":   # unused with a base model: not an error
         based, _ = recipes.resolve(load_config(_user_params(tmp_path), None, over + ["model.base=some/base"]), FACTS)
         recipes.check(based)
+
+
+def test_a_batch_that_does_not_split_over_the_ray_ranks_and_two_launchers_are_refused_before_the_run(tmp_path):
+    """<stage>.resources.num_workers ranks split one optimizer step's batch (stagewise.launch.rank_batch)."""
+    cfg, _ = recipes.resolve(load_config(_user_params(tmp_path), None, ["sft.batch_size=16",
+                                                                      "sft.resources.num_workers=3"]), FACTS)
+    with pytest.raises(ConfigError, match=r"sft.batch_size \(16\) does not split over sft.resources.num_workers \(3\)"):
+        recipes.check(cfg)
+    ok, _ = recipes.resolve(load_config(_user_params(tmp_path), None, ["sft.resources.num_workers=4"]), FACTS)
+    recipes.check(ok)
+    both, _ = recipes.resolve(load_config(_user_params(tmp_path), None, ["ops.engine=ray", "train.launcher=accelerate"]),
+                              FACTS)
+    with pytest.raises(ConfigError, match=r"ops.engine: ray runs the training stages on Ray Train.*train.launcher"):
+        recipes.check(both)
+
+
+def test_where_a_stage_runs_is_not_part_of_its_cache_key(tmp_path):
+    """resources place a stage (and split its batch over ranks): the same model within float noise
+    (tests/test_ops_ray_train.py), so a model trained on one host is a cache hit on the cluster."""
+    base = load_config(_user_params(tmp_path), None, [])
+    placed = load_config(_user_params(tmp_path), None, ["sft.resources.num_workers=2", "sft.resources.num_cpus=4",
+                                                        "sft.resources.num_gpus=1"])
+    other = load_config(_user_params(tmp_path), None, ["sft.batch_size=8"])
+    assert stage_key(step("sft"), placed, None, "d") == stage_key(step("sft"), base, None, "d")
+    assert stage_key(step("sft"), other, None, "d") != stage_key(step("sft"), base, None, "d")
+    assert placed.section_hash("sft") == base.section_hash("sft")

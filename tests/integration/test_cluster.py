@@ -3,11 +3,13 @@
 - h0 (the services host): PostgreSQL, an S3 store (moto's server), the MLflow server (runs and
   registry in PostgreSQL, artifacts in S3), the Prefect server, the Ray head (no CPUs of its own,
   so no task runs there), and the driver: `stagewise run --profile smoke` with `ops.engine: ray`
-  (the data phase and pretrain: the first registered model).
+  (the data phase, pretrain and SFT: the first two registered models).
 - h1, h2 (workers): `ray start` with 1 CPU each; the sharded data steps' tasks run there, their
-  inputs and outputs in S3 (`ops.ray_scratch`).
+  inputs and outputs in S3 (`ops.ray_scratch`); so do the training stages' Ray Train ranks: pretrain
+  as one rank, SFT (`sft.resources.num_workers: 2`) as DDP with one rank on each worker.
 
-Checks: the run finishes and registers pretrain's model; quality's and dedup's tasks ran on both workers; the curated data equals
+Checks: the run finishes and registers pretrain's and SFT's models; quality's and dedup's tasks ran on both workers;
+SFT's two ranks ran on different workers, saw world size 2 and ended with the same weights; the curated data equals
 a one-process run's byte for byte; the model artifacts and (after `dvc push`) the DVC objects are in
 the bucket; and teardown leaves no namespace, process or link behind. Root and `ip netns` are needed:
 elsewhere the test skips with one line. Traffic goes only to these namespaces' addresses.
@@ -212,16 +214,19 @@ def cluster():
         wait_for("MLflow server", lambda: http_ok(f"http://{h0}:{PORTS['mlflow']}/health"), ml, c, "h0", "mlflow")
         wait_for("Prefect server", lambda: http_ok(f"http://{h0}:{PORTS['prefect']}/api/health"), pf, c, "h0", "prefect")
         for host in ("h1", "h2"):
+            # gloo (DDP on CPUs) finds its interface by the hostname, which every namespace shares
+            # here (only the network is split): name the host's own link instead
             c.start(host, "ray", [str(BIN / "ray"), "start", "--block", "--address", f"{h0}:{PORTS['ray']}",
                                   "--node-ip-address", HOSTS[host], "--num-cpus", "1",
-                                  "--temp-dir", str(base / f"ray-{host}")], env=ray_env)
+                                  "--temp-dir", str(base / f"ray-{host}")],
+                    env=dict(ray_env, GLOO_SOCKET_IFNAME=f"{TAG}{host}b"))
         yield c, s3c
     finally:
         c.down()
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_the_smoke_data_phase_and_pretrain_run_across_three_hosts(cluster, tmp_path):
+def test_the_smoke_data_phase_pretrain_and_a_two_host_ddp_sft_run_across_three_hosts(cluster, tmp_path):
     c, s3c = cluster
     h0 = HOSTS["h0"]
     ws = make_workspace(tmp_path / "ws")
@@ -242,18 +247,20 @@ def test_the_smoke_data_phase_and_pretrain_run_across_three_hosts(cluster, tmp_p
             pytest.fail("the Ray workers did not join:\n" + out.stderr[-2000:] + c.log("h1", "ray") + c.log("h2", "ray"))
         time.sleep(2)
 
-    # The smoke profile's data phase and its first registered model (pretrain): what crosses hosts.
-    # The later stages run the same way in the driver's process; the whole profile on 2 shared
-    # cores took > 15 min beside a Ray cluster and five servers, past this test's budget.
-    stages = "generate,ingest,quality,dedup,decontaminate,validate,tokenizer,pretrain"
+    # The smoke profile's data phase and its first two registered models (pretrain; SFT as DDP over
+    # both workers, 40 steps of it): what crosses hosts. The later stages are placed the same way;
+    # the whole profile on 2 shared cores took > 15 min beside a Ray cluster and five servers, past
+    # this test's budget.
+    stages = "generate,ingest,quality,dedup,decontaminate,validate,tokenizer,pretrain,sft"
     run = subprocess.run(in_ns("h0", str(BIN / "stagewise"), "run", "--profile", "smoke", "--stages", stages,
                                "--config", str(ws / "params.yaml"), "--set", "ops.engine=ray",
                                "--set", f"ops.ray_address={h0}:{PORTS['ray']}", "--set", "ops.data_tasks=4",
-                               "--set", f"ops.ray_scratch=s3://{BUCKET}/shards"),
+                               "--set", f"ops.ray_scratch=s3://{BUCKET}/shards", "--set", "sft.resources.num_workers=2",
+                               "--set", "sft.max_steps=40"),
                          cwd=ws, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     summary = json.loads((ws / "reports" / "latest" / "summary.json").read_text())
-    assert [r for r in summary["stages"] if r.get("model_version")]
+    assert {r["name"] for r in summary["stages"] if r.get("model_version")} >= {"pretrain", "sft"}, summary["stages"]
 
     # placement: every sharded stage's tasks, and both workers among them; none on the head
     def placement(stage: str) -> list[dict]:
@@ -264,6 +271,14 @@ def test_the_smoke_data_phase_and_pretrain_run_across_three_hosts(cluster, tmp_p
         placed = placement(stage)
         assert sorted(p["task"] for p in placed) == [0, 1, 2, 3], stage
         assert {p["node_ip"] for p in placed} == {HOSTS["h1"], HOSTS["h2"]}, (stage, placed)
+    # training: pretrain as one Ray Train rank on a worker; SFT as DDP, one rank on each worker
+    ranks = placement("train-pretrain")
+    assert [(r["world_size"], r["reserved"]) for r in ranks] == [(1, {"CPU": 1.0})], ranks
+    assert ranks[0]["node_ip"] in (HOSTS["h1"], HOSTS["h2"])
+    ranks = placement("train-sft")
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)], ranks
+    assert {r["node_ip"] for r in ranks} == {HOSTS["h1"], HOSTS["h2"]}, ranks
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
 
     # curation: byte-identical to one process on the same ingested records
     from stagewise.config import load_config
