@@ -128,9 +128,17 @@ def publish_summary_task(summary: dict[str, Any]) -> None:
 def remember_task(ctx: RunContext, requested: Config, cfg: Config, trained: dict[str, Any], summary: dict[str, Any],
                   explicit: bool) -> bool:
     """A fully cached run is recorded, so the next unchanged `stagewise run` can say so without running."""
-    from stagewise.rerun import remember
+    import logging
 
-    return remember(ctx.root, requested, cfg, trained.get("lineage") or [], summary, explicit)
+    from stagewise.rerun import forget, remember
+
+    try:
+        return remember(ctx.root, requested, cfg, trained.get("lineage") or [], summary, explicit)
+    except Exception as e:  # noqa: BLE001 - the run itself is done: no record only means the next one runs
+        forget(ctx.root)
+        logging.getLogger("stagewise").warning("not recorded as up to date (%s: %s): the next run runs the flow",
+                                               type(e).__name__, e)
+        return False
 
 
 @task(name="finish-run", retries=1)
