@@ -113,6 +113,34 @@ def data_report_task(cfg: Config, ctx: RunContext, stats: dict[str, dict]) -> di
             "inputs": input_hashes(cfg, ctx.root)}
 
 
+@task(name="publish-summary")
+def publish_summary_task(summary: dict[str, Any]) -> None:
+    """Publish the run summary as a Prefect Markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from stagewise.summary import summary_markdown
+
+    create_markdown_artifact(markdown=summary_markdown(summary), key="run-summary",
+                             description=f"Stagewise run {summary['run_id']}")
+
+
+@task(name="remember-if-cached")
+def remember_task(ctx: RunContext, requested: Config, cfg: Config, trained: dict[str, Any], summary: dict[str, Any],
+                  explicit: bool) -> bool:
+    """A fully cached run is recorded, so the next unchanged `stagewise run` can say so without running."""
+    import logging
+
+    from stagewise.rerun import forget, remember
+
+    try:
+        return remember(ctx.root, requested, cfg, trained.get("lineage") or [], summary, explicit)
+    except Exception as e:  # noqa: BLE001 - the run itself is done: no record only means the next one runs
+        forget(ctx.root)
+        logging.getLogger("stagewise").warning("not recorded as up to date (%s: %s): the next run runs the flow",
+                                               type(e).__name__, e)
+        return False
+
+
 @task(name="finish-run", retries=1)
 def finish_run_task(ctx: RunContext, summary: dict[str, Any], cfg: Config | None = None) -> str:
     """Write reports/<run_id>/summary.json and close the MLflow parent run."""
@@ -228,7 +256,7 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
 
     from stagewise.lock import run_lock
     from stagewise.run import data_task_runner, new_run_id
-    from stagewise.summary import build_summary, publish_summary_task
+    from stagewise.summary import build_summary
 
     root = Path(workspace).resolve()
     run_id = new_run_id()
@@ -237,6 +265,7 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
         t0 = time.time()   # the run's own time, not the wait for the lock
         ctx, cfg = start_run_task(root, root / config_path, profile, overrides or [], force, force_stages or [],
                                   run_id=run_id)
+        requested = cfg
         selected = _with_missing_upstream(cfg, ctx, stages or cfg.run.stages)
         try:
             data = data_phase.with_options(task_runner=data_task_runner())(cfg, ctx, selected)
@@ -256,5 +285,6 @@ def pipeline(profile: str | None = "demo", stages: list[str] | None = None, over
         summary = build_summary(ctx, profile, data, trained, verdict, compression, seconds=time.time() - t0)
         gate_report_task(ctx, summary)
         finish_run_task(ctx, summary, cfg)
+        remember_task(ctx, requested, cfg, trained, summary, explicit=bool(stages or force or force_stages))
     publish_summary_task(summary)
     return summary

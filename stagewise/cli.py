@@ -135,10 +135,27 @@ def run(
     # a tracking server or an object store that does not answer: one line now, not minutes of retries
     check_services(os.environ.get("MLFLOW_TRACKING_URI"),
                    [u for u in (cfg.ops.ray_scratch,) if u and u.startswith("s3://")])
+    import logging
+
+    from stagewise.rerun import decide
+    from stagewise.summary import summary_table
+
+    # Before Prefect, torch or lm-eval are imported: an unchanged workspace answers like `dvc repro`'s
+    # "up to date" (stagewise/rerun.py says what is checked), and nothing runs or is recorded.
+    summary, why = decide(root, cfg, tasks.STEPS, stages=selected, force=force, force_stages=_split(force_stage))
+    if summary is not None:
+        logging.getLogger("stagewise").info(
+            "up to date: nothing changed since run %s (DVC status clean, every stage's key matches its registered "
+            "version and model folder, compression and gate inputs unchanged); the pipeline was not run — no "
+            "Prefect flow run, no MLflow run; its summary follows (--force to run anyway)", summary["run_id"])
+        typer.echo("\n" + summary_table(summary))
+        if strict and (summary.get("gate") or {}).get("passed") is False:
+            raise typer.Exit(1)
+        return
+    logging.getLogger("stagewise").info("running the pipeline: %s", why)
     from stagewise.errors import quiet_prefect_crashes
     from stagewise.run import local_prefect
     from stagewise.signals import stop_on_signals
-    from stagewise.summary import summary_table
 
     quiet_prefect_crashes()
     # what every run imports anyway, loaded while Prefect's temporary server boots

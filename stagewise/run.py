@@ -41,6 +41,9 @@ def start_run(root: Path, config_path: Path, profile: str | None, overrides: lis
 
     cfg = load_config(config_path, profile, overrides, root=root)
     ws = Workspace.at(root)
+    from stagewise.rerun import forget
+
+    forget(ws.root)   # whatever this run changes, the last "up to date" record stops describing the workspace
     run_id = run_id or new_run_id()
     # dvc.yaml reads stage params from here, so `dvc status` compares against what actually ran.
     resolved = cfg.to_dict()

@@ -100,6 +100,18 @@ def stage_key(step: Step, cfg: Config, parent: Lineage | None, data_hash: str | 
     return cache_key(step, cfg, parent, data_hash, step.code_version())
 
 
+def init_key(cfg: Config, tokenizer_hash: str | None) -> str:
+    """The key of the random init (`models/init/cache_key`): its `model:` section, the seed, the tokenizer."""
+    return hash_obj({"model": cfg.model.model_dump(mode="json"), "seed": cfg.run.seed, "tokenizer": tokenizer_hash})
+
+
+def compress_key(step: Step, cfg: Config, parent: Lineage, eval_sets: dict[str, dict]) -> str:
+    """The key the compress step caches under (`models/compress/cache_key`): its stage key on the final
+    trained model, and the contents of the eval sets its candidates are judged on (`EvalPlan.describe()`)."""
+    return hash_obj({"step": stage_key(step, cfg, parent, parent.data_hash),
+                     "eval_sets": {n: d["data_hash"] for n, d in eval_sets.items()}})
+
+
 def claim_checkpoints(out_dir: Path, key: str) -> bool:
     """Keep `models/<stage>.checkpoints/` for a resume only if a killed run of *these inputs* wrote it.
 

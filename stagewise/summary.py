@@ -6,8 +6,6 @@ import datetime as dt
 import json
 from typing import Any
 
-from prefect import task
-
 from stagewise.stage import RunContext
 
 
@@ -217,12 +215,3 @@ def summary_table(summary: dict) -> str:
 
 def summary_markdown(summary: dict) -> str:
     return f"# Stagewise run `{summary['run_id']}`\n\n```\n{summary_table(summary)}\n```\n"
-
-
-@task(name="publish-summary")
-def publish_summary_task(summary: dict) -> None:
-    """Publish the run summary as a Prefect Markdown artifact."""
-    from prefect.artifacts import create_markdown_artifact
-
-    create_markdown_artifact(markdown=summary_markdown(summary), key="run-summary",
-                             description=f"Stagewise run {summary['run_id']}")

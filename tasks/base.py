@@ -14,7 +14,7 @@ from prefect import task
 from stagewise.config import Config
 from stagewise.config import hash_obj
 from stagewise.hashing import dir_hash
-from stagewise.stage import Lineage, RunContext
+from stagewise.stage import Lineage, RunContext, init_key
 
 
 def init_model(cfg: Config, tokenizer_dir: Path, out_dir: Path) -> Path:
@@ -60,7 +60,7 @@ def base_task(cfg: Config, ctx: RunContext, tokenizer_hash: str | None) -> Linea
         key = {"base": cfg.model.base, "weights": weights} | ({"gguf": gguf_sha} if gguf_sha else {})
         return Lineage("base", str(path), hash_obj(key), version=None, weights_hash=weights)
     out_dir = ws.model_dir("init")
-    key = hash_obj({"model": cfg.model.model_dump(mode="json"), "seed": cfg.run.seed, "tokenizer": tokenizer_hash})
+    key = init_key(cfg, tokenizer_hash)
     marker = out_dir / "cache_key"
     if not (marker.exists() and marker.read_text() == key):
         init_model(cfg, ws.tokenizer, out_dir)

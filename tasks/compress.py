@@ -38,7 +38,7 @@ from stagewise.compression.quantize import RECIPE
 from stagewise.compression.select import check, lower_is_better, select, task_metric_of
 from stagewise.config import Config, StepConfig, hash_obj
 from stagewise.rulebook import Rulebook, describe
-from stagewise.stage import Lineage, RunContext, eval_tasks_dir, fine_tuning_base, flat_params, stage_key
+from stagewise.stage import Lineage, RunContext, compress_key, eval_tasks_dir, fine_tuning_base, flat_params
 from stagewise.workspace import Workspace
 from tasks import step
 
@@ -380,8 +380,7 @@ def run_compress(ctx: RunContext, cfg: Config, lineage: list[Lineage]) -> dict[s
     out_root = ctx.ws.model_dir("compress")
     evals = plan(cfg, ctx.root)
     # the candidates are judged on the eval sets' contents too (their paths and kinds are in `evaluate`)
-    key = hash_obj({"step": stage_key(step("compress"), cfg, parent, parent.data_hash),
-                    "eval_sets": {n: d["data_hash"] for n, d in evals.describe().items()}})
+    key = compress_key(step("compress"), cfg, parent, evals.describe())
     marker, result_file = out_root / "cache_key", out_root / "compress.json"
     if not ctx.forced("compress") and marker.exists() and marker.read_text() == key and result_file.exists():
         result = json.loads(result_file.read_text())
