@@ -134,7 +134,7 @@ def run(
 
     # a tracking server or an object store that does not answer: one line now, not minutes of retries
     check_services(os.environ.get("MLFLOW_TRACKING_URI"),
-                   [u for u in (cfg.ops.ray_scratch,) if u and u.startswith("s3://")])
+                   [u for u in (cfg.ops.ray_scratch, cfg.ops.result_storage) if u and u.startswith("s3://")])
     from stagewise.errors import quiet_prefect_crashes
     from stagewise.run import local_prefect
     from stagewise.signals import stop_on_signals
