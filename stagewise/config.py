@@ -810,7 +810,8 @@ def _format_validation_error(err: ValidationError, source: str, overrides: list[
             problems.append(_unknown_key(tuple(e["loc"]), sets))
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            problems.append(f"'{key}': {msg} (got {redact(repr(e.get('input')))}) — fix it in the file, its profile or "
+            got = redact(repr(e.get("input")))
+            problems.append(f"'{key}': {msg} (got {got}) — fix it in the file, its profile or "
                             "the --set (ranges: docs/configuration.md)")
     if len(problems) == 1:
         return f"{source}: invalid configuration: {problems[0]}"
