@@ -15,7 +15,7 @@ from prefect import flow, task
 
 import tasks
 from stagewise.config import Config
-from stagewise.stage import Lineage, RunContext, prefect_cache_key
+from stagewise.stage import Lineage, RunContext, cached_task_options, prefect_cache_key, prefect_result_storage
 
 
 # ------------------------------------------------------------------ run bookkeeping tasks
@@ -197,13 +197,13 @@ def train_phase(cfg: Config, ctx: RunContext, data: dict[str, Any], selected: li
     parent: Lineage = base_task(cfg, ctx, data["hashes"].get("tokenizer"))
     cfg = recipe_task(ctx, cfg, parent)   # the stages (and their cache keys) see numbers, never `auto`
     lineage, rows = [parent], []
+    storage = prefect_result_storage(cfg.ops.result_storage)   # None: PREFECT_HOME on this host
     for stage in train_steps[: last + 1]:
         if stage == "pretrain" and cfg.model.base:
             continue  # a given base model replaces pretraining
         # Prefect's cache keyed by the stage's content key, valid only while its model version exists.
-        stage_task = tasks.prefect_task(stage).with_options(cache_key_fn=prefect_cache_key(tasks.step(stage)),
-                                                            persist_result=True,
-                                                            result_serializer="json")  # never unpickle from disk
+        stage_task = tasks.prefect_task(stage).with_options(
+            **cached_task_options(prefect_cache_key(tasks.step(stage)), storage))
         child, row = stage_task(ctx, cfg, parent, training_data_hash(data["hashes"]),
                                 cache_only=stage not in selected, accepted=list(lineage))
         rows.append(row)

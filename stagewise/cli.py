@@ -134,7 +134,7 @@ def run(
 
     # a tracking server or an object store that does not answer: one line now, not minutes of retries
     check_services(os.environ.get("MLFLOW_TRACKING_URI"),
-                   [u for u in (cfg.ops.ray_scratch,) if u and u.startswith("s3://")])
+                   [u for u in (cfg.ops.ray_scratch, cfg.ops.result_storage) if u and u.startswith("s3://")])
     import logging
 
     from stagewise.rerun import decide

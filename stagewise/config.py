@@ -630,6 +630,23 @@ class OpsConfig(Section):
     data_tasks: int = Field(4, gt=0)     # shards per sharded data step (engine: ray)
     ray_scratch: str | None = None     # where shards travel: null = <workspace>/.stagewise/shards; s3://... on a cluster
     ray_task_memory_gb: float = Field(0.5, gt=0)  # memory a task reserves on its node
+    # Prefect's persisted task results (the training stages' replayable rows): null = PREFECT_HOME on
+    # this host; s3://bucket/prefix = one store every host reads (a result written on B is a cache hit on A)
+    result_storage: str | None = None
+
+    @field_validator("result_storage")
+    @classmethod
+    def _result_storage_uri(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme != "s3" or not parts.hostname:
+            raise ValueError("must be null or s3://bucket/prefix (an S3 or S3-compatible store)")
+        if "@" in parts.netloc:   # keys belong in AWS_* / an instance role, never in params
+            raise ValueError("must not carry credentials: give the keys as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        return v.rstrip("/")
     # Checked before the Prefect server starts: a full disk fails in one line, not 25 tracebacks later.
     min_free_mb: float = Field(200, ge=0)
     # mlflow/, reports/, .prefect/ 0700 and mlflow.db 0600; false: the umask decides (stagewise/health.py)
@@ -783,6 +800,8 @@ def _unknown_key(loc: tuple, sets: dict[str, str]) -> str:
 
 
 def _format_validation_error(err: ValidationError, source: str, overrides: list[str] | None = None) -> str:
+    from stagewise.redact import redact   # a URI setting's input may carry user:password@
+
     sets = {a.split("=", 1)[0].strip(): a for a in overrides or [] if "=" in a}
     problems = []
     for e in err.errors():
@@ -791,7 +810,8 @@ def _format_validation_error(err: ValidationError, source: str, overrides: list[
             problems.append(_unknown_key(tuple(e["loc"]), sets))
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            problems.append(f"'{key}': {msg} (got {e.get('input')!r}) — fix it in the file, its profile or "
+            got = redact(repr(e.get("input")))
+            problems.append(f"'{key}': {msg} (got {got}) — fix it in the file, its profile or "
                             "the --set (ranges: docs/configuration.md)")
     if len(problems) == 1:
         return f"{source}: invalid configuration: {problems[0]}"

@@ -138,7 +138,11 @@ def check_services(tracking_uri: str | None, s3_uris: list[str], timeout: float 
 
 
 def _s3_problem(uri: str, timeout: float) -> str | None:
-    import boto3
+    try:
+        import boto3
+        import s3fs  # noqa: F401 - what datatrove and Prefect's RemoteFileSystem write s3:// through
+    except ImportError as e:
+        return f"{e.name} is not installed: pip install -c requirements.lock -e '.[cluster]'"
     from botocore.config import Config as BotoConfig
 
     bucket = uri.removeprefix("s3://").split("/", 1)[0]

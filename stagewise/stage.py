@@ -141,6 +141,37 @@ def claim_checkpoints(out_dir: Path, key: str) -> bool:
     return kept and any(ckpt.glob("checkpoint-*"))
 
 
+def prefect_result_storage(uri: str | None) -> str | None:
+    """The Prefect storage block (its slug) the stages persist their results into: `ops.result_storage`,
+    or None for Prefect's default (PREFECT_HOME on this host, unreadable from any other).
+
+    Prefect's own `RemoteFileSystem` block (fsspec; s3fs for `s3://`), saved on the API server this run
+    talks to: Prefect takes only saved blocks as `result_storage`. It holds the base path and nothing
+    else: s3fs reads the endpoint and the keys from the process's `AWS_*` variables (as datatrove and
+    dvc-s3 do), so no credential lands in Prefect's database. prefect-aws' S3Bucket would add a package
+    and an AwsCredentials block for the same reads. Named by the URI's hash: runs with different stores
+    on one shared server never overwrite each other's block.
+    """
+    if not uri:
+        return None
+    import hashlib
+
+    from prefect.filesystems import RemoteFileSystem
+
+    name = f"stagewise-results-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+    RemoteFileSystem(basepath=uri).save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+def cached_task_options(cache_key_fn: Callable[[Any, dict[str, Any]], str | None],
+                        result_storage: str | None) -> dict[str, Any]:
+    """`Task.with_options` of a task Prefect replays by key: its result persisted as JSON (nothing
+    from disk is unpickled) into `result_storage` (prefect_result_storage), where every host that
+    computes the same key reads it back as a Cached state."""
+    return dict(cache_key_fn=cache_key_fn, persist_result=True, result_serializer="json",
+                result_storage=result_storage)
+
+
 def prefect_cache_key(step: Step) -> Callable[[Any, dict[str, Any]], str | None]:
     """Prefect `cache_key_fn` of a stage task `(ctx, cfg, parent, data_hash, cache_only)`.
 

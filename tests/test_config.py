@@ -54,3 +54,14 @@ def test_section_hash_changes_only_with_its_section():
     b.sft.epochs = 9
     assert a.section_hash("sft") != b.section_hash("sft")
     assert a.section_hash("pretrain") == b.section_hash("pretrain")
+
+
+def test_result_storage_is_an_s3_uri_without_credentials():
+    """ops.result_storage: keys come from AWS_*; one in the URI is refused, and not echoed back."""
+    for bad, why in (("/mnt/results", "s3://bucket/prefix"), ("s3://AKIA:hunter2@bucket/x", "credentials")):
+        with pytest.raises(ConfigError) as e:
+            load_config(ROOT / "params.yaml", "smoke", [f"ops.result_storage={bad}"])
+        assert why in str(e.value) and "ops.result_storage" in str(e.value)
+        assert "hunter2" not in str(e.value)
+    cfg = load_config(ROOT / "params.yaml", "smoke", ["ops.result_storage=s3://bucket/prefix/"])
+    assert cfg.ops.result_storage == "s3://bucket/prefix"

@@ -37,7 +37,11 @@ def test_an_unreachable_mlflow_server_is_one_line_and_exit_3(tmp_path):
     assert "hunter2" not in out.stderr + out.stdout and "Traceback" not in out.stderr
 
 
-def test_an_unreachable_s3_store_is_one_line_and_exit_3(tmp_path):
+@pytest.mark.parametrize("settings,uri", [
+    (["ops.engine=ray", "ops.ray_scratch=s3://stagewise/shards"], "s3://stagewise/shards"),
+    (["ops.result_storage=s3://stagewise/results"], "s3://stagewise/results"),   # Prefect's task results
+])
+def test_an_unreachable_s3_store_is_one_line_and_exit_3(tmp_path, settings, uri):
     pytest.importorskip("boto3", reason="the cluster extra is not installed (pip install -e '.[cluster]')")
     ws = make_workspace(tmp_path / "ws")
     endpoint = f"http://127.0.0.1:{closed_port()}"
@@ -45,10 +49,10 @@ def test_an_unreachable_s3_store_is_one_line_and_exit_3(tmp_path):
                AWS_SECRET_ACCESS_KEY="s3cr3t-value", PREFECT_HOME=str(ws / ".prefect"))
     t0 = time.time()
     out = subprocess.run([str(BIN / "stagewise"), "run", "--profile", "smoke", "--config", str(ws / "params.yaml"),
-                          "--set", "ops.engine=ray", "--set", "ops.ray_scratch=s3://stagewise/shards"],
+                          *[a for s in settings for a in ("--set", s)]],
                          cwd=ws, env=env, capture_output=True, text=True, timeout=120)
     assert time.time() - t0 < 30
     assert out.returncode == 3, out.stderr[-2000:]
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "s3://stagewise/shards" in errors[0] and endpoint in errors[0], out.stderr
+    assert len(errors) == 1 and uri in errors[0] and endpoint in errors[0], out.stderr
     assert "s3cr3t-value" not in out.stderr + out.stdout and "Traceback" not in out.stderr
