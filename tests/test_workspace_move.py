@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import workspace_env
+from serve_fixtures import mlflow_serve, post
 
 BIN = Path(sys.executable).parent
 
@@ -52,8 +53,7 @@ def stagewise(ws: Path, *args: str, timeout: int = 1200) -> subprocess.Completed
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)   # the shared smoke run is set up inside this item when it comes first
-def test_a_finished_workspace_copied_with_cp_a_loads_the_champion_and_reruns_cached(finished_smoke_workspace,
-                                                                                   tmp_path):
+def test_a_finished_workspace_copied_with_cp_a_loads_serves_and_reruns_cached(finished_smoke_workspace, tmp_path):
     # The shared run stays untouched: a first copy plays the original (a `stagewise registry` there makes
     # its store its own), is copied with `cp -a` to another path and deleted.
     orig = tmp_path / "orig"
@@ -81,3 +81,13 @@ def test_a_finished_workspace_copied_with_cp_a_loads_the_champion_and_reruns_cac
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("True"), out.stderr[-4000:]
     assert not orig.exists()
+
+    # README "Serve the champion", in the copy: the server reads the copy's store and artifacts
+    env = dict(workspace_env(copy), MLFLOW_TRACKING_URI="sqlite:///mlflow/mlflow.db")
+    with mlflow_serve(copy / ".venv" / "bin" / "mlflow", "models:/stagewise@champion", env, tmp_path / "serve.log",
+                      cwd=copy) as url:
+        reply = post(f"{url}/invocations", {"messages": [{"role": "user", "content": "What is 12 plus 7?"}],
+                                            "max_tokens": 8})
+    choice = (reply[0] if isinstance(reply, list) else reply)["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length"), reply
+    assert str(orig) not in (tmp_path / "serve.log").read_text() and not orig.exists()
