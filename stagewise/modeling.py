@@ -283,15 +283,21 @@ def progress_callback(stage: str):
     return Progress()
 
 
+def quiet(trainer):
+    """No raw log dicts on stdout: with tqdm off, HF's Trainer prints every log as a dict (PrinterCallback);
+    the stages' progress line (`progress_callback`) and MLflow carry the same numbers."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def train_with_resume(trainer, ckpt_dir: Path) -> tuple[Any, int | None]:
     """Resume from the last checkpoint of a killed run, if any. Returns (TrainOutput, resumed step)."""
     last, step = last_checkpoint(ckpt_dir)
     if last:
         print(f"[resume] {last} (step {step})", flush=True)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)   # our progress line replaces the raw dict dump
-    out = trainer.train(resume_from_checkpoint=last)
+    out = quiet(trainer).train(resume_from_checkpoint=last)
     return out, step
 
 

@@ -299,7 +299,7 @@ def warm_start(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, 
     from transformers import Trainer
 
     from stagewise.compression.data import chat_example, pad_collator, training_args
-    from stagewise.modeling import heldout_texts, lora_config, mean_nll, use_bf16
+    from stagewise.modeling import heldout_texts, lora_config, mean_nll, quiet, use_bf16
 
     r, s = cfg.reasoning, cfg.sft
     problems = load_problems(curated_dir)
@@ -339,9 +339,9 @@ def warm_start(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, 
 
         trained = get_peft_model(model, lora_config(s.lora))
     trained.train()
-    Trainer(model=trained, args=training_args(work, steps, s.lora_learning_rate if lora else s.learning_rate, batch,
-                                              cfg.run.seed, use_bf16(cfg.train)),
-            train_dataset=rows, data_collator=pad_collator(tok.pad_token_id)).train()
+    quiet(Trainer(model=trained, args=training_args(work, steps, s.lora_learning_rate if lora else s.learning_rate,
+                                                    batch, cfg.run.seed, use_bf16(cfg.train)),
+                  train_dataset=rows, data_collator=pad_collator(tok.pad_token_id))).train()
     shutil.rmtree(work, ignore_errors=True)
     if lora:
         trained = trained.merge_and_unload()

@@ -237,3 +237,20 @@ def test_progress_lines_are_readable_and_the_repeated_last_eval_is_logged_once(c
     assert [ln.rsplit(" tokens/s", 1)[0] for ln in lines] == ["[sft] step 10/20 loss 1.652",
                                                               "[sft] step 20/20 eval_loss 1.577"]
     assert not any("{" in ln for ln in lines)
+
+
+def test_a_short_fine_tune_prints_no_raw_trainer_dicts(tmp_path, capsys):
+    """Issue 23 item 8: with tqdm off, HF's Trainer prints every log as a dict ({'loss': ...}) on stdout;
+    the compressor's recovery / distillation fine-tunes (and the warm start) must not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stagewise.compression.distill import fine_tune
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    res = fine_tune(model, torch.randint(0, 64, (8, 16)), steps=5, lr=1e-2, batch_size=4, seed=0, bf16=False,
+                    work_dir=tmp_path / "ft")
+    assert res["final_loss"] is not None and res["final_loss"] < res["first_loss"]
+    out = capsys.readouterr().out
+    assert "{'loss'" not in out and "train_runtime" not in out, out

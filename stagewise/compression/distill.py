@@ -109,6 +109,7 @@ def fine_tune(model, data, *, steps: int, lr: float, batch_size: int, seed: int,
     from transformers import Trainer
 
     from stagewise.compression.data import BlockDataset, ExampleDataset, pad_collator, training_args
+    from stagewise.modeling import quiet
 
     if isinstance(data, torch.Tensor):
         dataset, collator = BlockDataset(data), None
@@ -121,7 +122,7 @@ def fine_tune(model, data, *, steps: int, lr: float, batch_size: int, seed: int,
     else:
         trainer = Trainer(**kw)
     model.train()
-    out = trainer.train()
+    out = quiet(trainer).train()
     model.eval()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
