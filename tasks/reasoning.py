@@ -343,8 +343,8 @@ def warm_start(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, 
                                                     batch, cfg.run.seed, use_bf16(cfg.train)),
                   train_dataset=rows, data_collator=pad_collator(tok.pad_token_id))).train()
     shutil.rmtree(work, ignore_errors=True)
-    if lora:
-        trained = trained.merge_and_unload()
+    if lora:   # GRPO fine-tunes every weight: get_peft_model froze the base and merging does not thaw it
+        trained = trained.merge_and_unload().requires_grad_(True)
     trained = trained.float().eval()
     after = solve_rate(trained, tok, cfg, probe)
     report.update(solve_rate_after=round(after, 4), problems=n_answers, replayed_documents=n_replay, sft_steps=steps,

@@ -75,3 +75,6 @@ def test_a_warm_start_that_forgets_is_undone_and_a_lora_one_follows_sft_peft(tmp
     assert not torch.equal(out.model.layers[0].mlp.up_proj.weight, w0)         # the merged adapter moved it
     assert type(out.model.layers[0].mlp.up_proj) is torch.nn.Linear           # merged: a plain model again
     assert not any("lora" in n for n, _ in out.named_parameters())
+    # GRPO fine-tunes every weight of what the warm start hands over: LoRA froze the base, merging does
+    # not thaw it (the smollm2 run crashed in GRPO: "element 0 of tensors does not require grad")
+    assert all(p.requires_grad for p in out.parameters())
