@@ -27,7 +27,7 @@ QUESTION, ANSWER = "Say hi.", "hi there"
 @pytest.fixture(scope="module")
 def served_store(tmp_path_factory):
     """A temp store whose `serve-test@champion` answers QUESTION with ANSWER and then its end-of-turn token."""
-    from stagewise.modeling import build_model, load_tokenizer, save_model
+    from stagewise.modeling import load_tokenizer
     from tasks.generate import generate
     from tasks.tokenizer import train_tokenizer
 
@@ -37,27 +37,33 @@ def served_store(tmp_path_factory):
                             n_preference=10, n_verifiable=10, n_eval=5), root / "raw")
     train_tokenizer(TokenizerConfig(vocab_size=300), root / "raw", root / "tok")
     tok = load_tokenizer(root / "tok")
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1), tok)
     chat = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]
     ids = torch.tensor([tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]])
     assert ids[0, -1].item() == tok.eos_token_id  # the template ends the assistant turn with the eos token
+    champion_taught(tok, {"input_ids": ids, "labels": ids}, root / "model", "serve-test")   # end-of-turn token included
+    return root, uri, tok
+
+
+def champion_taught(tok, batch: dict, folder: Path, name: str) -> None:
+    """A tiny model that memorises `batch` (150 AdamW steps), saved to `folder`, registered through
+    `registry.log_model_version` as `name` (stage sft) and made its champion."""
+    import mlflow
+
+    from stagewise.modeling import build_model, save_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1), tok)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):  # memorise the one turn, end-of-turn token included
-        model(input_ids=ids, labels=ids).loss.backward()
+    for _ in range(150):
+        model(**batch).loss.backward()
         opt.step()
         opt.zero_grad()
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    save_model(model, tok, root / "model")
-
-    import mlflow
-
+    save_model(model, tok, folder)
     with mlflow.start_run(run_name="sft") as run:
-        version = registry.log_model_version(root / "model", "serve-test", "sft", {"parent_version": "none"},
-                                             run.info.run_id)
-    registry.client().set_registered_model_alias("serve-test", registry.CHAMPION, version)
-    return root, uri, tok
+        version = registry.log_model_version(folder, name, "sft", {"parent_version": "none"}, run.info.run_id)
+    registry.client().set_registered_model_alias(name, registry.CHAMPION, version)
 
 
 def test_the_registry_version_is_a_chat_model(served_store):
@@ -122,10 +128,7 @@ def tool_store(served_store):
     """`serve-tools@champion` in the same store: a tiny model taught two tool-use chats (the call given
     the tools, then the answer after the result), loss on the assistant turns only, rendered as SFT
     renders them (stagewise.chat.encode_chat: the demo template has no tools, so the plain rendering)."""
-    import mlflow
-
     from stagewise.chat import encode_chat
-    from stagewise.modeling import build_model, save_model
     from tests.test_tools_templates import tokenizer
     from tests.tool_fixtures import TOOLS
 
@@ -140,20 +143,9 @@ def tool_store(served_store):
         n = len(e["input_ids"])
         ids[i, :n], attention[i, :n] = torch.tensor(e["input_ids"]), 1
         labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(e["input_ids"], e["assistant_masks"])])
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1), tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):   # memorise both chats: ~0.005 nats per assistant token by then
-        model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    save_model(model, tok, root / "tool-model")
-    with mlflow.start_run(run_name="sft") as run:
-        version = registry.log_model_version(root / "tool-model", "serve-tools", "sft", {"parent_version": "none"},
-                                             run.info.run_id)
-    registry.client().set_registered_model_alias("serve-tools", registry.CHAMPION, version)
+    # both chats memorised: ~0.005 nats per assistant token after the 150 steps
+    champion_taught(tok, {"input_ids": ids, "attention_mask": attention, "labels": labels}, root / "tool-model",
+                    "serve-tools")
     return root, uri, tools
 
 
