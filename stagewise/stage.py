@@ -351,11 +351,14 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
     failed = verdict.failed()
     row["rules"] = {"passed": verdict.passed, "enforced": sum(r["enforced"] for r in verdict.rules),
                     "failed": [describe(r) for r in failed]}
-    if failed and cfg.train.keep_parent_on_regression and parent.version is not None:
+    # A parent to fall back to: a registered stage model, or the pretrained `model.base` a first stage started
+    # from (a user's real base is a model worth keeping; the random init pretraining starts from is not).
+    if failed and cfg.train.keep_parent_on_regression and (parent.version is not None or parent.stage == "base"):
         row["kept_parent"] = (f"{describe(failed[0])}"
                               + (f" (+{len(failed) - 1} more rule(s))" if len(failed) > 1 else "")
                               + f": version {row.get('model_version')} is registered as a rejected candidate and "
-                              f"the next stage trains on the parent's weights (version {parent.version}); "
+                              f"the next stage trains on the parent's weights "
+                              f"({f'version {parent.version}' if parent.version else 'model.base'}); "
                               "train.keep_parent_on_regression")
         log.warning("%s: %s", stage, row["kept_parent"])
         if row.get("model_version"):
