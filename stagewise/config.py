@@ -352,6 +352,11 @@ class PreferenceConfig(Section):
     beta: float = Field(0.1, gt=0)
     max_length: int = Field(128, gt=0)
     peft: Literal["none", "lora"] = "none"   # dpo with LoRA (sft.lora settings); merged before saving
+    # dpo: γ × next-token loss on the parent's training mix (SFT chats, corpus blocks) added to every DPO
+    # step, as reasoning.replay_coef does for GRPO (stagewise/replay.py); 0 = plain DPO.
+    replay_coef: float = Field(0.0, ge=0)
+    replay_batch_size: int = Field(8, gt=0)
+    replay_docs_per_chat: float = Field(1.0, ge=0)   # corpus blocks per SFT chat in the replayed rows
     save_steps: int = Field(50, gt=0)
     eval_limit: int | None = Field(60, ge=0)   # held-out preference items for the before/after self-check (0: off, null: all)
     # What this stage is judged on: a set of evaluate.sets (its kind's default metric) or `set.metric`;

@@ -1,6 +1,7 @@
 """preference — align the SFT model with preference pairs: DPO, or RLHF (reward model + PPO).
 
-dpo: TRL DPOTrainer, reference = the SFT model (passed explicitly), optional LoRA merged before saving.
+dpo: TRL DPOTrainer, reference = the SFT model (passed explicitly), optional LoRA merged before saving,
+optional replay of the parent's training mix (`replay_coef`, stagewise/replay.py) against forgetting.
 rlhf: TRL RewardTrainer trains a reward model from the SFT model (kept under out_dir/reward_model/),
 then stagewise/ppo.py optimizes the policy against it with a KL penalty to the SFT model.
 Targets (parent → child, held-out): chosen-over-rejected log-likelihood accuracy and margin; for rlhf
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from prefect import task
 
+from stagewise.replay import replay_ends, replay_rows, with_replay
 from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.chat import stop_token_ids
@@ -76,8 +78,12 @@ def dpo(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         max_length=pc.max_length,
         save_steps=pc.save_steps,
     )
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(load_pairs(curated_dir)),
-                         processing_class=tok, peft_config=peft_config, callbacks=[progress_callback("preference")])
+    trainer_cls = DPOTrainer
+    if pc.replay_coef > 0:
+        rows = replay_rows(tok, curated_dir, cfg, pc.replay_docs_per_chat, pc.replay_batch_size, "preference")
+        trainer_cls = with_replay(DPOTrainer, pc.replay_coef, rows, pc.replay_batch_size, tok.pad_token_id, cfg.run.seed)
+    trainer = trainer_cls(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(load_pairs(curated_dir)),
+                          processing_class=tok, peft_config=peft_config, callbacks=[progress_callback("preference")])
     run = fit(trainer, out_dir)
     if run is None:
         return {}
@@ -90,7 +96,7 @@ def dpo(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_
         # DPO's implicit reward β·(Δ log π − Δ log π_ref), averaged over held-out pairs
         after["implicit_reward_margin"] = pc.beta * (after["margin"] - before["margin"])
     result = {"model_dir": str(out_dir), **run, **param_counts(model), "method": "dpo",
-              "before": before, "after": after}
+              **replay_ends(getattr(trainer, "replay_losses", [])), "before": before, "after": after}
     publish_stage(model, tok, out_dir, "preference", result)
     return result
 

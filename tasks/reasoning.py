@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from prefect import task
 
+from stagewise.replay import replay_ends, replay_rows, with_replay
 from stagewise.stage import Lineage, RunContext, run_stage
 
 from stagewise.chat import stop_token_ids
@@ -103,68 +104,6 @@ def arithmetic_eval(model, tok, curated_dir: Path, cfg: Config, with_sampling: b
     return out
 
 
-def replay_rows(tok, curated_dir: Path, cfg: Config) -> list[dict]:
-    """What the parent was tuned on, as {input_ids, labels}: the SFT chats (loss on the assistant's tokens,
-    cut to sft.max_length; compression's recovery data uses the same helper) and `replay_docs_per_chat`
-    corpus blocks per chat (pretrain.seq_len tokens, every token; whole documents packed, as pretraining
-    saw them — documents cut at a length lose their endings, and general text with them)."""
-    import random
-
-    from stagewise.compression.data import chat_example
-    from stagewise.modeling import load_chats, pack
-
-    chats, _ = load_chats(curated_dir)
-    # a chat whose assistant turn lies past sft.max_length has nothing left to learn: None, left out
-    rows = [e for e in (chat_example(tok, c["messages"], cfg.sft.max_length) for c in chats) if e is not None]
-    path = Path(curated_dir) / "corpus.jsonl"
-    blocks = pack(tok, [d["text"] for d in read_jsonl(path, ["text"])], cfg.pretrain.seq_len)
-    want = round(cfg.reasoning.replay_docs_per_chat * len(rows))
-    if want and not blocks:
-        raise ValueError(f"{path}: no full block of {cfg.pretrain.seq_len} tokens to replay; curate more "
-                         f"text or set reasoning.replay_docs_per_chat: 0")
-    rng = random.Random(cfg.run.seed)
-    picked = [blocks[i % len(blocks)] for i in rng.sample(range(max(want, len(blocks))), want)] if want else []
-    rows += [{"input_ids": torch.tensor(b), "labels": torch.tensor(b)} for b in picked]
-    if len(rows) < cfg.reasoning.replay_batch_size:   # batches of a smaller set would never fill
-        raise ValueError(f"{Path(curated_dir) / 'chat.jsonl'} and {path}: {len(rows)} rows to replay, fewer than "
-                         f"reasoning.replay_batch_size={cfg.reasoning.replay_batch_size}; lower it or set "
-                         f"reasoning.replay_coef: 0")
-    return rows
-
-
-def replay_trainer(base, coef: float, rows: list[dict], batch_size: int, pad_id: int, seed: int):
-    """`base` (GRPOTrainer) plus γ·(next-token loss on the parent's own training mix) per step:
-    InstructGPT's PPO-ptx (Ouyang et al. 2022, eq. 2) for GRPO, which TRL does not offer. Without it,
-    GRPO on the demo model costs general text (word perplexity +13% vs its parent in 150 steps) and
-    the SFT stage's skill (docs/training.md). A resumed run restarts the row order (the rows are a
-    regularizer, not a curriculum)."""
-    import random
-
-    from stagewise.compression.data import pad_collator
-
-    class GRPOWithReplay(base):
-        replay_losses: list[float] = []
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if model.training:
-                lm = model(**{k: v.to(loss.device) for k, v in next(stream).items()}).loss
-                self.replay_losses.append(lm.item())
-                loss = loss + coef * lm
-            return loss
-
-    def batches():
-        collate, rng = pad_collator(pad_id), random.Random(seed)
-        while True:
-            order = list(range(len(rows)))
-            rng.shuffle(order)
-            for i in range(0, len(order) - batch_size + 1, batch_size):
-                yield collate([rows[j] for j in order[i:i + batch_size]])
-
-    stream = batches()
-    return GRPOWithReplay
-
-
 def zero_variance_stop(steps: int, max_share: float):
     """Stop GRPO whose groups had (almost) no reward variance over its first `steps` steps.
 
@@ -200,13 +139,6 @@ def zero_variance_stop(steps: int, max_share: float):
     return ZeroVarianceStop()
 
 
-def _replay_ends(losses: list[float]) -> dict:
-    if not losses:
-        return {}
-    n = max(1, len(losses) // 10)
-    return {"replay_loss_first": sum(losses[:n]) / n, "replay_loss_last": sum(losses[-n:]) / n}
-
-
 @on_ranks
 def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, report_to: str = "none") -> dict:
     """GRPO with correctness + format rewards; save the model to out_dir."""
@@ -218,7 +150,8 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
     out_dir = Path(out_dir)
     model, tok = load_parent(cfg, parent_dir)
     model, tok, warm = warm_start(cfg, parent_dir, curated_dir, out_dir, model, tok)
-    rows = replay_rows(tok, curated_dir, cfg) if r.replay_coef > 0 else []
+    rows = (replay_rows(tok, curated_dir, cfg, r.replay_docs_per_chat, r.replay_batch_size, "reasoning")
+            if r.replay_coef > 0 else [])
     before = arithmetic_eval(model, tok, curated_dir, cfg)
     args = GRPOConfig(
         **common_args(cfg, out_dir, report_to),
@@ -238,8 +171,7 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
     trainer_cls = GRPOTrainer
     stop = zero_variance_stop(r.zero_variance_steps, r.zero_variance_max)
     if r.replay_coef > 0:
-        trainer_cls = replay_trainer(GRPOTrainer, r.replay_coef, rows, r.replay_batch_size, tok.pad_token_id,
-                                     cfg.run.seed)
+        trainer_cls = with_replay(GRPOTrainer, r.replay_coef, rows, r.replay_batch_size, tok.pad_token_id, cfg.run.seed)
     trainer = trainer_cls(model=model, reward_funcs=[correctness_reward, format_reward], args=args,
                           train_dataset=Dataset.from_list(load_problems(curated_dir)), processing_class=tok,
                           callbacks=[progress_callback("reasoning"), stop])
@@ -265,7 +197,7 @@ def reasoning(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, r
         "train_reward_first": rewards[0] if rewards else None,
         "train_reward_last": rewards[-1] if rewards else None,
         # mean next-token loss on the replayed rows over the first / last 10% of steps
-        **_replay_ends(getattr(trainer, "replay_losses", [])),
+        **replay_ends(getattr(trainer, "replay_losses", [])),
         "before": before,
         "after": after,
     }

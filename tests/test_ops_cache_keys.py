@@ -74,7 +74,8 @@ def tree(tmp_path_factory):
 
 @pytest.mark.parametrize("module, first", [
     ("stagewise/ppo.py", "preference"),                 # RLHF's PPO loop (preference.method: rlhf)
-    ("stagewise/compression/data.py", "reasoning"),     # the replay term's batching
+    ("stagewise/compression/data.py", "preference"),    # the replay term's batching (DPO, then GRPO)
+    ("stagewise/replay.py", "preference"),
     ("stagewise/compression/measure.py", "compress"),
     ("stagewise/modeling.py", "pretrain"),              # shared by every stage
     ("tasks/sft.py", "sft"),
@@ -109,6 +110,7 @@ def test_a_module_no_step_imports_changes_no_key(cfg, tree):
     ("preference.beta=0.2", "preference"),
     ("pretrain.seq_len=48", "pretrain"),      # reasoning's replay packs blocks of this length, too
     ("reasoning.replay_coef=0.5", "reasoning"),
+    ("preference.replay_coef=0.5", "preference"),
     ("gate.general_max_drop_points=2", "compress"),
     ("run.seed=7", "pretrain"),
 ])
