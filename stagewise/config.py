@@ -693,6 +693,10 @@ class Config(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 
+    def unrestricted(self) -> "Config":
+        """Every section: what a StepConfig's `unrestricted()` gives, so code taking either need not ask which."""
+        return self
+
 
 _SECTION_NAMES = frozenset("validate" if n == "validate_" else n for n in Config.model_fields)
 

@@ -82,24 +82,15 @@ def model_hash(model_dir: Path) -> str:
 
 def _memory_hash(model, tokenizer) -> str:
     """Content hash of an in-memory model and tokenizer (same role as model_hash for a folder)."""
-    import torch
     import xxhash
+
+    from stagewise.hashing import hash_weights
 
     h = xxhash.xxh3_128()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else str(tokenizer.get_vocab())).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        if isinstance(t, torch.Tensor) and not t.is_quantized:
-            h.update(t.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
-        elif isinstance(t, torch.Tensor):  # torch.ao quantized tensors: their integer payload and scales
-            h.update(t.int_repr().cpu().contiguous().numpy().tobytes() + repr(t.q_per_channel_scales()
-                     if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric) else t.q_scale()).encode())
-        else:  # packed params of dynamically quantized modules (no tensor view): hash their state
-            state = t.__getstate__() if hasattr(t, "__getstate__") else t
-            h.update(repr(state).encode())
-    return h.hexdigest()
+    return hash_weights(h, model).hexdigest()
 
 
 def task_hash(entry_cfg: dict, yaml_path: Path | None, root: Path) -> str:

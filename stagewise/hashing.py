@@ -88,3 +88,23 @@ def training_data_hash(hashes: dict) -> str | None:
     or raft output changes its key; each part is an md5 in dvc.lock."""
     curated, raft = hashes.get("decontaminate"), hashes.get("raft")
     return curated if raft is None or curated is None else f"{curated}+{raft}"
+
+
+def hash_weights(h, model):
+    """Feed a model's state dict (names and bytes, in name order) to hasher `h` and return it: the one
+    content hash of in-memory weights (evaluation's cache key, Ray Train's rank-equality note). torch.ao
+    quantized tensors contribute their integer payload and scales; packed params of dynamically
+    quantized modules (no tensor view) their state."""
+    import torch
+
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        if isinstance(t, torch.Tensor) and not t.is_quantized:
+            h.update(t.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
+        elif isinstance(t, torch.Tensor):
+            h.update(t.int_repr().cpu().contiguous().numpy().tobytes() + repr(t.q_per_channel_scales()
+                     if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric) else t.q_scale()).encode())
+        else:
+            state = t.__getstate__() if hasattr(t, "__getstate__") else t
+            h.update(repr(state).encode())
+    return h

@@ -121,15 +121,12 @@ def note_rank(trainer) -> None:
         return
     import hashlib
 
-    import torch
     import torch.distributed as dist
 
-    h = hashlib.sha256()
-    for k, v in sorted(trainer.model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    from stagewise.hashing import hash_weights
+
     _notes.update(world_size=dist.get_world_size() if dist.is_initialized() else 1,
-                  weights_sha256=h.hexdigest(),
+                  weights_sha256=hash_weights(hashlib.sha256(), trainer.model).hexdigest(),
                   loss=[[e["step"], float(e["loss"])] for e in trainer.state.log_history if "loss" in e])
 
 
@@ -204,7 +201,7 @@ def ray_launch(fn, cfg, **kwargs) -> dict:
     from stagewise.shards import ray_session, record_placement
 
     stage = fn.__name__
-    full = cfg.unrestricted() if hasattr(cfg, "unrestricted") else cfg
+    full = cfg.unrestricted()
     ops, res = full.ops, full.section(stage).resources
     out_dir = Path(kwargs["out_dir"])
     scratch = ops.ray_scratch or str(out_dir.parent / f"{out_dir.name}.ray")   # a local Ray: beside out_dir
@@ -263,7 +260,7 @@ def on_ranks(fn=None, *, when: Callable[[Any], bool] | None = None):
         @functools.wraps(f)
         def run(cfg, *args, **kwargs):
             if not launched() and (when is None or when(cfg)):
-                full = cfg.unrestricted() if hasattr(cfg, "unrestricted") else cfg
+                full = cfg.unrestricted()
                 backend = (ray_launch if full.ops.engine == "ray"
                            else relaunch if cfg.train.launcher == "accelerate" else None)
                 if backend is not None:

@@ -91,7 +91,7 @@ def cache_key(step: Step, cfg: Config, parent: Lineage | None, data_hash: str | 
 
 def config_part(step: Step, cfg: Config) -> dict[str, Any]:
     """The settings a step's result depends on: the sections it declares, and the run's seed."""
-    full = cfg.unrestricted() if isinstance(cfg, StepConfig) else cfg
+    full = cfg.unrestricted()
     return {"run.seed": full.run.seed, **{s: recipe_dump(full.section(s)) for s in step.reads}}
 
 
