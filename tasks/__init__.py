@@ -37,8 +37,9 @@ STEPS: tuple[Step, ...] = (
          args=lambda cfg, ws: dict(cfg=cfg.tokenizer, curated_dir=ws.curated, out_dir=ws.tokenizer)),
     Step("pretrain", "train", reads=("pretrain", "model", "train"), inputs=("curated", "tokenizer")),
     Step("sft", "train", reads=("sft", "model", "train"), inputs=("curated",)),
-    # DPO with LoRA, and RLHF's reward model, reuse SFT's adapter settings (sft.lora)
-    Step("preference", "train", reads=("preference", "sft", "model", "train"), inputs=("curated",)),
+    # DPO with LoRA, and RLHF's reward model, reuse SFT's adapter settings (sft.lora); DPO's replay term
+    # batches SFT chats (sft.max_length) and pretraining blocks (pretrain.seq_len), as reasoning's does
+    Step("preference", "train", reads=("preference", "sft", "pretrain", "model", "train"), inputs=("curated",)),
     # the replay term batches SFT chats (sft.max_length) and pretraining blocks (pretrain.seq_len)
     Step("reasoning", "train", reads=("reasoning", "sft", "pretrain", "model", "train"), inputs=("curated",)),
     # candidates are checked against the gate's limits, on the gate's evaluations

@@ -108,7 +108,7 @@ def test_a_module_no_step_imports_changes_no_key(cfg, tree):
 @pytest.mark.parametrize("setting, first", [
     ("sft.lora.r=4", "sft"),                  # and preference, whose LoRA DPO reuses sft.lora
     ("preference.beta=0.2", "preference"),
-    ("pretrain.seq_len=48", "pretrain"),      # reasoning's replay packs blocks of this length, too
+    ("pretrain.seq_len=48", "pretrain"),      # DPO's and reasoning's replay pack blocks of this length, too
     ("reasoning.replay_coef=0.5", "reasoning"),
     ("preference.replay_coef=0.5", "preference"),
     ("gate.general_max_drop_points=2", "compress"),

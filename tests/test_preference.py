@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 from stage_fixtures import curated, dpo_model, plain_sft_model, sft_model, smoke_cfg
+from stagewise.config import StepConfig
 from stagewise.modeling import heldout_texts, load_parent, mean_nll
+from tasks import step
 from tasks.preference import heldout_pairs, preference
 
 
@@ -26,8 +28,13 @@ def test_replay_term_keeps_the_general_text_a_forgetting_dpo_gives_up(tmp_path):
     held-out general text; the same run with the replay term keeps it near the parent and still widens the
     margin (measured: NLL 1.24 -> 3.15 without, 1.35 with)."""
     planted = ("preference.learning_rate=0.003",)
-    plain = preference(smoke_cfg(*planted), sft_model()[0], curated(), tmp_path / "plain")
-    replay = preference(smoke_cfg(*planted, "preference.replay_coef=1.0"), sft_model()[0], curated(), tmp_path / "replay")
+
+    def as_the_stage_sees_it(cfg):   # the sections the step declares, or UndeclaredSection (its cache key would miss one)
+        return StepConfig(cfg, "preference", step("preference").reads)
+
+    plain = preference(as_the_stage_sees_it(smoke_cfg(*planted)), sft_model()[0], curated(), tmp_path / "plain")
+    replay = preference(as_the_stage_sees_it(smoke_cfg(*planted, "preference.replay_coef=1.0")), sft_model()[0],
+                        curated(), tmp_path / "replay")
     assert "replay_loss_last" not in plain and replay["replay_loss_last"] > 0
     texts = heldout_texts(curated(), 30)
 
