@@ -18,7 +18,11 @@ and publishes.
   Ray's `ray.train.huggingface.transformers` helpers are not needed: `prepare_trainer` only swaps
   the Trainer's dataloaders for Ray Data iterators (the stages keep their own datasets) and
   `RayTrainReportCallback` reports every HF checkpoint (the stages keep their own resume logic).
-  The ranks read the stage's inputs at the caller's paths (docs/scale-out.md section 3).
+  With a remote `ops.ray_scratch` (s3://…) the stage's input folders (every `*_dir` argument but
+  out_dir: the parent model or tokenizer, and the curated data with the layers beside it that stages
+  read — the raft step's chats, the held-out benchmarks) travel the same way: the caller uploads them
+  beside the run's folder, each rank downloads them to its own disk and reads only those. A local
+  scratch folder means one host: the ranks read the caller's paths.
 
 An active MLflow run is handed over through MLFLOW_RUN_ID so the trainers' curves land in the
 caller's run.
@@ -158,6 +162,51 @@ def _check_fits(stage: str, res, need: dict) -> None:
                           f"{', '.join(have)}): lower {stage}.resources or add nodes")
 
 
+def _input_folders(kwargs: dict) -> tuple[dict[str, str], list[tuple[Path, str]]]:
+    """The folders a rank reads — every `*_dir` argument but out_dir — as (argument -> relative path, the
+    (local folder, relative path) pairs to upload). The curated data goes with the layers the stages read
+    beside it (the raft step's chats, the held-out benchmarks), in the workspace's own layout, so
+    `benchmarks_dir` and `raft_chats` find them on the rank as they do here."""
+    from stagewise.workspace import Workspace
+
+    args, folders = {}, []
+    for k, v in kwargs.items():
+        if not k.endswith("_dir") or k == "out_dir" or v is None:
+            continue
+        v = Path(v)
+        if k == "curated_dir":
+            ws = Workspace(v.parent.parent)
+            args[k] = f"ws/data/{v.name}"
+            folders += [(d, f"ws/{d.relative_to(ws.root).as_posix()}") for d in
+                        (v, ws.raft, ws.benchmarks) if d.is_dir()]
+        else:
+            args[k] = k
+            folders.append((v, k))
+    return args, folders
+
+
+def _ship_inputs(kwargs: dict, url: str) -> dict:
+    """Upload the stage's input folders under `url` (fsspec: s3://…, file://…); what a rank needs to fetch them."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    args, folders = _input_folders(kwargs)
+    for local, rel in folders:
+        fs.makedirs(f"{root}/{rel}", exist_ok=True)
+        fs.put(f"{local.resolve()}/", f"{root}/{rel}/", recursive=True)   # trailing slashes: the contents
+    return {"url": url, "args": args}
+
+
+def _fetch_inputs(inputs: dict, dest: Path) -> dict:
+    """Inside a rank: download the shipped folders to this node's disk; the arguments that point at them."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(inputs["url"])
+    dest.mkdir(parents=True, exist_ok=True)
+    fs.get(f"{root}/", f"{dest}/", recursive=True)
+    return {k: str(dest / rel) for k, rel in inputs["args"].items()}
+
+
 def _rank_main(config: dict) -> None:
     """One Ray Train worker: the stage function on this rank; rank 0 reports the published folder."""
     import socket
@@ -171,10 +220,13 @@ def _rank_main(config: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="stagewise-rank-") as tmp:
         out = Path(tmp) / "out"   # this node's own disk; rank 0's copy travels as the checkpoint
         spec["kwargs"]["out_dir"] = str(out)
+        if config.get("inputs"):
+            spec["kwargs"].update(_fetch_inputs(config["inputs"], Path(tmp) / "in"))
         _notes.clear()
         result = run_spec(spec)
         rt = ray.get_runtime_context()
         note = dict(_notes, rank=ctx.get_world_rank(), node_ip=ray.util.get_node_ip_address(),
+                    read={k: v for k, v in spec["kwargs"].items() if k.endswith("_dir") and k != "out_dir"},
                     node_id=rt.get_node_id(), host=socket.gethostname(), reserved=rt.get_assigned_resources())
         # every rank's note goes to rank 0 (all ranks must reach report() anyway: it is a barrier)
         import torch.distributed as dist
@@ -212,9 +264,12 @@ def ray_launch(fn, cfg, **kwargs) -> dict:
     with ray_session(ops):
         _check_fits(stage, res, need)
         try:
+            inputs = None
+            if "://" in scratch:   # no disk shared with the ranks' nodes: the inputs travel through the store
+                inputs = _ship_inputs(kwargs, f"{scratch.rstrip('/')}/train/{name}-inputs")
             outcome = TorchTrainer(
                 _rank_main,
-                train_loop_config={"spec": json.dumps(spec), "env": _mlflow_env()},
+                train_loop_config={"spec": json.dumps(spec), "env": _mlflow_env(), "inputs": inputs},
                 scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.num_gpus > 0,
                                              resources_per_worker=need),
                 run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
@@ -240,10 +295,11 @@ def ray_launch(fn, cfg, **kwargs) -> dict:
         finally:
             import pyarrow.fs
 
-            try:   # the run's folder (its checkpoint is out_dir now); only the placement record stays
-                (fs or pyarrow.fs.LocalFileSystem()).delete_dir(f"{path}/{name}")
-            except (OSError, FileNotFoundError):  # nothing was written
-                pass
+            for d in (name, f"{name}-inputs"):
+                try:   # the run's folder (its checkpoint is out_dir now), the shipped inputs; the placement record stays
+                    (fs or pyarrow.fs.LocalFileSystem()).delete_dir(f"{path}/{d}")
+                except (OSError, FileNotFoundError):  # nothing was written
+                    pass
     record_placement(scratch.rstrip("/"), "train", stage, notes)
     logging.getLogger("stagewise").info("%s: %d rank(s) on node(s) %s", stage, len(notes),
                                         sorted({n["node_ip"] for n in notes}))

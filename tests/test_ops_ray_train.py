@@ -33,8 +33,8 @@ def cfg_for(tmp: Path, *sets: str):
     return smoke_cfg(f"sft.max_steps={STEPS}", "train.logging_steps=1", "sft.eval_limit=8", *sets)
 
 
-def on_ray(tmp: Path, workers: int):
-    return cfg_for(tmp, "ops.engine=ray", f"ops.ray_scratch={tmp / 'scratch'}",
+def on_ray(tmp: Path, workers: int, scratch: str | None = None):
+    return cfg_for(tmp, "ops.engine=ray", f"ops.ray_scratch={scratch or tmp / 'scratch'}",
                    f"sft.resources.num_workers={workers}", "sft.resources.num_cpus=1")
 
 
@@ -64,8 +64,10 @@ def test_sft_as_ddp_over_two_ray_ranks_trains_the_one_process_model_and_register
     local = sft(cfg_for(tmp_path), parent, cur, tmp_path / "local")
     one = sft(on_ray(tmp_path, 1), parent, cur, tmp_path / "one")
     ranks_one = json.loads(placement.read_text())
+    # a URL scratch, as on a cluster (s3://): the ranks share no disk with the caller, so the inputs travel
+    # through the store (file:// is the same code path through fsspec, on this host's disk)
     with mlflow.start_run(run_name="sft") as run:   # as run_stage does: the ranks log into the caller's run
-        two = sft(on_ray(tmp_path, 2), parent, cur, tmp_path / "two", report_to="mlflow")
+        two = sft(on_ray(tmp_path, 2, f"file://{tmp_path / 'scratch'}"), parent, cur, tmp_path / "two", report_to="mlflow")
     ranks_two = json.loads(placement.read_text())
 
     # placement: one rank, then two, each holding the CPU its request reserved; both see world size 2
@@ -73,6 +75,12 @@ def test_sft_as_ddp_over_two_ray_ranks_trains_the_one_process_model_and_register
     assert [(r["rank"], r["world_size"], r["reserved"]) for r in ranks_two] == [(0, 2, {"CPU": 1.0}), (1, 2, {"CPU": 1.0})]
     # DDP keeps the ranks' copies equal: the same weights hash on both at the end
     assert ranks_two[0]["weights_sha256"] == ranks_two[1]["weights_sha256"]
+    # with the local scratch the one rank read the caller's folders; through the store, each rank its own copies
+    assert ranks_one[0]["read"] == {"parent_dir": str(parent), "curated_dir": str(cur)}
+    for r in ranks_two:
+        assert set(r["read"]) == {"parent_dir", "curated_dir"}
+        assert all(str(tmp_path) not in p and str(parent) not in p and str(cur) not in p for p in r["read"].values()), r
+        assert r["read"]["curated_dir"].endswith("/ws/data/05_curated")
 
     # one rank on Ray is the local run, bit for bit (same code, one process)
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "local")) == 0.0

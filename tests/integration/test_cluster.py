@@ -9,7 +9,7 @@
   as one rank, SFT (`sft.resources.num_workers: 2`) as DDP with one rank on each worker.
 
 Checks: the run finishes and registers pretrain's and SFT's models; quality's and dedup's tasks ran on both workers;
-SFT's two ranks ran on different workers, saw world size 2 and ended with the same weights; the curated data equals
+SFT's two ranks ran on different workers, saw world size 2, read their inputs from S3 and ended with the same weights; the curated data equals
 a one-process run's byte for byte; the model artifacts and (after `dvc push`) the DVC objects are in
 the bucket; and teardown leaves no namespace, process or link behind. Root and `ip netns` are needed:
 elsewhere the test skips with one line. Traffic goes only to these namespaces' addresses.
@@ -279,6 +279,9 @@ def test_the_smoke_data_phase_pretrain_and_a_two_host_ddp_sft_run_across_three_h
     assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)], ranks
     assert {r["node_ip"] for r in ranks} == {HOSTS["h1"], HOSTS["h2"]}, ranks
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    # the ranks read the parent and the curated data from their own copies, fetched from S3, not the driver's folders
+    for r in ranks:
+        assert set(r["read"]) == {"parent_dir", "curated_dir"} and not any(str(ws) in p for p in r["read"].values()), r
 
     # curation: byte-identical to one process on the same ingested records
     from stagewise.config import load_config
