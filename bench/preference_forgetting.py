@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -25,16 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stagewise import machine  # noqa: E402
 from stagewise.config import load_config  # noqa: E402
-from stagewise.modeling import heldout_texts, load_parent, mean_nll, set_threads  # noqa: E402
+from stagewise.modeling import heldout_texts, load_parent, mean_nll, set_threads, word_ppl_rise_pct  # noqa: E402
 from tasks.preference import dpo  # noqa: E402
 
 VARIANTS = {"full": ("none", 0.0), "full-replay": ("none", None), "lora": ("lora", 0.0), "lora-replay": ("lora", None)}
-
-
-def word_ppl_rise_pct(nll_before: float, nll_after: float, tok, texts: list[str]) -> float:
-    """The gate's unit: word perplexity, from a mean token NLL change scaled by tokens per word."""
-    per_word = sum(len(tok(t + tok.eos_token)["input_ids"]) for t in texts) / max(1, sum(len(t.split()) for t in texts))
-    return 100.0 * (math.exp((nll_after - nll_before) * per_word) - 1.0)
 
 
 def main() -> None:

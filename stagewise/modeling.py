@@ -407,6 +407,15 @@ def mean_nll(model, tok, texts: list[str], max_len: int = 256, batch_size: int =
     return total / max(n, 1)
 
 
+def word_ppl_rise_pct(nll_before: float, nll_after: float, tok, texts: list[str]) -> float:
+    """The rise of `texts`' word perplexity, in %, from two mean token NLLs (mean_nll): the gate's unit for
+    general text, scaled by the texts' tokens per word."""
+    import math
+
+    per_word = sum(len(tok(t + tok.eos_token)["input_ids"]) for t in texts) / max(1, sum(len(t.split()) for t in texts))
+    return 100.0 * (math.exp((nll_after - nll_before) * per_word) - 1.0)
+
+
 @contextlib.contextmanager
 def padding_side(tok, side: str):
     """Pad on `side` inside the block (generation wants left padding, scoring right), then restore."""

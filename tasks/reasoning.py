@@ -225,13 +225,12 @@ def warm_start(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, 
     held-out word perplexity from 207 to 681 (issue 21). Before GRPO starts, held-out general text is
     checked: if its perplexity rose more than `reasoning.warm_start_max_ppl_rise_pct`, the warm start is undone
     (GRPO starts from the parent) and the report says so. Returns (model, tok, report)."""
-    import math
     import random
 
     from transformers import Trainer
 
     from stagewise.compression.data import chat_example, pad_collator, training_args
-    from stagewise.modeling import heldout_texts, lora_config, mean_nll, quiet, use_bf16
+    from stagewise.modeling import heldout_texts, lora_config, mean_nll, quiet, use_bf16, word_ppl_rise_pct
 
     r, s = cfg.reasoning, cfg.sft
     problems = load_problems(curated_dir)
@@ -283,9 +282,7 @@ def warm_start(cfg: Config, parent_dir: Path, curated_dir: Path, out_dir: Path, 
                   peft=s.peft, seconds=round(time.perf_counter() - t0, 1))
     if nll_before is not None:
         nll_after = mean_nll(trained, tok, texts)
-        # the gate's unit is word perplexity: a mean token NLL change scaled by tokens per word
-        per_word = sum(len(tok(t + tok.eos_token)["input_ids"]) for t in texts) / max(1, sum(len(t.split()) for t in texts))
-        rise = 100.0 * (math.exp((nll_after - nll_before) * per_word) - 1.0)
+        rise = word_ppl_rise_pct(nll_before, nll_after, tok, texts)
         report.update(general_ppl_rise_pct=round(rise, 2), general_texts=len(texts))
         if rise > r.warm_start_max_ppl_rise_pct:
             report["undone"] = (f"held-out general-text perplexity rose {rise:.1f}% (> reasoning.warm_start_max_ppl_rise_pct "
