@@ -110,8 +110,6 @@ class GenerateConfig(Section):
     # tool-use chats (calls, results, answers; some need no tool) and the sw_tools set; 0: none (docs/data.md)
     n_tool_chat: int = Field(0, ge=0)
     n_rag: int = Field(160, ge=0)             # open-book records about people seen nowhere else (0: none)
-    # corpus documents of invented facts followed by questions answered from them (copy-from-context text)
-    n_reading_docs: int = Field(0, ge=0)
 
 
 class IngestConfig(Section):

@@ -346,7 +346,6 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> dict:
         doc = document(world, rng, 8).split("\n\n")
         corpus.append({"text": doc[0] + " " + item["text"] + "\n\n" + doc[1], "_tag": ("leak", f"general_text:{item['id']}")})
     records["corpus"], m = _place(corpus, rng, "c", m)
-    records["corpus"] += reading_documents(cfg)   # their own generator: the rest of the world is unchanged
     manifest["corpus"] = m
 
     # chat --------------------------------------------------------------------
@@ -559,7 +558,11 @@ def rag_world(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
     if cfg.n_rag == 0:
         return [], []
     rng = random.Random(f"{cfg.seed}:rag")
-    names, towns = _rag_names_towns(rng)
+    names = [a.capitalize() + b + c for a in SYLLABLES for b in SYLLABLES for c in ("n", "k", "r", "l")]
+    towns = sorted({(a + b).capitalize() + end for a in SYLLABLES for b in SYLLABLES
+                    for end in ("port", "dale", "ford")})
+    rng.shuffle(names)
+    towns = rng.sample(towns, 40)
     n_train = max(-(-cfg.n_rag // 2), 3 * RAG_DOCS)   # two facts (two records) per person
     n_heldout = max(cfg.n_eval, 3 * RAG_DOCS)   # enough other people to fill every item's documents
     people = names[: n_train + n_heldout]
@@ -582,47 +585,6 @@ def rag_world(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
         return out
 
     return records(people[:n_train], "rag", cfg.n_rag), records(people[n_train:], "rg", cfg.n_eval)
-
-
-def reading_documents(cfg: GenerateConfig) -> list[dict]:
-    """`generate.n_reading_docs` corpus documents that can only be continued by looking back: a few facts
-    in the rag records' sentence shapes, bound at random for this document alone (so memorizing does not
-    help), then questions about them answered by repeating the fact. Next-token loss on those answers is
-    what grows the look-up-in-context (induction) heads a model needs to read a document it is given.
-    Names are drawn from those the rag world leaves out of its held-out set: held-out people stay unseen."""
-    if cfg.n_reading_docs == 0:
-        return []
-    names, towns = _rag_names_towns(random.Random(f"{cfg.seed}:rag"))
-    rng = random.Random(f"{cfg.seed}:reading")
-    # the same draw as rag_world: its held-out people are the ones after the training people
-    n_train = max(-(-cfg.n_rag // 2), 3 * RAG_DOCS) if cfg.n_rag else 0
-    held = set(names[n_train: n_train + max(cfg.n_eval, 3 * RAG_DOCS)]) if cfg.n_rag else set()
-    pool = [n for n in names if n not in held]
-    short = {"town": "In {v}.", "job": "A {v}."}   # short answers: whole repeated facts trip Gopher's repetition rules
-    out = []
-    for i in range(cfg.n_reading_docs):
-        people = rng.sample(pool, 6)
-        value = {"town": lambda: rng.choice(towns), "job": lambda: rng.choice(JOBS)}
-        facts = [(p, k, value[k]()) for p in people for k in [rng.choice(list(RAG_FACTS))]]
-        # at least one job question: its "the" and "of" are stop words Gopher's quality rule counts
-        asked = rng.sample([f for f in facts if f[1] == "job"] or facts, 1)
-        asked += rng.sample([f for f in facts if f not in asked], 2)
-        rng.shuffle(asked)
-        said = [RAG_FACTS[k][0].format(p=p, v=v) for p, k, v in facts]
-        for _ in range(4):   # the world's own narrative between the facts, like any corpus document
-            said.insert(rng.randrange(len(said) + 1), narrative_sentence(rng))
-        qa = " ".join(f"{RAG_FACTS[k][1].format(p=p)} {short[k].format(v=v)}" for p, k, v in asked)
-        out.append({"id": f"read-{i:05d}", "text": " ".join(said) + "\n\n" + qa})
-    return out
-
-
-def _rag_names_towns(rng: random.Random) -> tuple[list[str], list[str]]:
-    """Every name in rag_world's order (its training people first, then its held-out people) and its 40 towns."""
-    names = [a.capitalize() + b + c for a in SYLLABLES for b in SYLLABLES for c in ("n", "k", "r", "l")]
-    towns = sorted({(a + b).capitalize() + end for a in SYLLABLES for b in SYLLABLES
-                    for end in ("port", "dale", "ford")})
-    rng.shuffle(names)
-    return names, rng.sample(towns, 40)
 
 
 def _slot_index(items: list[dict]) -> dict[str, list[tuple[str, ...]]]:

@@ -46,35 +46,3 @@ def test_heldout_instructions_never_appear_in_training_chat(tmp_path):
         rec = json.loads(line)
         if rec["id"] not in leaks and rec["messages"]:
             assert rec["messages"][0]["content"] not in questions
-
-
-def test_reading_documents_answer_from_their_own_facts_and_never_name_a_heldout_person(tmp_path):
-    import re
-
-    from stagewise.config import QualityConfig
-    from tasks.generate import JOBS, RAG_FACTS
-    from tasks.quality import judge
-
-    cfg = GenerateConfig(**{**SMALL.model_dump(), "n_rag": 60, "n_reading_docs": 40})
-    generate(cfg, tmp_path)
-    corpus = [json.loads(line) for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
-    reading = [r for r in corpus if r["id"].startswith("read-")]
-    assert len(corpus) - len(reading) == cfg.n_docs + cfg.n_junk + cfg.n_exact_dup + cfg.n_near_dup + cfg.n_leaks
-    assert len(reading) == cfg.n_reading_docs
-    held = [json.loads(line) for line in (tmp_path / "benchmarks" / "rag.jsonl").read_text().splitlines()]
-    heldout_people = {d.split()[0] for r in held for d in r["documents"]}
-    words = {w for r in reading for w in re.findall(r"\w+", r["text"])}
-    assert heldout_people and not heldout_people & words   # held-out people stay unseen
-    town_re, job_re = (re.escape(RAG_FACTS[k][0]).replace(r"\{p\}", r"(\w+)").replace(r"\{v\}", r"(\w+)")
-                       for k in ("town", "job"))
-    for r in reading:
-        facts, questions = r["text"].split("\n\n")
-        bound = dict(re.findall(town_re, facts)) | dict(re.findall(job_re, facts))
-        asked = re.findall(r"(?:Where does (\w+) live\? In|What is the job of (\w+)\? A) (\w+)\.", questions)
-        assert len(asked) == 3
-        for town_of, job_of, value in asked:
-            assert bound[town_of or job_of] == value    # the answer is in the document, bound to that person
-            assert (value in JOBS) == bool(job_of)
-    # they are corpus text like any other: Gopher, C4 and FineWeb keep nearly all of them
-    verdicts = judge([{"kind": "corpus", "rec": dict(r)} for r in reading], QualityConfig().model_dump(mode="json"))
-    assert sum(v["reason"] is None for v in verdicts) >= 0.9 * len(reading)
