@@ -155,11 +155,12 @@ class EvalPlan:
     def context(self, stage: str) -> list[Metric]:
         """Scored beside a stage's target, shown in its rows, never a rule: reasoning's greedy exact match
         and the SFT skill (does GRPO keep what SFT taught); SFT's tool calling (every tools set that is
-        not its target: call_accuracy and irrelevance_accuracy) and open-book reading (every rag set)."""
+        not its target: call_accuracy, parse_rate and irrelevance_accuracy) and open-book reading (every rag
+        set)."""
         if stage == "sft" and stage in self.targets:
             tools = [Metric(n, m, f"{n}_irrelevance" if m == "irrelevance_accuracy" else n, True)
                      for n, s in self.sets.items() if s["kind"] == "tools" and n != self.targets[stage].set
-                     for m in ("call_accuracy", "irrelevance_accuracy")]
+                     for m in ("call_accuracy", "parse_rate", "irrelevance_accuracy")]
             return tools + [m for m in self.reading(stage) if m != self.targets.get(stage)]
         if stage != "reasoning" or stage not in self.targets:
             return []

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stagewise.metrics import higher_is_better
+from stagewise.rulebook import ci_text
 
 PASS_COLOR, FAIL_COLOR, NEUTRAL = "#1a7f37", "#cf222e", "#57606a"
 
@@ -154,14 +155,14 @@ def _tried_rows(gate: dict) -> list[list[str]]:
 
 
 TRIED_HEADERS = ["candidate", "model", "verdict", "why"]
-CONTEXT_HEADERS = ["stage", "metric", "parent", "value"]
+CONTEXT_HEADERS = ["stage", "metric", "parent", "value", "change"]
 CONTEXT_TITLE = ("Measured beside the targets, never a rule (SFT: tool calling on tools sets; open-book reading on "
                  "rag sets — with the oracle, distractors only, quotes)")
 
 
 def _context_rows(summary: dict) -> list[list[str]]:
     """Metrics scored beside each stage's target (its row's `context`)."""
-    return [[s.get("name", ""), c, _num(v.get("baseline")), _num(v.get("value"))]
+    return [[s.get("name", ""), c, _num(v.get("baseline")), _num(v.get("value")), ci_text(v) or "–"]
             for s in summary.get("stages") or [] for c, v in (s.get("context") or {}).items()]
 
 

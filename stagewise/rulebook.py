@@ -84,6 +84,17 @@ def fmt_delta(delta: float | None, unit: str) -> str:
     return f"{delta:+.2f} points"
 
 
+def ci_text(v: dict) -> str:
+    """'95% CI of the change +76.2..+93.8 points' of a context row that has one, else ''."""
+    if v.get("ci_low") is None:
+        return ""
+    unit = v.get("unit") or ""
+    num = (lambda x: f"{x:+.1f}") if unit in ("points", "%") else (lambda x: f"{x:+.3g}")
+    return (f"{v.get('confidence', 0.95):.0%} CI of the change {num(v['ci_low'])}..{num(v['ci_high'])}"
+            + ("%" if unit == "%" else f" {unit}"))
+
+
+
 # ---------------------------------------------------------------- bootstrap
 def _arrays(res: dict, metric: str):
     import numpy as np

@@ -343,6 +343,7 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
             lineage = Lineage(stage, str(out_dir), key, version, data_hash, child_metrics, weights_hash=weights)
     lineage.parent_metrics = parent_metrics
     row.update(target_row(stage, child_metrics, parent_metrics, evals))
+    context_cis(cfg, evals, stage, row, child_metrics, parent_metrics)
     row["eval_sets"] = used_sets
     verdict = judge_child(cfg, evals, lineage, accepted or [parent])
     target_rule = next((r for r in verdict.rules if r["rule"] == "target_improves"), None)
@@ -366,6 +367,22 @@ def run_stage(ctx: RunContext, step: Step, train: TrainFn, cfg: Config, parent: 
                                                     row["kept_parent"][:500])
     row["seconds"] = round(time.time() - t0, 1)
     return lineage, row
+
+
+def context_cis(cfg: Config, evals, stage: str, row: dict, child: dict, parent: dict) -> None:
+    """Each number scored beside the target gets the CI of its change, the rulebook's paired bootstrap over
+    the set's items (`ci_low`, `ci_high` in `unit`): an also-line says whether a change is outside noise."""
+    from stagewise.rulebook import bootstrap_delta_ci, unit_of
+
+    for c in evals.context(stage):
+        v = (row.get("context") or {}).get(c.label)
+        if v is None or c.task not in child or c.task not in parent:
+            continue
+        unit = unit_of(c.metric, c.higher_is_better)
+        lo, hi, paired = bootstrap_delta_ci(c.metric, unit, child[c.task], parent[c.task],
+                                            cfg.evaluate.bootstrap_iters, cfg.gate.confidence, seed=cfg.run.seed)
+        if lo is not None:
+            v.update(ci_low=lo, ci_high=hi, unit=unit, paired=paired, confidence=cfg.gate.confidence)
 
 
 def ci_width_note(rule: dict | None, child: dict, points: float = 5.0) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 from typing import Any
 
+from stagewise.rulebook import ci_text
 from stagewise.stage import RunContext
 
 
@@ -143,6 +144,10 @@ def stage_notes(summary: dict) -> list[str]:
     return out
 
 
+def _ci(v: dict) -> str:
+    return f" ({ci_text(v)})" if v.get("ci_low") is not None else ""
+
+
 def context_lines(summary: dict) -> list[str]:
     """Numbers scored beside a stage's target (SFT's open-book reading on rag sets), parent → child."""
     out = []
@@ -150,7 +155,7 @@ def context_lines(summary: dict) -> list[str]:
         ctx = r.get("context") or {}
         if ctx:
             out.append(f"{r['name']} also: " + ", ".join(f"{m} {_fmt(v.get('baseline'))} → {_fmt(v.get('value'))}"
-                                                        for m, v in ctx.items()))
+                                                        + _ci(v) for m, v in ctx.items()))
     raft = (summary.get("curation") or {}).get("raft")
     if raft and raft.get("enabled"):
         out.append(f"raft: {raft.get('rows')} open-book rows, oracle share {_fmt(raft.get('oracle_share'))}, "

@@ -181,13 +181,45 @@ def test_sft_reports_a_tools_set_beside_its_target(tmp_path):
     pl = plan(load_config(p), tmp_path)
     assert pl.targets["sft"].label == "my_qa.token_f1"
     assert pl.stage_tasks("sft") == ["my_qa", "my_tools", "my_tools_irrelevance"]
-    child = {"my_qa": {"token_f1": 0.5}, "my_tools": {"call_accuracy": 0.9}, "my_tools_irrelevance": {"irrelevance_accuracy": 0.8}}
-    parent = {"my_qa": {"token_f1": 0.1}, "my_tools": {"call_accuracy": 0.0}, "my_tools_irrelevance": {"irrelevance_accuracy": 0.1}}
+    child = {"my_qa": {"token_f1": 0.5}, "my_tools": {"call_accuracy": 0.9, "parse_rate": 1.0},
+             "my_tools_irrelevance": {"irrelevance_accuracy": 0.8}}
+    parent = {"my_qa": {"token_f1": 0.1}, "my_tools": {"call_accuracy": 0.0, "parse_rate": 0.0},
+              "my_tools_irrelevance": {"irrelevance_accuracy": 0.1}}
     row = target_row("sft", child, parent, pl)
     assert row["context"] == {
         "my_tools.call_accuracy": {"value": 0.9, "baseline": 0.0, "higher_is_better": True, "set": "my_tools"},
+        "my_tools.parse_rate": {"value": 1.0, "baseline": 0.0, "higher_is_better": True, "set": "my_tools"},
         "my_tools_irrelevance.irrelevance_accuracy": {"value": 0.8, "baseline": 0.1, "higher_is_better": True,
                                                       "set": "my_tools"}}
+
+
+def test_the_numbers_beside_the_target_carry_the_paired_bootstrap_ci_of_their_change(tmp_path):
+    from stagewise.config import load_config
+    from stagewise.evalsets import plan
+    from stagewise.stage import context_cis, target_row
+    from stagewise.summary import context_lines
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "params.yaml", "smoke", overrides=["generate.n_tool_chat=10"])
+    pl = plan(cfg, root)
+    ids = list(range(20))
+    # the child gets 18 of 20 calls right where the parent got none; irrelevance: the same 15 of 20 items
+    child = {"sw_tools": {"call_accuracy": 0.9, "parse_rate": 1.0, "doc_ids": ids,
+                          "samples": {"call_accuracy": [1.0] * 18 + [0.0] * 2, "parse_rate": [1.0] * 20}},
+             "sw_tools_irrelevance": {"irrelevance_accuracy": 0.75, "doc_ids": ids,
+                                      "samples": {"irrelevance_accuracy": [1.0] * 15 + [0.0] * 5}}}
+    parent = {"sw_tools": {"call_accuracy": 0.0, "parse_rate": 0.0, "doc_ids": ids,
+                           "samples": {"call_accuracy": [0.0] * 20, "parse_rate": [0.0] * 20}},
+              "sw_tools_irrelevance": {"irrelevance_accuracy": 0.75, "doc_ids": ids,
+                                       "samples": {"irrelevance_accuracy": [1.0] * 15 + [0.0] * 5}}}
+    row = target_row("sft", child, parent, pl)
+    context_cis(cfg, pl, "sft", row, child, parent)
+    calls = row["context"]["sw_tools.call_accuracy"]
+    assert calls["unit"] == "points" and calls["paired"] and 70 < calls["ci_low"] < 90 <= calls["ci_high"] <= 100
+    same = row["context"]["sw_tools_irrelevance.irrelevance_accuracy"]
+    assert same["ci_low"] == same["ci_high"] == 0.0   # paired over the same items: no change, no spread
+    line = context_lines({"stages": [{"name": "sft", **row}]})[0]
+    assert "sw_tools.call_accuracy 0 → 0.9 (95% CI of the change +" in line and "..+" in line
 
 
 def test_the_demo_plan_has_sw_tools_only_with_tool_chats():
@@ -199,7 +231,7 @@ def test_the_demo_plan_has_sw_tools_only_with_tool_chats():
     p = plan(load_config(root / "params.yaml", "smoke", overrides=["generate.n_tool_chat=10"]), root)
     assert p.sets["sw_tools"]["kind"] == "tools"
     assert [m.label for m in p.context("sft") if m.set == "sw_tools"] == [
-        "sw_tools.call_accuracy", "sw_tools_irrelevance.irrelevance_accuracy"]
+        "sw_tools.call_accuracy", "sw_tools.parse_rate", "sw_tools_irrelevance.irrelevance_accuracy"]
 
 
 def test_the_gate_report_shows_what_was_scored_beside_the_targets():
@@ -207,7 +239,9 @@ def test_the_gate_report_shows_what_was_scored_beside_the_targets():
 
     summary = {"stages": [{"name": "sft", "target_metric": "sw_instruct.token_f1", "value": 0.5,
                            "baseline_value": 0.1, "improved": True,
-                           "context": {"sw_tools.call_accuracy": {"value": 0.85, "baseline": 0.0}}}]}
+                           "context": {"sw_tools.call_accuracy": {"value": 0.85, "baseline": 0.0, "ci_low": 76.25,
+                                                                  "ci_high": 93.75, "unit": "points",
+                                                                  "confidence": 0.95}}}]}
     md = render_markdown(summary)
-    assert "| sft | sw_tools.call_accuracy | 0 | 0.85 |" in md
+    assert "| sft | sw_tools.call_accuracy | 0 | 0.85 | 95% CI of the change +76.2..+93.8 points |" in md
     assert "sw_tools.call_accuracy" in render_html(summary)
