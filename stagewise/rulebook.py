@@ -94,7 +94,6 @@ def ci_text(v: dict) -> str:
             + ("%" if unit == "%" else f" {unit}"))
 
 
-
 # ---------------------------------------------------------------- bootstrap
 def _arrays(res: dict, metric: str):
     import numpy as np
