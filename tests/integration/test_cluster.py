@@ -11,7 +11,8 @@
 Checks: the run finishes and registers pretrain's and SFT's models; quality's and dedup's tasks ran on both workers;
 SFT's two ranks ran on different workers, saw world size 2, read their inputs from S3 and ended with the same weights; the curated data equals
 a one-process run's byte for byte; the model artifacts and (after `dvc push`) the DVC objects are in
-the bucket; and teardown leaves no namespace, process or link behind. Root and `ip netns` are needed:
+the bucket; and teardown leaves no namespace, process or link behind. Then a fault: h1's processes are
+killed in the middle of a second run's dedup step; that run finishes on h2 with the same curated data. Root and `ip netns` are needed:
 elsewhere the test skips with one line. Traffic goes only to these namespaces' addresses.
 """
 
@@ -226,14 +227,35 @@ def cluster():
         shutil.rmtree(base, ignore_errors=True)
 
 
+def driver_env(ws: Path) -> dict:
+    """The driver's environment on h0: the services' addresses, S3 keys, Ray's token, one thread."""
+    h0 = HOSTS["h0"]
+    return dict(os.environ, **AWS, MLFLOW_TRACKING_URI=f"http://{h0}:{PORTS['mlflow']}",
+                PREFECT_API_URL=f"http://{h0}:{PORTS['prefect']}/api", PREFECT_HOME=str(ws / ".prefect"),
+                PATH=f"{BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1", **RAY_AUTH)
+
+
+def assert_curated_as_one_process(ws: Path, local: Path) -> None:
+    """quality's and dedup's outputs in `ws` are byte for byte one process's on the same ingested records."""
+    from stagewise.config import load_config
+    from tasks.dedup import dedup
+    from tasks.quality import quality
+
+    cfg = load_config(ws / "params.yaml", "smoke", [])
+    quality(cfg.quality, ws / "data" / "02_ingested", local / "q")
+    dedup(cfg.dedup, local / "q", local / "d")
+    for mine, theirs in (("q", "03_filtered"), ("d", "04_deduped")):
+        a = {p.relative_to(local / mine): p.read_bytes() for p in (local / mine).rglob("*") if p.is_file()}
+        b = {p.relative_to(ws / "data" / theirs): p.read_bytes() for p in (ws / "data" / theirs).rglob("*") if p.is_file()}
+        assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), theirs
+
+
 def test_the_smoke_data_phase_pretrain_and_a_two_host_ddp_sft_run_across_three_hosts(cluster, tmp_path):
     c, s3c = cluster
     h0 = HOSTS["h0"]
     ws = make_workspace(tmp_path / "ws")
     os.chmod(tmp_path, 0o755)
-    env = dict(os.environ, **AWS, MLFLOW_TRACKING_URI=f"http://{h0}:{PORTS['mlflow']}",
-               PREFECT_API_URL=f"http://{h0}:{PORTS['prefect']}/api", PREFECT_HOME=str(ws / ".prefect"),
-               PATH=f"{BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1", **RAY_AUTH)
+    env = driver_env(ws)
     # both workers joined before the run starts (bounded)
     probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
              "print(sum(1 for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU')))")
@@ -284,19 +306,7 @@ def test_the_smoke_data_phase_pretrain_and_a_two_host_ddp_sft_run_across_three_h
         assert set(r["read"]) == {"parent_dir", "curated_dir"} and not any(str(ws) in p for p in r["read"].values()), r
 
     # curation: byte-identical to one process on the same ingested records
-    from stagewise.config import load_config
-    from tasks.dedup import dedup
-    from tasks.quality import quality
-
-    cfg = load_config(ws / "params.yaml", "smoke", [])
-    quality(cfg.quality, ws / "data" / "02_ingested", tmp_path / "local" / "q")
-    dedup(cfg.dedup, tmp_path / "local" / "q", tmp_path / "local" / "d")
-    for mine, theirs in (("q", "03_filtered"), ("d", "04_deduped")):
-        a = {p.relative_to(tmp_path / "local" / mine): p.read_bytes()
-             for p in (tmp_path / "local" / mine).rglob("*") if p.is_file()}
-        b = {p.relative_to(ws / "data" / theirs): p.read_bytes()
-             for p in (ws / "data" / theirs).rglob("*") if p.is_file()}
-        assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), theirs
+    assert_curated_as_one_process(ws, tmp_path / "local")
 
     # the stores: model files in S3 through the MLflow server; nothing in the workspace's own store
     keys = [o["Key"] for page in s3c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in page.get("Contents", [])]
@@ -320,6 +330,48 @@ def test_the_smoke_data_phase_pretrain_and_a_two_host_ddp_sft_run_across_three_h
     outs = [o for st in yaml.safe_load(lock)["stages"].values() for o in st.get("outs", [])
             if o["path"].startswith("data/")]
     assert len(outs) == 7 and all(any(o["md5"].removesuffix(".dir")[2:] in k for k in dvc_keys) for o in outs)
+
+
+def test_a_worker_host_killed_during_dedup_the_data_phase_finishes_on_the_survivor(cluster, tmp_path):
+    """A host dies mid-step (issue 26, faults): every process of h1 (its Ray worker and the tasks on it) is
+    SIGKILLed once the first dedup task has written its output; datatrove resubmits the lost tasks, h2 runs
+    them and the rest of dedup, and the curated data is byte for byte what one process curates. Runs after
+    the test above (h1 stays dead; the fixture's teardown removes what is left)."""
+    c, s3c = cluster
+    h0 = HOSTS["h0"]
+    ws = make_workspace(tmp_path / "ws")
+    os.chmod(tmp_path, 0o755)
+    env = driver_env(ws)
+    run = subprocess.Popen(in_ns("h0", str(BIN / "stagewise"), "run", "--profile", "smoke", "--stages",
+                                 "generate,ingest,quality,dedup", "--config", str(ws / "params.yaml"),
+                                 "--set", "ops.engine=ray", "--set", f"ops.ray_address={h0}:{PORTS['ray']}",
+                                 "--set", "ops.data_tasks=4", "--set", f"ops.ray_scratch=s3://{BUCKET}/fault"),
+                           cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, deadline = [], time.time() + 600
+    while run.poll() is None and time.time() < deadline and not killed:
+        keys = [o["Key"] for o in s3c.list_objects_v2(Bucket=BUCKET, Prefix="fault/dedup-").get("Contents", [])]
+        if any("/out/" in k for k in keys):   # dedup is under way: one signatures task is done
+            for pid in c.pids("h1"):
+                try:
+                    os.kill(pid, 9)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.1)
+    out, err = run.communicate(timeout=max(60, deadline - time.time()))
+    assert killed, "dedup ended before the first dedup task's output was seen: nothing was killed\n" + err[-3000:]
+    assert run.returncode == 0, out[-3000:] + err[-6000:]
+    assert not c.pids("h1")   # the host stayed dead
+
+    # what ran after the kill ran on the survivor
+    def placement(stage: str) -> list[dict]:
+        return json.loads(s3c.get_object(Bucket=BUCKET, Key=f"fault/placement/{stage}.json")["Body"].read())
+
+    for stage in ("dedup-buckets", "dedup-cluster_task"):
+        assert {p["node_ip"] for p in placement(stage)} == {HOSTS["h2"]}, (stage, placement(stage))
+
+    # and what it wrote is what one process writes
+    assert_curated_as_one_process(ws, tmp_path / "local")
 
 
 @pytest.fixture(scope="module", autouse=True)
