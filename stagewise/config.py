@@ -575,7 +575,8 @@ class GateConfig(Section):
     # pretrain output, or model.base): without it, forgetting spread over several stages passes every
     # parent-vs-child check while general capability erodes step by step.
     against: list[Literal["parent", "base", "champion"]] = ["parent", "base", "champion"]
-    # Log-likelihood margins (pairs sets) are compared in nats; the limit is this share of the baseline's size.
+    # Log-likelihood margins (pairs sets) are compared in nats; the limit is this share of the baseline's
+    # mean |margin| over its pairs (not of the mean margin, which sits near zero when pairs disagree).
     margin_max_drop_pct: float = Field(10.0, ge=0)
     # Each accepted stage's target joins the rules of every later decision (within the limits above, vs
     # the model that first reached it): reasoning cannot trade away what SFT taught (stagewise/rulebook.py).

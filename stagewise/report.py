@@ -89,7 +89,7 @@ def _rule_rows(gate: dict) -> list[list[str]]:
         elif unit == "%":
             limit = f"rise ≤ {_num(thr)}%" if not r.get("higher_is_better") else f"drop ≤ {_num(thr)}%"
         elif unit == "nats":
-            limit = f"drop ≤ {_num(thr)} nats ({_num(r.get('threshold_pct'))}%)"
+            limit = f"drop ≤ {_num(thr)} nats ({_num(r.get('threshold_pct'))}% of mean |margin|)"
         else:
             limit = f"drop ≤ {_num(thr)} pts"
         verdict = ("PASS" if r.get("passed") else "FAIL") + ("" if r.get("enforced", True) else " (not enforced)")

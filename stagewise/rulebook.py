@@ -21,7 +21,7 @@ Rules (params.yaml `gate:`):
 
 Units follow the metric's kind (stagewise/metrics.py): a proportion changes in points (0-100), a
 perplexity or loss in % of the baseline, a log-likelihood margin in nats (absolute; its limit is
-`gate.margin_max_drop_pct` of the baseline's size). Every delta carries a bootstrap CI from the
+`gate.margin_max_drop_pct` of the baseline's mean |margin| over its pairs: `margin_scale`). Every delta carries a bootstrap CI from the
 per-item scores evaluate() keeps (paired over shared items), and says whether the verdict could flip
 inside it.
 """
@@ -156,6 +156,18 @@ def bootstrap_delta_ci(metric: str, rel: bool | str, cand_res: dict, base_res: d
     return float(lo), float(hi), paired
 
 
+def margin_scale(res: dict, metric: str) -> float:
+    """The size a margin's limit is a share of: the mean |margin| over the baseline's pairs.
+
+    Not |mean margin|: a model that separates every pair by ±4 nats, half each way, has a mean near
+    zero, and a limit of 10% of ~0 rejects a stage for a drop far inside noise (the smollm2 profile's
+    reasoning stage was, twice: docs/evaluation.md). Equal to |mean| when all pairs lean one way."""
+    import numpy as np
+
+    arr, _ = _arrays(res, metric)
+    return float(np.abs(arr[:, 0]).mean()) if arr is not None else abs(float(res[metric]))
+
+
 # ---------------------------------------------------------------- one rule row
 def compare(rule: str, task_name: str, metric: str, hib: bool, against: str, cand: dict, base: dict,
             threshold: float, kind: str, iters: int, confidence: float, enforced: bool,
@@ -171,8 +183,8 @@ def compare(rule: str, task_name: str, metric: str, hib: bool, against: str, can
     }
     b = float(base[task_name][metric])
     if unit == "nats" and kind != "improve":
-        row["threshold_pct"] = threshold
-        threshold = abs(b) * threshold / 100.0
+        row["threshold_pct"], row["threshold_scale"] = threshold, margin_scale(base[task_name], metric)
+        threshold = row["threshold_scale"] * threshold / 100.0
     if task_name not in cand or metric not in cand[task_name]:
         return row | {"candidate": None, "baseline": b, "delta": None, "threshold": threshold,
                       "ci_low": None, "ci_high": None, "paired": False, "passed": False, "flips_within_ci": None}
@@ -240,7 +252,8 @@ def _limit(r: dict) -> str:
     u, t = r["unit"], r["threshold"]
     sign = "+" if (r["unit"] == "%" and not r["higher_is_better"]) else "-"
     if u == "nats":
-        text = f"-{t:.3g} nats ({r.get('threshold_pct', 0):g}% of {abs(r['baseline']):.4g})"
+        scale = r.get("threshold_scale", abs(r["baseline"]))
+        text = f"-{t:.3g} nats ({r.get('threshold_pct', 0):g}% of the mean |margin| {scale:.4g})"
     else:
         text = f"{sign}{t:g}{'%' if u == '%' else ' points'}"
     return text + (f" ({r['limit_setting']})" if r.get("limit_setting") else "")

@@ -43,6 +43,28 @@ def test_a_margin_is_judged_in_nats_never_in_points():
     assert significant(target) is True
 
 
+def test_a_margin_limit_scales_with_how_far_the_pairs_are_apart_not_with_their_mean():
+    # Pairs separated by ~4 nats each way: the mean margin is 0.05 nats, its 10% a limit of 0.005 nats
+    # that noise crosses (what rejected the smollm2 profile's reasoning stage). The limit is 10% of the
+    # mean |margin|: ~0.4 nats.
+    pref = with_pairs(model_results(ones(45), ones(48), BASE_LL), [4.1] * 30 + [-4.0] * 30)    # margin 0.05
+    noise = with_pairs(model_results(ones(45), ones(48), BASE_LL), [4.0] * 30 + [-4.1] * 30)   # -0.1 nats
+    forgot = with_pairs(model_results(ones(45), ones(48), BASE_LL), [3.0] * 30 + [-4.0] * 30)  # -0.55 nats
+    guards = [Guard("preference", "3", pref)]
+    kept = book().judge("reasoning", noise, parent=pref, guards=guards)
+    row = next(r for r in kept.rules if r["rule"] == "earlier_target_kept")
+    assert row["delta"] == pytest.approx(-0.1) and row["threshold"] == pytest.approx(0.405)
+    assert row["passed"] and kept.passed
+    lost = book().judge("reasoning", forgot, parent=pref, guards=guards)
+    assert [r["rule"] for r in lost.failed()] == ["earlier_target_kept"]
+    assert "10% of the mean |margin| 4.05" in lost.reasons[0]
+    # all pairs on one side: the mean |margin| is the margin, the limit as before
+    one_way = with_pairs(model_results(ones(45), ones(48), BASE_LL), [2.0] * 60)
+    row = next(r for r in book().judge("reasoning", one_way, parent=one_way, guards=[Guard("preference", "3", one_way)]).rules
+               if r["rule"] == "earlier_target_kept")
+    assert row["threshold"] == pytest.approx(0.2)
+
+
 def test_a_later_stage_may_not_trade_away_an_earlier_stages_target():
     # SFT reached token F1 0.75; preference improves its own margin and keeps general, but F1 falls to 0.50
     pairs_before, pairs_after = [1.0] * 30 + [-1.0] * 30, [2.0] * 40 + [-1.0] * 20
