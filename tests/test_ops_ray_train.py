@@ -35,8 +35,10 @@ def cfg_for(tmp: Path, *sets: str):
 
 
 def on_ray(tmp: Path, workers: int, scratch: str | None = None):
+    # a checkpoint every 3 steps: the ranks report each to Ray Train (two ranks: merged into one), which
+    # must not change what they train
     return cfg_for(tmp, "ops.engine=ray", f"ops.ray_scratch={scratch or tmp / 'scratch'}",
-                   f"sft.resources.num_workers={workers}", "sft.resources.num_cpus=1")
+                   f"sft.resources.num_workers={workers}", "sft.resources.num_cpus=1", "sft.save_steps=3")
 
 
 def weights(folder: Path) -> dict:

@@ -12,7 +12,10 @@ Checks: the run finishes and registers pretrain's and SFT's models; quality's an
 SFT's two ranks ran on different workers, saw world size 2, read their inputs from S3 and ended with the same weights; the curated data equals
 a one-process run's byte for byte; the model artifacts and (after `dvc push`) the DVC objects are in
 the bucket; and teardown leaves no namespace, process or link behind. Then a fault: h1's processes are
-killed in the middle of a second run's dedup step; that run finishes on h2 with the same curated data. Root and `ip netns` are needed:
+killed in the middle of a second run's dedup step; that run finishes on h2 with the same curated data. And
+a fault in training: h1 rejoins, SFT runs as one Ray Train rank, and the host running it is killed once its
+first checkpoint is in S3; Ray Train restarts the rank on the other host, which resumes from that checkpoint,
+and the run registers one SFT version (its Prefect task results in S3 too). Root and `ip netns` are needed:
 elsewhere the test skips with one line. Traffic goes only to these namespaces' addresses.
 """
 
@@ -427,18 +430,20 @@ def test_a_worker_host_killed_during_sft_the_stage_resumes_from_its_s3_checkpoin
     before = sft_versions()
     local_results = ws / ".prefect" / "storage"   # Prefect's default result store: this host's disk
     local_before = set(local_results.iterdir()) if local_results.is_dir() else set()
-    steps, every = 80, 8   # early stopping on: eval and save every max_steps / 10 steps
+    steps, every = 40, 10   # a checkpoint every 10 steps (the smoke profile saves every 50)
     t0 = time.time()
     run = subprocess.Popen(in_ns("h0", str(BIN / "stagewise"), "run", "--profile", "smoke", "--stages", "sft",
                                  "--config", str(ws / "params.yaml"), "--set", "ops.engine=ray",
                                  "--set", f"ops.ray_address={h0}:{PORTS['ray']}",
                                  "--set", f"ops.ray_scratch=s3://{BUCKET}/sftfault",
                                  "--set", f"ops.result_storage=s3://{BUCKET}/prefect-results",
-                                 "--set", "sft.resources.num_workers=1", "--set", f"sft.max_steps={steps}"),
+                                 "--set", "sft.resources.num_workers=1", "--set", f"sft.max_steps={steps}",
+                                 "--set", f"sft.save_steps={every}", "--set", "sft.eval_limit=8"),
                            cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed, deadline = {}, time.time() + 600
     while run.poll() is None and time.time() < deadline and not killed:
-        keys = [o["Key"] for o in s3c.list_objects_v2(Bucket=BUCKET, Prefix="sftfault/train/").get("Contents", [])]
+        keys = [o["Key"] for page in s3c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="sftfault/train/")
+                for o in page.get("Contents", [])]
         first = sorted(k for k in keys if "/train-step-" in k)
         if first:
             # Ray Train's controller takes a rank's report on its next poll (every 2 s): let it register
@@ -459,18 +464,20 @@ def test_a_worker_host_killed_during_sft_the_stage_resumes_from_its_s3_checkpoin
     assert run.returncode == 0, out[-3000:] + err[-6000:]
     survivor = "h2" if killed["host"] == "h1" else "h1"
     assert not c.pids(killed["host"])   # the host stayed dead
+    ranks = json.loads(s3c.get_object(Bucket=BUCKET, Key="sftfault/placement/train-sft.json")["Body"].read())
+    print(f"\nSFT fault: {killed['host']} ({HOSTS[killed['host']]}) killed {killed['after_s']} s into the run, after "
+          f"{killed['checkpoint']} was in S3 ({len(killed['pids'])} processes, load {killed['load']:.1f}); the run "
+          f"took {wall:.0f} s; the rank finished on {ranks[0]['node_ip']} (node {ranks[0]['node_id'][:12]}), resumed "
+          f"from step {ranks[0]['resumed_from_step']}; driver: "
+          + " | ".join(line for line in err.splitlines() if "rank(s) on node(s)" in line))
 
     # the rank finished on the survivor, resumed from a checkpoint it had reported (a multiple of save_steps)
-    ranks = json.loads(s3c.get_object(Bucket=BUCKET, Key="sftfault/placement/train-sft.json")["Body"].read())
     assert [(r["rank"], r["world_size"], r["node_ip"]) for r in ranks] == [(0, 1, HOSTS[survivor])], ranks
     resumed = ranks[0]["resumed_from_step"]
     assert resumed and resumed % every == 0 and resumed < steps, ranks
     summary = json.loads((ws / "reports" / "latest" / "summary.json").read_text())
     row = next(r for r in summary["stages"] if r["name"] == "sft")
     assert row["resumed_from_step"] == resumed and row["steps"] == steps, row
-    print(f"SFT fault: {killed['host']} ({HOSTS[killed['host']]}) killed {killed['after_s']} s into the run, after "
-          f"{killed['checkpoint']} was in S3 ({len(killed['pids'])} processes, load {killed['load']:.1f}); the rank "
-          f"resumed from step {resumed} on {survivor} ({ranks[0]['node_id'][:12]}); run {wall:.0f} s")
 
     # one new SFT version, the published model's (never a half-written or intermediate one)
     new = {k: v for k, v in sft_versions().items() if k not in before}
@@ -482,7 +489,7 @@ def test_a_worker_host_killed_during_sft_the_stage_resumes_from_its_s3_checkpoin
 
     # written only to S3 and the driver's workspace: the Ray Train run's folder (checkpoints, inputs) is gone
     # from S3, the rank's folder from the hosts' disk (the survivor's attempt removes the dead one's too),
-    # and the stage's Prefect result is in the bucket, not in the driver's PREFECT_HOME
+    # and the run's Prefect task results are in the bucket, not in the driver's PREFECT_HOME
     keys = [o["Key"] for page in s3c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="sftfault/")
             for o in page.get("Contents", [])]
     assert keys == ["sftfault/placement/train-sft.json"], keys
