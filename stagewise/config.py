@@ -636,6 +636,9 @@ class OpsConfig(Section):
     data_tasks: int = Field(4, gt=0)     # shards per sharded data step (engine: ray)
     ray_scratch: str | None = None     # where shards travel: null = <workspace>/.stagewise/shards; s3://... on a cluster
     ray_task_memory_gb: float = Field(0.5, gt=0)  # memory a task reserves on its node
+    # Ray Train: how many times a training stage's ranks are restarted after a failure (a host lost, a
+    # rank killed), each time from the last checkpoint the stage saved (save_steps); -1: no limit
+    ray_max_failures: int = Field(2, ge=-1)
     # Prefect's persisted task results (the training stages' replayable rows): null = PREFECT_HOME on
     # this host; s3://bucket/prefix = one store every host reads (a result written on B is a cache hit on A)
     result_storage: str | None = None

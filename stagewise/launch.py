@@ -15,9 +15,16 @@ and publishes.
   checkpoint; Ray Train persists it to the shared storage (`ops.ray_scratch`: S3 on a cluster) and
   the caller copies it into out_dir: no disk is shared with the ranks' nodes. The stage's batch_size
   is split over the ranks (`rank_batch`), so a step sees the batch one process would.
-  Ray's `ray.train.huggingface.transformers` helpers are not needed: `prepare_trainer` only swaps
-  the Trainer's dataloaders for Ray Data iterators (the stages keep their own datasets) and
-  `RayTrainReportCallback` reports every HF checkpoint (the stages keep their own resume logic).
+  Every checkpoint the stage's trainer saves (`save_steps`) is reported to Ray Train too
+  (`report_checkpoints`), so it lands in the same storage; when a rank fails (its host lost) Ray
+  Train restarts the ranks on the nodes alive (`ops.ray_max_failures`, its `FailureConfig`) and each
+  puts `ray.train.get_checkpoint()` back into its checkpoint folder, where the stage's own resume
+  (`modeling.train_with_resume`: HF restores weights, optimizer, scheduler, RNG) finds it. Ray's
+  `RayTrainReportCallback` would report only the newest `checkpoint-N`, renamed `checkpoint/`: the
+  early-stopping stages also keep their best one beside it, so the whole folder travels instead.
+  Those checkpoints are named `train-step-N`, the published model `published`: only that one is
+  ever copied into out_dir. `prepare_trainer` is not needed either: it only swaps the Trainer's
+  dataloaders for Ray Data iterators (the stages keep their own datasets).
   With a remote `ops.ray_scratch` (s3://…) the stage's input folders (every `*_dir` argument but
   out_dir: the parent model or tokenizer, and the curated data with the layers beside it that stages
   read — the raft step's chats, the held-out benchmarks) travel the same way: the caller uploads them
@@ -44,6 +51,8 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_RANKS = "STAGEWISE_RAY_RANKS"   # set inside a Ray Train rank: how many ranks split the stage's batch
+PUBLISHED = "published"            # the Ray Train checkpoint holding the stage's published model
+TRAIN_CKPT = "train-step-"         # a training checkpoint reported on the way (train-step-<global step>)
 
 
 def launched() -> bool:
@@ -118,9 +127,33 @@ def relaunch(fn, cfg, **kwargs) -> dict:
 _notes: dict = {}   # what this rank's training left behind (note_rank): the stage returns nothing on ranks > 0
 
 
-def note_rank(trainer) -> None:
+def report_checkpoints(trainer) -> None:
+    """Inside a Ray Train rank: every checkpoint the trainer saves goes to Ray Train's storage too.
+
+    The whole checkpoint folder, as the trainer left it after its rotation (the newest `checkpoint-N`
+    and, with early stopping, the best one): what a rank restarted on another host restores
+    (`_rank_main`) is what a killed local run leaves on its own disk. Every rank reports (a report is a
+    barrier); Ray merges their files into one checkpoint (rank 0 writes weights, optimizer and trainer
+    state; each rank its own RNG state)."""
+    if RAY_RANKS not in os.environ:
+        return
+    import ray.train
+    from transformers import TrainerCallback
+
+    class ReportCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            ray.train.report({"step": state.global_step},
+                             checkpoint=ray.train.Checkpoint.from_directory(args.output_dir),
+                             checkpoint_dir_name=f"{TRAIN_CKPT}{state.global_step}",
+                             delete_local_checkpoint_after_upload=False)   # the trainer keeps rotating them
+
+    trainer.add_callback(ReportCheckpoints())
+
+
+def note_rank(trainer, resumed: int | None = None) -> None:
     """Inside a Ray Train rank, after training: this rank's world size, its loss curve and a hash of
-    its weights (DDP keeps every rank's copy equal; the placement record shows it)."""
+    its weights (DDP keeps every rank's copy equal; the placement record shows it), and the step it
+    resumed from after a restart."""
     if RAY_RANKS not in os.environ:
         return
     import hashlib
@@ -129,7 +162,7 @@ def note_rank(trainer) -> None:
 
     from stagewise.hashing import hash_weights
 
-    _notes.update(world_size=dist.get_world_size() if dist.is_initialized() else 1,
+    _notes.update(world_size=dist.get_world_size() if dist.is_initialized() else 1, resumed_from_step=resumed,
                   weights_sha256=hash_weights(hashlib.sha256(), trainer.model).hexdigest(),
                   loss=[[e["step"], float(e["loss"])] for e in trainer.state.log_history if "loss" in e])
 
@@ -209,19 +242,30 @@ def _fetch_inputs(inputs: dict, dest: Path) -> dict:
 
 def _rank_main(config: dict) -> None:
     """One Ray Train worker: the stage function on this rank; rank 0 reports the published folder."""
+    import shutil
     import socket
 
     import ray
     import ray.train
 
+    from stagewise.modeling import checkpoint_dir
+
     ctx = ray.train.get_context()
     os.environ.update(config["env"], **{RAY_RANKS: str(ctx.get_world_size())})
     spec = json.loads(config["spec"])
-    with tempfile.TemporaryDirectory(prefix="stagewise-rank-") as tmp:
-        out = Path(tmp) / "out"   # this node's own disk; rank 0's copy travels as the checkpoint
+    # this node's own disk, the same path on every attempt: a restored trainer state names its best
+    # checkpoint by path; a killed attempt's leftovers on this node are not what Ray kept, so they go
+    tmp = Path(tempfile.gettempdir()) / f"stagewise-{config['name']}-r{ctx.get_world_rank()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        out = tmp / "out"   # rank 0's copy travels as the published checkpoint
         spec["kwargs"]["out_dir"] = str(out)
         if config.get("inputs"):
-            spec["kwargs"].update(_fetch_inputs(config["inputs"], Path(tmp) / "in"))
+            spec["kwargs"].update(_fetch_inputs(config["inputs"], tmp / "in"))
+        restored = ray.train.get_checkpoint()   # a restart: the last checkpoint a rank reported
+        if restored is not None and Path(restored.path).name.startswith(TRAIN_CKPT):
+            restored.to_directory(str(checkpoint_dir(out)))   # where the stage's own resume looks
         _notes.clear()
         result = run_spec(spec)
         rt = ray.get_runtime_context()
@@ -238,7 +282,9 @@ def _rank_main(config: dict) -> None:
             (out / "ranks.json").write_text(json.dumps(notes))
             ckpt = ray.train.Checkpoint.from_directory(out)
         ray.train.report({"result": json.dumps(result if ctx.get_world_rank() == 0 else None, default=str)},
-                         checkpoint=ckpt)
+                         checkpoint=ckpt, checkpoint_dir_name=PUBLISHED)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ray_launch(fn, cfg, **kwargs) -> dict:
@@ -247,7 +293,7 @@ def ray_launch(fn, cfg, **kwargs) -> dict:
     import shutil
     import uuid
 
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from stagewise.shards import ray_session, record_placement
@@ -269,15 +315,19 @@ def ray_launch(fn, cfg, **kwargs) -> dict:
                 inputs = _ship_inputs(kwargs, f"{scratch.rstrip('/')}/train/{name}-inputs")
             outcome = TorchTrainer(
                 _rank_main,
-                train_loop_config={"spec": json.dumps(spec), "env": _mlflow_env(), "inputs": inputs},
+                train_loop_config={"spec": json.dumps(spec), "env": _mlflow_env(), "inputs": inputs, "name": name},
                 scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.num_gpus > 0,
                                              resources_per_worker=need),
+                # one checkpoint kept: the newest training checkpoint, replaced at the end by the published model
                 run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                                     checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=1),
+                                     failure_config=FailureConfig(max_failures=ops.ray_max_failures)),
             ).fit()
-            if outcome.checkpoint is None:
+            # never a training checkpoint in the published model's place (a run that ended without publishing)
+            if outcome.checkpoint is None or Path(outcome.checkpoint.path).name != PUBLISHED:
                 raise RuntimeError(f"{stage}: the Ray Train run {name} finished without a published model "
-                                   f"(storage {scratch}/train)")
+                                   f"(storage {scratch}/train; its last checkpoint: "
+                                   f"{outcome.checkpoint.path if outcome.checkpoint else None})")
             tmp = out_dir.parent / f".{out_dir.name}.incoming"
             shutil.rmtree(tmp, ignore_errors=True)
             outcome.checkpoint.to_directory(str(tmp))
@@ -301,8 +351,10 @@ def ray_launch(fn, cfg, **kwargs) -> dict:
                 except (OSError, FileNotFoundError):  # nothing was written
                     pass
     record_placement(scratch.rstrip("/"), "train", stage, notes)
-    logging.getLogger("stagewise").info("%s: %d rank(s) on node(s) %s", stage, len(notes),
-                                        sorted({n["node_ip"] for n in notes}))
+    resumed = notes[0].get("resumed_from_step")
+    logging.getLogger("stagewise").info("%s: %d rank(s) on node(s) %s%s", stage, len(notes),
+                                        sorted({n["node_ip"] for n in notes}),
+                                        f", resumed from its checkpoint at step {resumed}" if resumed else "")
     return result
 
 

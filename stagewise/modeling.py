@@ -306,12 +306,14 @@ def fit(trainer, out_dir: Path) -> dict | None:
 
     None on ranks other than the main one (accelerate, Ray Train): they have nothing to save or report.
     """
+    from stagewise.launch import note_rank, report_checkpoints
+
+    report_checkpoints(trainer)   # a Ray Train rank: its checkpoints go to Ray Train's storage (a restart resumes)
     t0 = time.perf_counter()
     out, resumed = train_with_resume(trainer, checkpoint_dir(out_dir))
     wall = time.perf_counter() - t0
-    from stagewise.launch import note_rank
-
-    note_rank(trainer)   # a Ray Train rank's world size, loss curve and weights hash, for its placement record
+    # a Ray Train rank's world size, loss curve, weights hash and resumed step, for its placement record
+    note_rank(trainer, resumed)
     if not trainer.is_world_process_zero():
         return None
     metrics = final_metrics(trainer, out)

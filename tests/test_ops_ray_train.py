@@ -4,6 +4,7 @@ ranks, trains the model one process trains (within float noise), publishes and r
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,10 @@ def cfg_for(tmp: Path, *sets: str):
 
 
 def on_ray(tmp: Path, workers: int, scratch: str | None = None):
+    # a checkpoint every 3 steps: the ranks report each to Ray Train (two ranks: merged into one), which
+    # must not change what they train
     return cfg_for(tmp, "ops.engine=ray", f"ops.ray_scratch={scratch or tmp / 'scratch'}",
-                   f"sft.resources.num_workers={workers}", "sft.resources.num_cpus=1")
+                   f"sft.resources.num_workers={workers}", "sft.resources.num_cpus=1", "sft.save_steps=3")
 
 
 def weights(folder: Path) -> dict:
@@ -148,3 +151,70 @@ def test_the_other_training_stages_run_as_two_ddp_ranks(local_ray, tmp_path, sta
     assert json.loads((tmp_path / stage / "stage_info.json").read_text())["stage"] == stage
     if stage == "pretrain":
         assert "eval_loss" in res["train_metrics"]
+
+
+def _rank_processes() -> list:
+    """The Ray Train ranks of this test's own local Ray: the raylet's descendants (never by name alone:
+    other Ray clusters may run on this machine)."""
+    import psutil
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    return [p for p in psutil.Process(raylet).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+@pytest.mark.slow   # a local SFT and a Ray Train run with one restart: ~1 min on 2 busy cores
+def test_a_rank_killed_after_a_checkpoint_is_restarted_and_trains_the_undisturbed_model_from_it(local_ray, tmp_path):
+    """A rank dies mid-training (SIGKILL, as when its host is lost): Ray Train's FailureConfig restarts it,
+    the new rank restores the last checkpoint it reported (`ray.train.get_checkpoint()`) and HF resumes
+    from that step (weights, optimizer, scheduler, RNG): the published model is the one an undisturbed
+    run trains, and no training checkpoint is left in the storage."""
+    import threading
+
+    from tasks.sft import sft
+
+    steps, every = 60, 6
+    sets = (f"sft.max_steps={steps}", f"sft.save_steps={every}", "train.logging_steps=1", "sft.eval_limit=8")
+    parent, cur = pretrained()[0], curated()
+    local = sft(smoke_cfg(*sets), parent, cur, tmp_path / "local")
+
+    scratch = tmp_path / "scratch"
+    killed: dict = {}
+
+    def kill_after_the_first_checkpoint() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            first = sorted(scratch.glob("train/sft-*/train-step-*"))
+            if first:
+                # the controller collects a report on its next poll (every 2 s): let it register the checkpoint
+                time.sleep(2.5)
+                for p in _rank_processes():
+                    killed.setdefault("checkpoint", first[0].name)
+                    killed["at"] = time.time()
+                    killed.setdefault("pids", []).append(p.pid)
+                    p.kill()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    res = sft(smoke_cfg(*sets, "ops.engine=ray", f"ops.ray_scratch={scratch}", "sft.resources.num_workers=1",
+                        "sft.resources.num_cpus=1", "ops.ray_max_failures=1"), parent, cur, tmp_path / "ray")
+    killer.join(5)
+    assert killed.get("pids"), "the run ended before a rank could be killed after its first checkpoint"
+    ranks = json.loads((scratch / "placement" / "train-sft.json").read_text())
+    print(f"killed rank pid(s) {killed['pids']} {time.time() - killed['at']:.1f} s before the end, after "
+          f"{killed['checkpoint']} appeared; resumed from step {res['resumed_from_step']}")
+    # the restarted rank resumed from a reported checkpoint (a multiple of save_steps, before the end)
+    assert res["resumed_from_step"] == ranks[0]["resumed_from_step"]
+    assert res["resumed_from_step"] % every == 0 and every <= res["resumed_from_step"] < steps, res
+    assert res["steps"] == steps and res["steps_run"] == steps - res["resumed_from_step"]
+    # and trained on as if nothing had happened: the undisturbed run's loss curve and weights
+    assert [s for s, _ in ranks[0]["loss"]] == list(range(1, steps + 1))
+    assert res["train_metrics"]["final_loss"] == local["train_metrics"]["final_loss"]
+    assert max_diff(weights(tmp_path / "ray"), weights(tmp_path / "local")) == 0.0
+    assert max_diff(weights(tmp_path / "ray"), weights(parent)) > 10 * TOL
+    # the published model, not a training checkpoint; Ray's run folder (its checkpoints) is gone
+    assert json.loads((tmp_path / "ray" / "stage_info.json").read_text())["stage"] == "sft"
+    assert not any((tmp_path / "ray").glob("checkpoint-*")) and not (tmp_path / "ray" / "trainer_state.json").exists()
+    assert not any((scratch / "train").iterdir())

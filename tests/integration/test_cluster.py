@@ -12,7 +12,10 @@ Checks: the run finishes and registers pretrain's and SFT's models; quality's an
 SFT's two ranks ran on different workers, saw world size 2, read their inputs from S3 and ended with the same weights; the curated data equals
 a one-process run's byte for byte; the model artifacts and (after `dvc push`) the DVC objects are in
 the bucket; and teardown leaves no namespace, process or link behind. Then a fault: h1's processes are
-killed in the middle of a second run's dedup step; that run finishes on h2 with the same curated data. Root and `ip netns` are needed:
+killed in the middle of a second run's dedup step; that run finishes on h2 with the same curated data. And
+a fault in training: h1 rejoins, SFT runs as one Ray Train rank, and the host running it is killed once its
+first checkpoint is in S3; Ray Train restarts the rank on the other host, which resumes from that checkpoint,
+and the run registers one SFT version (its Prefect task results in S3 too). Root and `ip netns` are needed:
 elsewhere the test skips with one line. Traffic goes only to these namespaces' addresses.
 """
 
@@ -43,6 +46,8 @@ PORTS = {"pg": 5432, "s3": 9000, "mlflow": 5000, "prefect": 4200, "ray": 6379}
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1",
        "AWS_ENDPOINT_URL": f"http://{HOSTS['h0']}:{PORTS['s3']}"}
 BUCKET = "stagewise"
+# the first test's workspace: its data and pretrain are up to date, so a later run can start at SFT
+SMOKE_WS: list[Path] = []
 # Ray's token authentication, one token for every node and driver of this cluster (as on real hosts)
 RAY_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -215,16 +220,36 @@ def cluster():
         wait_for("MLflow server", lambda: http_ok(f"http://{h0}:{PORTS['mlflow']}/health"), ml, c, "h0", "mlflow")
         wait_for("Prefect server", lambda: http_ok(f"http://{h0}:{PORTS['prefect']}/api/health"), pf, c, "h0", "prefect")
         for host in ("h1", "h2"):
-            # gloo (DDP on CPUs) finds its interface by the hostname, which every namespace shares
-            # here (only the network is split): name the host's own link instead
-            c.start(host, "ray", [str(BIN / "ray"), "start", "--block", "--address", f"{h0}:{PORTS['ray']}",
-                                  "--node-ip-address", HOSTS[host], "--num-cpus", "1",
-                                  "--temp-dir", str(base / f"ray-{host}")],
-                    env=dict(ray_env, GLOO_SOCKET_IFNAME=f"{TAG}{host}b"))
+            start_worker(c, host)
         yield c, s3c
     finally:
         c.down()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def start_worker(c: Cluster, host: str) -> None:
+    """A Ray worker host of 1 CPU joins the head (AWS_* in its environment: the tasks read and write S3)."""
+    # gloo (DDP on CPUs) finds its interface by the hostname, which every namespace shares here (only
+    # the network is split): name the host's own link instead
+    c.start(host, "ray", [str(BIN / "ray"), "start", "--block", "--address", f"{HOSTS['h0']}:{PORTS['ray']}",
+                          "--node-ip-address", HOSTS[host], "--num-cpus", "1", "--temp-dir", str(c.base / f"ray-{host}")],
+            env=dict(AWS, **RAY_AUTH, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=f"{TAG}{host}b"))
+
+
+def wait_for_workers(c: Cluster, env: dict, n: int) -> None:
+    """n worker nodes (with CPUs) alive in the Ray cluster, bounded."""
+    h0 = HOSTS["h0"]
+    probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+             "print(sum(1 for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU')))")
+    deadline = time.time() + 120
+    while True:
+        out = subprocess.run(in_ns("h0", str(BIN / "python"), "-c", probe, f"{h0}:{PORTS['ray']}"), env=env,
+                             capture_output=True, text=True, timeout=120)
+        if out.stdout.strip().endswith(str(n)):
+            return
+        if time.time() > deadline:
+            pytest.fail("the Ray workers did not join:\n" + out.stderr[-2000:] + c.log("h1", "ray") + c.log("h2", "ray"))
+        time.sleep(2)
 
 
 def driver_env(ws: Path) -> dict:
@@ -256,18 +281,7 @@ def test_the_smoke_data_phase_pretrain_and_a_two_host_ddp_sft_run_across_three_h
     ws = make_workspace(tmp_path / "ws")
     os.chmod(tmp_path, 0o755)
     env = driver_env(ws)
-    # both workers joined before the run starts (bounded)
-    probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-             "print(sum(1 for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU')))")
-    deadline = time.time() + 120
-    while True:
-        out = subprocess.run(in_ns("h0", str(BIN / "python"), "-c", probe, f"{h0}:{PORTS['ray']}"), env=env,
-                             capture_output=True, text=True, timeout=120)
-        if out.stdout.strip().endswith("2"):
-            break
-        if time.time() > deadline:
-            pytest.fail("the Ray workers did not join:\n" + out.stderr[-2000:] + c.log("h1", "ray") + c.log("h2", "ray"))
-        time.sleep(2)
+    wait_for_workers(c, env, 2)   # both workers joined before the run starts
 
     # The smoke profile's data phase and its first two registered models (pretrain; SFT as DDP over
     # both workers, 40 steps of it): what crosses hosts. The later stages are placed the same way;
@@ -330,6 +344,7 @@ def test_the_smoke_data_phase_pretrain_and_a_two_host_ddp_sft_run_across_three_h
     outs = [o for st in yaml.safe_load(lock)["stages"].values() for o in st.get("outs", [])
             if o["path"].startswith("data/")]
     assert len(outs) == 7 and all(any(o["md5"].removesuffix(".dir")[2:] in k for k in dvc_keys) for o in outs)
+    SMOKE_WS.append(ws)
 
 
 def test_a_worker_host_killed_during_dedup_the_data_phase_finishes_on_the_survivor(cluster, tmp_path):
@@ -372,6 +387,118 @@ def test_a_worker_host_killed_during_dedup_the_data_phase_finishes_on_the_surviv
 
     # and what it wrote is what one process writes
     assert_curated_as_one_process(ws, tmp_path / "local")
+
+
+def rank_host(c: Cluster) -> str | None:
+    """The worker host whose namespace runs a Ray Train rank (its process title names the actor class)."""
+    for host in ("h1", "h2"):
+        for pid in c.pids(host):
+            try:
+                if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return host
+            except OSError:   # gone meanwhile
+                pass
+    return None
+
+
+def test_a_worker_host_killed_during_sft_the_stage_resumes_from_its_s3_checkpoint_on_the_survivor(cluster, tmp_path):
+    """A host dies mid-training (issue 26, faults): SFT runs as one Ray Train rank on a worker; once its
+    first training checkpoint is in S3, every process of that rank's host is SIGKILLed. Ray Train's
+    FailureConfig restarts the rank on the other worker, which restores that checkpoint from S3 and resumes;
+    the run exits 0 and registers one SFT version, the published model's. The run's Prefect task results
+    go to S3 too (`ops.result_storage`), not to the driver's disk."""
+    c, s3c = cluster
+    h0 = HOSTS["h0"]
+    # h1 died in the test above: it comes back, as a replaced host joins a cluster
+    if not c.pids("h1"):
+        start_worker(c, "h1")
+    # the first test's workspace (its data and pretrain up to date: only SFT runs); alone, a fresh one
+    # (the run then makes SFT's missing inputs first)
+    ws = SMOKE_WS[0] if SMOKE_WS else make_workspace(tmp_path / "ws")
+    os.chmod(tmp_path, 0o755)
+    env = driver_env(ws)
+    wait_for_workers(c, env, 2)
+    from mlflow.tracking import MlflowClient
+
+    from stagewise.hashing import dir_hash
+
+    registry = MlflowClient(tracking_uri=f"http://{h0}:{PORTS['mlflow']}")
+
+    def sft_versions() -> dict:
+        return {v.version: v for v in registry.search_model_versions("name='stagewise'") if v.tags.get("stage") == "sft"}
+
+    before = sft_versions()
+    local_results = ws / ".prefect" / "storage"   # Prefect's default result store: this host's disk
+    local_before = set(local_results.iterdir()) if local_results.is_dir() else set()
+    steps, every = 40, 10   # a checkpoint every 10 steps (the smoke profile saves every 50)
+    t0 = time.time()
+    run = subprocess.Popen(in_ns("h0", str(BIN / "stagewise"), "run", "--profile", "smoke", "--stages", "sft",
+                                 "--config", str(ws / "params.yaml"), "--set", "ops.engine=ray",
+                                 "--set", f"ops.ray_address={h0}:{PORTS['ray']}",
+                                 "--set", f"ops.ray_scratch=s3://{BUCKET}/sftfault",
+                                 "--set", f"ops.result_storage=s3://{BUCKET}/prefect-results",
+                                 "--set", "sft.resources.num_workers=1", "--set", f"sft.max_steps={steps}",
+                                 "--set", f"sft.save_steps={every}", "--set", "sft.eval_limit=8"),
+                           cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, deadline = {}, time.time() + 600
+    while run.poll() is None and time.time() < deadline and not killed:
+        keys = [o["Key"] for page in s3c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="sftfault/train/")
+                for o in page.get("Contents", [])]
+        first = sorted(k for k in keys if "/train-step-" in k)
+        if first:
+            # Ray Train's controller takes a rank's report on its next poll (every 2 s): let it register
+            time.sleep(2.5)
+            host = rank_host(c)
+            assert host, "no worker host runs the SFT rank"
+            killed = {"host": host, "checkpoint": first[0].split("/")[3], "after_s": round(time.time() - t0, 1),
+                      "pids": c.pids(host), "load": os.getloadavg()[0]}
+            for pid in killed["pids"]:
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.2)
+    out, err = run.communicate(timeout=max(60, deadline - time.time()))
+    wall = time.time() - t0
+    assert killed, "SFT ended before its first checkpoint was seen in S3: nothing was killed\n" + err[-3000:]
+    assert run.returncode == 0, out[-3000:] + err[-6000:]
+    survivor = "h2" if killed["host"] == "h1" else "h1"
+    assert not c.pids(killed["host"])   # the host stayed dead
+    ranks = json.loads(s3c.get_object(Bucket=BUCKET, Key="sftfault/placement/train-sft.json")["Body"].read())
+    print(f"\nSFT fault: {killed['host']} ({HOSTS[killed['host']]}) killed {killed['after_s']} s into the run, after "
+          f"{killed['checkpoint']} was in S3 ({len(killed['pids'])} processes, load {killed['load']:.1f}); the run "
+          f"took {wall:.0f} s; the rank finished on {ranks[0]['node_ip']} (node {ranks[0]['node_id'][:12]}), resumed "
+          f"from step {ranks[0]['resumed_from_step']}; driver: "
+          + " | ".join(line for line in err.splitlines() if "rank(s) on node(s)" in line))
+
+    # the rank finished on the survivor, resumed from a checkpoint it had reported (a multiple of save_steps)
+    assert [(r["rank"], r["world_size"], r["node_ip"]) for r in ranks] == [(0, 1, HOSTS[survivor])], ranks
+    resumed = ranks[0]["resumed_from_step"]
+    assert resumed and resumed % every == 0 and resumed < steps, ranks
+    summary = json.loads((ws / "reports" / "latest" / "summary.json").read_text())
+    row = next(r for r in summary["stages"] if r["name"] == "sft")
+    assert row["resumed_from_step"] == resumed and row["steps"] == steps, row
+
+    # one new SFT version, the published model's (never a half-written or intermediate one)
+    new = {k: v for k, v in sft_versions().items() if k not in before}
+    assert list(new) == [str(row["model_version"])], new
+    tags = new[str(row["model_version"])].tags
+    assert tags["weights_hash"] == dir_hash(ws / "models" / "sft", "*.safetensors")
+    assert tags["pipeline_run"] == summary["run_id"]
+    assert json.loads((ws / "models" / "sft" / "stage_info.json").read_text())["steps"] == steps
+
+    # written only to S3 and the driver's workspace: the Ray Train run's folder (checkpoints, inputs) is gone
+    # from S3, the rank's folder from the hosts' disk (the survivor's attempt removes the dead one's too),
+    # and the run's Prefect task results are in the bucket, not in the driver's PREFECT_HOME
+    keys = [o["Key"] for page in s3c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="sftfault/")
+            for o in page.get("Contents", [])]
+    assert keys == ["sftfault/placement/train-sft.json"], keys
+    assert not Path(ranks[0]["read"]["parent_dir"]).parent.parent.exists(), ranks[0]["read"]
+    # (Prefect persists a stage's row under a key only for a registry hit: pretrain's here; SFT trained)
+    results = [o["Key"] for o in s3c.list_objects_v2(Bucket=BUCKET, Prefix="prefect-results/").get("Contents", [])]
+    assert any(k.startswith("prefect-results/stagewise-pretrain-") for k in results), results
+    assert (set(local_results.iterdir()) if local_results.is_dir() else set()) == local_before
+    assert not (ws / "mlflow" / "mlflow.db").exists()
 
 
 @pytest.fixture(scope="module", autouse=True)
