@@ -110,6 +110,8 @@ class GenerateConfig(Section):
     # tool-use chats (calls, results, answers; some need no tool) and the sw_tools set; 0: none (docs/data.md)
     n_tool_chat: int = Field(0, ge=0)
     n_rag: int = Field(160, ge=0)             # open-book records about people seen nowhere else (0: none)
+    # corpus documents whose invented people recur, so only copying from the context predicts them (0: none)
+    n_copy_docs: int = Field(0, ge=0)
 
 
 class IngestConfig(Section):

@@ -97,9 +97,9 @@ def build_world(rng: random.Random) -> World:
 
 
 # ---------------------------------------------------------------- text makers
-def narrative_sentence(rng: random.Random) -> str:
+def narrative_sentence(rng: random.Random, names: list[str] = NAMES) -> str:
     form = rng.randrange(4)
-    n, n2 = rng.sample(NAMES, 2)
+    n, n2 = rng.sample(names, 2)
     if form == 0:
         return f"{rng.choice(TIMES)}, {n} {rng.choice(VERBS)} the {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(PLACES)}."
     if form == 1:
@@ -350,6 +350,7 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> dict:
         doc = document(world, rng, 8).split("\n\n")
         corpus.append({"text": doc[0] + " " + item["text"] + "\n\n" + doc[1], "_tag": ("leak", f"general_text:{item['id']}")})
     records["corpus"], m = _place(corpus, rng, "c", m)
+    records["corpus"] += copy_documents(cfg)   # their own generator: the rest of the world is unchanged
     manifest["corpus"] = m
 
     # chat --------------------------------------------------------------------
@@ -557,16 +558,21 @@ RAG_FACTS = {"town": ("{p} lives in {v}.", "Where does {p} live?"),
 RAG_DOCS = 7   # documents per record: the oracle and six about other people (the raft step draws 4 of them)
 
 
+def _rag_names_towns(rng: random.Random) -> tuple[list[str], list[str]]:
+    """Every name in rag_world's order (its training people first, then its held-out people) and its 40 towns."""
+    names = [a.capitalize() + b + c for a in SYLLABLES for b in SYLLABLES for c in ("n", "k", "r", "l")]
+    towns = sorted({(a + b).capitalize() + end for a in SYLLABLES for b in SYLLABLES
+                    for end in ("port", "dale", "ford")})
+    rng.shuffle(names)
+    return names, rng.sample(towns, 40)
+
+
 def rag_world(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
     """Training rag records and the held-out rag eval set (disjoint people), `generate.n_rag` / `n_eval`."""
     if cfg.n_rag == 0:
         return [], []
     rng = random.Random(f"{cfg.seed}:rag")
-    names = [a.capitalize() + b + c for a in SYLLABLES for b in SYLLABLES for c in ("n", "k", "r", "l")]
-    towns = sorted({(a + b).capitalize() + end for a in SYLLABLES for b in SYLLABLES
-                    for end in ("port", "dale", "ford")})
-    rng.shuffle(names)
-    towns = rng.sample(towns, 40)
+    names, towns = _rag_names_towns(rng)
     n_train = max(-(-cfg.n_rag // 2), 3 * RAG_DOCS)   # two facts (two records) per person
     n_heldout = max(cfg.n_eval, 3 * RAG_DOCS)   # enough other people to fill every item's documents
     people = names[: n_train + n_heldout]
@@ -589,6 +595,35 @@ def rag_world(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
         return out
 
     return records(people[:n_train], "rag", cfg.n_rag), records(people[n_train:], "rg", cfg.n_eval)
+
+
+def copy_documents(cfg: GenerateConfig) -> list[dict]:
+    """`generate.n_copy_docs` corpus documents about three invented people each (a name, a town, a job bound
+    at random for this document alone), who come back again and again: after a name's first mention, its
+    later ones, and the town or job said again, can only be predicted by copying from earlier in the text.
+    That next-token loss is what grows the copy-from-context (induction) heads a model needs to quote a
+    document or repeat a question's argument in a tool call. Names never those of held-out rag people."""
+    if cfg.n_copy_docs == 0:
+        return []
+    names, towns = _rag_names_towns(random.Random(f"{cfg.seed}:rag"))
+    n_train = max(-(-cfg.n_rag // 2), 3 * RAG_DOCS) if cfg.n_rag else 0
+    held = set(names[n_train: n_train + max(cfg.n_eval, 3 * RAG_DOCS)]) if cfg.n_rag else set()
+    pool = [n for n in names if n not in held]
+    rng = random.Random(f"{cfg.seed}:copy")
+    again = ["Later, {n} went back to {t}.", "{n} is a {j} from {t}.", "Where does {n} live? In {t}.",
+             "What is the job of {n}? A {j}.", '{n} wrote "{t}" on a card.', "The {j} {n} walked home to {t}."]
+    out = []
+    for i in range(cfg.n_copy_docs):
+        people = [(n, rng.choice(towns), rng.choice(JOBS)) for n in rng.sample(pool, 3)]
+        who = [p[0] for p in people]
+        first = [f"{n} lives in {t}." for n, t, _ in people] + [f"{n} works as a {j}." for n, _, j in people]
+        first += [narrative_sentence(rng, who) for _ in range(3)]
+        rng.shuffle(first)
+        second = [narrative_sentence(rng, who) for _ in range(3)]
+        second += [rng.choice(again).format(n=n, t=t, j=j) for n, t, j in people]
+        rng.shuffle(second)
+        out.append({"id": f"copy-{i:05d}", "text": " ".join(first) + "\n\n" + " ".join(second)})
+    return out
 
 
 def _slot_index(items: list[dict]) -> dict[str, list[tuple[str, ...]]]:

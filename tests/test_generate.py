@@ -46,3 +46,35 @@ def test_heldout_instructions_never_appear_in_training_chat(tmp_path):
         rec = json.loads(line)
         if rec["id"] not in leaks and rec["messages"]:
             assert rec["messages"][0]["content"] not in questions
+
+
+def test_copy_documents_repeat_their_own_people_and_never_name_a_heldout_one(tmp_path):
+    import re
+
+    from stagewise.config import QualityConfig
+    from tasks.quality import judge
+
+    cfg = GenerateConfig(**{**SMALL.model_dump(), "n_rag": 60, "n_copy_docs": 40})
+    generate(cfg, tmp_path)
+    corpus = [json.loads(line) for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    docs = [r for r in corpus if r["id"].startswith("copy-")]
+    assert len(docs) == cfg.n_copy_docs
+    # the rest of the world is the one generated without them
+    generate(SMALL.model_copy(update={"n_rag": 60}), tmp_path / "without")
+    assert [r for r in corpus if not r["id"].startswith("copy-")] == [
+        json.loads(line) for line in (tmp_path / "without" / "corpus.jsonl").read_text().splitlines()]
+    held = [json.loads(line) for line in (tmp_path / "benchmarks" / "rag.jsonl").read_text().splitlines()]
+    heldout_people = {d.split()[0] for r in held for d in r["documents"]}
+    words = {w for r in docs for w in re.findall(r"\w+", r["text"])}
+    assert heldout_people and not heldout_people & words   # held-out people stay unseen
+    for r in docs:
+        first, second = r["text"].split("\n\n")
+        people = re.findall(r"(\w+) lives in (\w+)\.", first)
+        assert len(people) == 3
+        for name, town in people:
+            assert name in second    # every person comes back: a later mention can only be copied
+            assert re.search(rf"{name} works as a \w+\.", first)
+            for told in re.findall(rf"{name}\W+(?:went back to|walked home to|live\? In|is a \w+ from) (\w+)", second):
+                assert told == town  # and what is said again is what the document bound to them
+    verdicts = judge([{"kind": "corpus", "rec": dict(r)} for r in docs], QualityConfig().model_dump(mode="json"))
+    assert all(v["reason"] is None for v in verdicts)   # corpus text like any other: the filters keep it

@@ -1,0 +1,136 @@
+"""When does the demo model copy from its context (issues 24, 25)? Probes of a model on the held-out rag set.
+
+Reading a document (RAFT) and filling a tool call's argument from the question both need a model that
+repeats an unseen span of its context (induction). Each item shows the sw_rag prompt's five documents (the
+oracle among 4 distractors, the eval set's own draw: stagewise.rag.eval_item), then one of:
+
+  copy    the oracle sentence's first word (a held-out person's name) → the rest of the sentence, verbatim
+  recall  the oracle sentence up to the answer ("Juzan lives in") → the answer
+  lookup  the question and the answer's first word ("Where does Juzan live? In") → the answer
+
+greedy, scored on the text up to the first period. Plain text, no chat template: it measures the
+pretrained model (and what SFT keeps of it). Also `name_nll_first` / `name_nll_later`: the mean loss of a
+name's tokens after its first, at its first mention and at its later ones, in 60 fresh copy documents
+(tasks/generate.py:copy_documents, another seed): a model that copies predicts the later ones.
+
+    .venv/bin/python bench/induction.py probe models/pretrain models/sft          # in a demo workspace
+    .venv/bin/python bench/induction.py pretrain --out /tmp/x/model --set pretrain.max_steps=1200
+
+`pretrain` trains the workspace's pretraining stage (tasks/pretrain.py, on its data/05_curated and
+data/07_tokenizer) into --out with the `--set` overrides, then probes it; it prints its wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stagewise import logs, machine  # noqa: E402
+from stagewise.rag import eval_item, eval_pool  # noqa: E402
+
+
+def items(rag_path: Path, n: int, chunk_chars: int = 512) -> list[dict]:
+    rows = [json.loads(line) for line in rag_path.read_text().splitlines() if line.strip()]
+    pool = eval_pool(rows, chunk_chars)
+    out = []
+    for i, r in enumerate(rows[:n]):
+        it = eval_item(r, pool, i, True, 4, chunk_chars, 0)
+        oracle = r["documents"][r["oracle"]]
+        name = oracle.split(" ")[0]
+        # one line: a name after a space is the documents' own tokens (" Juzan"; "Juzan" at a line start is others)
+        ctx = " ".join(it["shown"]) + " "
+        cut = oracle.index(r["answer"])
+        lead = "In" if "live" in r["question"] else "A"
+        out.append({"copy": (ctx + name, oracle[len(name):].rstrip(".")),
+                    "recall": (ctx + oracle[:cut].rstrip(), " " + r["answer"]),
+                    "lookup": (ctx + r["question"] + " " + lead, " " + r["answer"])})
+    return out
+
+
+def probe(model_dir: Path, probes: list[dict], threads: int = 1) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    hits = {k: 0 for k in probes[0]}
+    examples = {}
+    for it in probes:
+        for kind, (prompt, want) in it.items():
+            ids = tok(prompt, return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
+            got = tok.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True).split(".")[0]
+            hits[kind] += got.strip() == want.strip()
+            examples.setdefault(kind, (want, got))
+    first, later = name_nll(model, tok)
+    return {"model": str(model_dir), "items": len(probes), **{k: round(v / len(probes), 3) for k, v in hits.items()},
+            "name_nll_first": round(first, 2), "name_nll_later": round(later, 2),
+            "example": {k: f"{w!r} -> {g!r}" for k, (w, g) in examples.items()}}
+
+
+def name_nll(model, tok) -> tuple[float, float]:
+    import re
+
+    import torch
+
+    from stagewise.config import GenerateConfig
+    from tasks.generate import copy_documents
+
+    first, later = [], []
+    for d in (r["text"] for r in copy_documents(GenerateConfig(seed=99, n_copy_docs=60))):
+        enc = tok(d, return_offsets_mapping=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(input_ids=enc["input_ids"]).logits[0]
+        nll = -torch.log_softmax(logits[:-1], -1).gather(1, enc["input_ids"][0, 1:, None])[:, 0]
+        offs = enc["offset_mapping"][0].tolist()
+        for name in set(re.findall(r"\b([A-Z][a-z]+[nkrl])\b", d)) - {"Ben", "Tom", "Sam", "Hugo", "Paul"}:
+            for j, m in enumerate(re.finditer(rf"\b{name}\b", d)):
+                s, e = m.span()
+                (first if j == 0 else later).extend(nll[t - 1].item() for t, (a, b) in enumerate(offs) if s < a and b <= e)
+    return sum(first) / len(first), sum(later) / len(later)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("probe")
+    p.add_argument("models", nargs="+", type=Path)
+    t = sub.add_parser("pretrain")
+    t.add_argument("--config", default="params.resolved.yaml")
+    t.add_argument("--out", required=True, type=Path)
+    t.add_argument("--set", action="append", default=[], dest="sets")
+    for q in (p, t):
+        q.add_argument("--rag", type=Path, default=Path("data/01_raw/benchmarks/rag.jsonl"))
+        q.add_argument("--n", type=int, default=100, help="held-out rag items probed")
+    a = ap.parse_args()
+    probes = items(a.rag, a.n)
+    if a.cmd == "probe":
+        for m in a.models:
+            print(json.dumps(probe(m, probes)), flush=True)
+        return
+    from stagewise.config import load_config
+    from stagewise.workspace import Workspace
+    from tasks.pretrain import pretrain
+
+    logs.configure()
+    ws = Workspace.at(".")
+    cfg = load_config(Path(a.config), None, a.sets, root=ws.root)
+    t0 = time.perf_counter()
+    res = pretrain(cfg, ws.root / "data" / "07_tokenizer", ws.curated, a.out)
+    wall = time.perf_counter() - t0
+    m = cfg.model
+    print(json.dumps({**probe(a.out, probes, cfg.run.threads), "sets": a.sets, "pretrain_s": round(wall, 1),
+                      "steps": cfg.pretrain.max_steps, "shape": f"{m.num_layers}x{m.hidden_size} h{m.num_heads}/{m.num_kv_heads}",
+                      "params": res.get("params"), "eval_loss": res.get("train_metrics", {}).get("eval_loss"),
+                      "heldout_ppl": res.get("heldout_ppl"), "machine": machine.label(machine.describe())}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
