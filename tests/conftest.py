@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 _TMP_HOME = tempfile.mkdtemp(prefix="stagewise-prefect-")
+atexit.register(shutil.rmtree, _TMP_HOME, ignore_errors=True)   # each pytest process left ~7 MB in /tmp
 for k, v in {
     "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
     "GX_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
