@@ -248,7 +248,7 @@ def _rank_main(config: dict) -> None:
     import ray
     import ray.train
 
-    from stagewise.modeling import checkpoint_dir
+    from stagewise.workspace import checkpoint_dir
 
     ctx = ray.train.get_context()
     os.environ.update(config["env"], **{RAY_RANKS: str(ctx.get_world_size())})

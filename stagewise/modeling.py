@@ -31,6 +31,7 @@ import torch
 from stagewise.chat import prepare_tokenizer, prompt_ids, stop_token_ids  # noqa: F401 (prompt_ids: re-exported)
 from stagewise.config import PACKAGE_SCHEME, ModelConfig, TrainConfig, package_file
 from stagewise.records import read_jsonl  # noqa: F401  (stages import it from here with the other helpers)
+from stagewise.workspace import checkpoint_dir  # noqa: F401  (stages import it from here with the other helpers)
 
 log = logging.getLogger("stagewise.train")
 
@@ -173,11 +174,6 @@ def save_model(model, tok, out_dir: Path, extra: Callable[[Path], None] | None =
 
 
 # ---------------------------------------------------------------- training plumbing
-def checkpoint_dir(out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
-    return out_dir.parent / f"{out_dir.name}.checkpoints"
-
-
 def last_checkpoint(ckpt_dir: Path) -> tuple[str | None, int | None]:
     """The newest *complete* `checkpoint-N` folder from a killed run, and its step.
 

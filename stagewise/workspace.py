@@ -79,3 +79,10 @@ class Workspace:
     @property
     def resolved_params(self) -> Path:  # the run's resolved config; dvc.yaml reads params from it
         return self.root / "params.resolved.yaml"
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    """Where a stage writing `out_dir` keeps its trainer's checkpoints: beside it, so publishing the
+    folder never carries them (and a killed run's are found again: stagewise/modeling.py)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{out_dir.name}.checkpoints"
