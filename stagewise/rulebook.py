@@ -21,9 +21,9 @@ Rules (params.yaml `gate:`):
 
 Units follow the metric's kind (stagewise/metrics.py): a proportion changes in points (0-100), a
 perplexity or loss in % of the baseline, a log-likelihood margin in nats (absolute; its limit is
-`gate.margin_max_drop_pct` of the baseline's mean |margin| over its pairs: `margin_scale`). Every delta carries a bootstrap CI from the
-per-item scores evaluate() keeps (paired over shared items), and says whether the verdict could flip
-inside it.
+`gate.margin_max_drop_pct` of the baseline's mean |margin| over its pairs: `margin_scale`). Every
+delta carries a bootstrap CI from the per-item scores evaluate() keeps (paired over shared items),
+and says whether the verdict could flip inside it.
 """
 
 from __future__ import annotations
