@@ -422,7 +422,8 @@ def test_a_worker_host_killed_during_sft_the_stage_resumes_from_its_s3_checkpoin
 
     from stagewise.hashing import dir_hash
 
-    registry = MlflowClient(tracking_uri=f"http://{h0}:{PORTS['mlflow']}")
+    server = f"http://{h0}:{PORTS['mlflow']}"
+    registry = MlflowClient(tracking_uri=server, registry_uri=server)   # never a registry URI set in-process earlier
 
     def sft_versions() -> dict:
         return {v.version: v for v in registry.search_model_versions("name='stagewise'") if v.tags.get("stage") == "sft"}
