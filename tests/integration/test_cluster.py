@@ -405,8 +405,9 @@ def test_a_worker_host_killed_during_sft_the_stage_resumes_from_its_s3_checkpoin
     """A host dies mid-training (issue 26, faults): SFT runs as one Ray Train rank on a worker; once its
     first training checkpoint is in S3, every process of that rank's host is SIGKILLed. Ray Train's
     FailureConfig restarts the rank on the other worker, which restores that checkpoint from S3 and resumes;
-    the run exits 0 and registers one SFT version, the published model's. The run's Prefect task results
-    go to S3 too (`ops.result_storage`), not to the driver's disk."""
+    the run exits 0 and registers one SFT version, the published model's, whose weights an undisturbed run
+    of the same SFT trains bit for bit. The run's Prefect task results go to S3 too (`ops.result_storage`),
+    not to the driver's disk."""
     c, s3c = cluster
     h0 = HOSTS["h0"]
     # h1 died in the test above: it comes back, as a replaced host joins a cluster
@@ -500,6 +501,26 @@ def test_a_worker_host_killed_during_sft_the_stage_resumes_from_its_s3_checkpoin
     assert any(k.startswith("prefect-results/stagewise-pretrain-") for k in results), results
     assert (set(local_results.iterdir()) if local_results.is_dir() else set()) == local_before
     assert not (ws / "mlflow" / "mlflow.db").exists()
+
+    # the same SFT again, undisturbed (`--force-stage sft`: the registry would otherwise hand back the
+    # version above): the resumed run's weights are the ones it trains, bit for bit
+    fault_hash = tags["weights_hash"]
+    before = sft_versions()
+    plain = subprocess.run(in_ns("h0", str(BIN / "stagewise"), "run", "--profile", "smoke", "--stages", "sft",
+                                 "--force-stage", "sft", "--config", str(ws / "params.yaml"),
+                                 "--set", "ops.engine=ray", "--set", f"ops.ray_address={h0}:{PORTS['ray']}",
+                                 "--set", f"ops.ray_scratch=s3://{BUCKET}/sftplain",
+                                 "--set", f"ops.result_storage=s3://{BUCKET}/prefect-results",
+                                 "--set", "sft.resources.num_workers=1", "--set", f"sft.max_steps={steps}",
+                                 "--set", f"sft.save_steps={every}", "--set", "sft.eval_limit=8"),
+                           cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-6000:]
+    again = {k: v for k, v in sft_versions().items() if k not in before}
+    assert len(again) == 1, again
+    undisturbed = json.loads(s3c.get_object(Bucket=BUCKET, Key="sftplain/placement/train-sft.json")["Body"].read())
+    assert not undisturbed[0]["resumed_from_step"], undisturbed
+    assert next(iter(again.values())).tags["weights_hash"] == fault_hash
+    print(f"undisturbed rerun on {undisturbed[0]['node_ip']}: weights hash {fault_hash}, the resumed run's")
 
 
 @pytest.fixture(scope="module", autouse=True)
