@@ -96,7 +96,7 @@ def _no_tracking_uri_leaks_between_tests():
 
 @pytest.fixture(scope="module", autouse=True)
 def _no_registry_uri_leaks_between_files():
-    """MLflow's process-wide URIs outlive the variables above: `mlflow.set_registry_uri()`
+    """MLflow's process-wide URIs outlive the variables the fixture above removes: `mlflow.set_registry_uri()`
     (stagewise.registry.setup_tracking, tests/test_e2e.py) stays set after its file, and a later
     `MlflowClient(tracking_uri=…)` without a registry_uri reads that stale store (the CI failure of
     2026-12-07: the cluster test's client searched an earlier file's sqlite registry, on the same xdist
@@ -107,8 +107,6 @@ def _no_registry_uri_leaks_between_files():
     if "mlflow" in sys.modules:
         sys.modules["mlflow"].set_tracking_uri(None)
         sys.modules["mlflow"].set_registry_uri(None)
-    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        os.environ.pop(k, None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -433,15 +433,19 @@ def test_a_worker_host_killed_during_sft_the_stage_resumes_from_its_s3_checkpoin
     local_results = ws / ".prefect" / "storage"   # Prefect's default result store: this host's disk
     local_before = set(local_results.iterdir()) if local_results.is_dir() else set()
     steps, every = 40, 10   # a checkpoint every 10 steps (the smoke profile saves every 50)
+
+    def sft_run(scratch: str, *extra: str) -> list[str]:
+        return in_ns("h0", str(BIN / "stagewise"), "run", "--profile", "smoke", "--stages", "sft", *extra,
+                     "--config", str(ws / "params.yaml"), "--set", "ops.engine=ray",
+                     "--set", f"ops.ray_address={h0}:{PORTS['ray']}",
+                     "--set", f"ops.ray_scratch=s3://{BUCKET}/{scratch}",
+                     "--set", f"ops.result_storage=s3://{BUCKET}/prefect-results",
+                     "--set", "sft.resources.num_workers=1", "--set", f"sft.max_steps={steps}",
+                     "--set", f"sft.save_steps={every}", "--set", "sft.eval_limit=8")
+
     t0 = time.time()
-    run = subprocess.Popen(in_ns("h0", str(BIN / "stagewise"), "run", "--profile", "smoke", "--stages", "sft",
-                                 "--config", str(ws / "params.yaml"), "--set", "ops.engine=ray",
-                                 "--set", f"ops.ray_address={h0}:{PORTS['ray']}",
-                                 "--set", f"ops.ray_scratch=s3://{BUCKET}/sftfault",
-                                 "--set", f"ops.result_storage=s3://{BUCKET}/prefect-results",
-                                 "--set", "sft.resources.num_workers=1", "--set", f"sft.max_steps={steps}",
-                                 "--set", f"sft.save_steps={every}", "--set", "sft.eval_limit=8"),
-                           cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(sft_run("sftfault"), cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
     killed, deadline = {}, time.time() + 600
     while run.poll() is None and time.time() < deadline and not killed:
         keys = [o["Key"] for page in s3c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="sftfault/train/")
@@ -506,14 +510,8 @@ def test_a_worker_host_killed_during_sft_the_stage_resumes_from_its_s3_checkpoin
     # version above): the resumed run's weights are the ones it trains, bit for bit
     fault_hash = tags["weights_hash"]
     before = sft_versions()
-    plain = subprocess.run(in_ns("h0", str(BIN / "stagewise"), "run", "--profile", "smoke", "--stages", "sft",
-                                 "--force-stage", "sft", "--config", str(ws / "params.yaml"),
-                                 "--set", "ops.engine=ray", "--set", f"ops.ray_address={h0}:{PORTS['ray']}",
-                                 "--set", f"ops.ray_scratch=s3://{BUCKET}/sftplain",
-                                 "--set", f"ops.result_storage=s3://{BUCKET}/prefect-results",
-                                 "--set", "sft.resources.num_workers=1", "--set", f"sft.max_steps={steps}",
-                                 "--set", f"sft.save_steps={every}", "--set", "sft.eval_limit=8"),
-                           cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+    plain = subprocess.run(sft_run("sftplain", "--force-stage", "sft"), cwd=ws, env=env, capture_output=True, text=True,
+                           timeout=600)
     assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-6000:]
     again = {k: v for k, v in sft_versions().items() if k not in before}
     assert len(again) == 1, again
