@@ -61,7 +61,7 @@ def test_sft_as_ddp_over_two_ray_ranks_trains_the_one_process_model_and_register
     from tasks.sft import sft
 
     parent, cur = pretrained()[0], curated()
-    registry.setup_tracking(tmp_path)
+    uri = registry.setup_tracking(tmp_path)
     placement = tmp_path / "scratch" / "placement" / "train-sft.json"
 
     local = sft(cfg_for(tmp_path), parent, cur, tmp_path / "local")
@@ -102,7 +102,8 @@ def test_sft_as_ddp_over_two_ray_ranks_trains_the_one_process_model_and_register
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "local").iterdir())
     info = json.loads((tmp_path / "two" / "stage_info.json").read_text())
     assert info["stage"] == "sft" and info["model_dir"] == two["model_dir"] == str(tmp_path / "two")
-    logged = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    # the store named, not MLflow's process-wide URIs (another test file may have moved them)
+    logged = mlflow.tracking.MlflowClient(tracking_uri=uri, registry_uri=uri).get_metric_history(run.info.run_id, "loss")
     assert [(m.step, m.value) for m in logged] == [(s, pytest.approx(v)) for s, v in curve_two]
     # registered and downloaded like a local run's folder
     with mlflow.start_run(run_name="sft-register") as reg:
