@@ -18,6 +18,15 @@ name's tokens after its first, at its first mention and at its later ones, in 60
 
 `pretrain` trains the workspace's pretraining stage (tasks/pretrain.py, on its data/05_curated and
 data/07_tokenizer) into --out with the `--set` overrides, then probes it; it prints its wall time.
+
+`synthetic` asks the architecture itself, without the corpus in the way: the model `model.*` describes,
+from random init, trained (AdamW, constant lr, clip 1.0) on spans of 8-32 random tokens repeated until the
+block is full; every 100 steps, greedy accuracy on the 2nd-16th tokens of a 16-token span's second
+occurrence after a random gap. Induction heads show as a sudden rise (the "phase change"). The period
+varies, so a fixed-offset attention head (what a span repeated at a fixed period is solved by) does not
+pass. `--corpus-share` mixes that share of the workspace's packed corpus blocks into the batches.
+
+    .venv/bin/python bench/induction.py synthetic --steps 2500 --set model.num_layers=2
 """
 
 from __future__ import annotations
@@ -97,6 +106,61 @@ def name_nll(model, tok) -> tuple[float, float]:
     return sum(first) / len(first), sum(later) / len(later)
 
 
+def synthetic(cfg, steps: int, lr: float, corpus_share: float, curated: Path, tokenizer: Path) -> list[dict]:
+    """The copy-accuracy curve of cfg.model's architecture trained on repeated random spans."""
+    import random
+
+    import torch
+
+    from stagewise.modeling import build_model, load_tokenizer, pack, read_jsonl
+
+    torch.set_num_threads(cfg.run.threads)
+    tok = load_tokenizer(tokenizer)
+    model = build_model(cfg.model, tok, seed=cfg.run.seed)
+    special = set(tok.all_special_ids)
+    vocab = [i for i in range(len(tok)) if i not in special]
+    T, B = cfg.pretrain.seq_len, cfg.pretrain.batch_size
+    rng = random.Random(cfg.run.seed)
+    corpus = pack(tok, [r["text"] for r in read_jsonl(curated / "corpus.jsonl", ["text"])], T) if corpus_share else []
+
+    def repeated() -> list[int]:
+        span, ids = rng.choices(vocab, k=rng.randint(8, 32)), []
+        while len(ids) < T:
+            ids += span
+        return ids[:T]
+
+    g = random.Random(99)   # the probe: the same 32 sequences at every evaluation
+    probe_x, probe_mask = [], []
+    for _ in range(32):
+        span = g.choices(vocab, k=16)
+        ids = g.choices(vocab, k=g.randint(0, 20)) + span + g.choices(vocab, k=g.randint(0, 40)) + span
+        probe_mask.append([0] * (len(ids) - 16) + [1] * 16 + [0] * (T - len(ids)))
+        probe_x.append(ids + [vocab[0]] * (T - len(ids)))
+    probe_x = torch.tensor(probe_x)
+    mask = torch.tensor(probe_mask)[:, 1:].bool() & torch.tensor(probe_mask)[:, :-1].bool()   # 2nd..16th
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    curve, t0 = [], time.perf_counter()
+    for step in range(steps + 1):
+        if step % 100 == 0:
+            model.eval()
+            with torch.no_grad():
+                pred = model(input_ids=probe_x).logits[:, :-1].argmax(-1)
+            acc = (pred[mask] == probe_x[:, 1:][mask]).float().mean().item()
+            curve.append({"step": step, "copy_acc": round(acc, 3), "s": round(time.perf_counter() - t0, 1)})
+            print(json.dumps(curve[-1]), flush=True)
+            model.train()
+        if step == steps:
+            break
+        x = torch.tensor([rng.choice(corpus) if corpus and rng.random() < corpus_share else repeated() for _ in range(B)])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return curve
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -106,10 +170,29 @@ def main() -> None:
     t.add_argument("--config", default="params.resolved.yaml")
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--set", action="append", default=[], dest="sets")
+    y = sub.add_parser("synthetic")
+    y.add_argument("--config", default="params.resolved.yaml")
+    y.add_argument("--set", action="append", default=[], dest="sets")
+    y.add_argument("--steps", type=int, default=2500)
+    y.add_argument("--lr", type=float, default=1e-3)
+    y.add_argument("--corpus-share", type=float, default=0.0)
     for q in (p, t):
         q.add_argument("--rag", type=Path, default=Path("data/01_raw/benchmarks/rag.jsonl"))
         q.add_argument("--n", type=int, default=100, help="held-out rag items probed")
     a = ap.parse_args()
+    if a.cmd == "synthetic":
+        from stagewise.config import load_config
+        from stagewise.workspace import Workspace
+
+        ws = Workspace.at(".")
+        cfg = load_config(Path(a.config), None, a.sets, root=ws.root)
+        curve = synthetic(cfg, a.steps, a.lr, a.corpus_share, ws.curated, ws.root / "data" / "07_tokenizer")
+        m = cfg.model
+        formed = next((c["step"] for c in curve if c["copy_acc"] >= 0.5), None)
+        print(json.dumps({"shape": f"{m.num_layers}x{m.hidden_size} h{m.num_heads}/{m.num_kv_heads}", "sets": a.sets,
+                          "lr": a.lr, "corpus_share": a.corpus_share, "steps": a.steps, "copy_acc_ge_0.5_at": formed,
+                          "final_copy_acc": curve[-1]["copy_acc"], "machine": machine.label(machine.describe())}), flush=True)
+        return
     probes = items(a.rag, a.n)
     if a.cmd == "probe":
         for m in a.models:
