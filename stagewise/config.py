@@ -109,6 +109,8 @@ class GenerateConfig(Section):
     n_eval: int = Field(100, gt=0)            # items per benchmark
     # tool-use chats (calls, results, answers; some need no tool) and the sw_tools set; 0: none (docs/data.md)
     n_tool_chat: int = Field(0, ge=0)
+    # of the tool chats: questions no tool answers, answered in text (~200 distinct ones, hence at most half)
+    tool_no_call_share: float = Field(0.15, ge=0, le=0.5)
     n_rag: int = Field(160, ge=0)             # open-book records about people seen nowhere else (0: none)
     # corpus documents whose invented people recur, so only copying from the context predicts them (0: none)
     n_copy_docs: int = Field(0, ge=0)

@@ -210,7 +210,9 @@ TOOL_SAY = {"food": "The {animal} eats {r}.", "color": "The {animal} is {r}.", "
 # Parallel pairs seen in training; the benchmark also asks for pairs never seen together (food + add, ...).
 TRAIN_PAIRS = [("food", "color"), ("add", "add"), ("color", "km_to_m")]
 UNSEEN_PAIRS = [("food", "add"), ("color", "add")]
-NO_TOOL = ["Say hello to {n}.", "Greet {n} for me.", "Write a short hello to {n}."]
+NO_TOOL = ["Say hello to {n}.", "Greet {n} for me.", "Write a short hello to {n}.", "Send a warm hello to {n}.",
+           "Please say hi to {n}.", "Give my greetings to {n}."]   # never the eval's "Wish {n} a good day."
+NO_TOOL_HOME = ["Tell me where the {a} lives.", "Where does the {a} live?"]
 # Questions no tool answers (home): answered in text, like the plain chats do.
 
 
@@ -253,8 +255,9 @@ def tool_chat(world: World, names: tuple[str, ...], args: list[dict], i: int, to
     return {"tools": tools, "messages": msgs}
 
 
-def tool_chats(world: World, n: int, rng: random.Random) -> list[dict]:
-    """Single calls (60%), parallel pairs (25%), no tool fits (15%: a greeting, or a home question in text).
+def tool_chats(world: World, n: int, rng: random.Random, no_call_share: float = 0.15) -> list[dict]:
+    """No tool fits (`no_call_share`: a greeting, or a home question in text); of the rest, single calls
+    (70%) and parallel pairs (30%).
 
     Lookups use only training (animal, attribute) pairs: a tool result never teaches a held-out fact.
     """
@@ -263,17 +266,16 @@ def tool_chats(world: World, n: int, rng: random.Random) -> list[dict]:
                "color": [a for a in by_attr["color"] if a not in TOOL_EVAL_ANIMALS]}
     out, keys = [], set()
     while len(out) < n:
-        u = rng.random()
-        if u < 0.15:
+        if rng.random() < no_call_share:
             if rng.random() < 0.5:
                 q = rng.choice(NO_TOOL).format(n=rng.choice(NAMES))
                 rec = {"tools": declared((), rng), "messages": chat(q, f"Hello, {q.split()[-1].rstrip('.')}!")}
             else:
                 a = rng.choice([x for x in by_attr["home"] if x not in TOOL_EVAL_ANIMALS])
-                rec = {"tools": declared((), rng), "messages": chat(f"Tell me where the {a} lives.",
+                rec = {"tools": declared((), rng), "messages": chat(rng.choice(NO_TOOL_HOME).format(a=a),
                                                              ANSWER_FORM["home"].format(a=a, v=world.facts[a]["home"]))}
         else:
-            names = (rng.choice(list(TOOL_ASK)),) if u < 0.75 else rng.choice(TRAIN_PAIRS)
+            names = (rng.choice(list(TOOL_ASK)),) if rng.random() < 0.7 else rng.choice(TRAIN_PAIRS)
             args = [_tool_args(nm, animals.get(nm, []), rng) for nm in names]
             rec = tool_chat(world, names, args, len(out), declared(names, rng))
         key = json.dumps(rec["messages"][0]["content"])
@@ -379,7 +381,8 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> dict:
     if cfg.n_tool_chat:
         tool_rng = random.Random(cfg.seed + 1)
         bench["tools"] = tools_benchmark(world, cfg.n_eval, tool_rng)
-        records["chat"] += [{"id": f"tool-{i:05d}", **t} for i, t in enumerate(tool_chats(world, cfg.n_tool_chat, tool_rng))]
+        chats = tool_chats(world, cfg.n_tool_chat, tool_rng, cfg.tool_no_call_share)
+        records["chat"] += [{"id": f"tool-{i:05d}", **t} for i, t in enumerate(chats)]
 
     # preference --------------------------------------------------------------
     prefs = []

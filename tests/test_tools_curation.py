@@ -142,3 +142,22 @@ def test_the_demo_worlds_tool_chats_are_sound_and_hold_out_their_eval_values(tmp
     train_pairs = {tuple(c["function"]["name"] for c in m["tool_calls"]) for r in tools for m in r["messages"]
                    if len(m.get("tool_calls") or []) == 2}
     assert pairs - train_pairs                                                      # unseen combinations
+
+
+@pytest.mark.parametrize("share", [0.15, 0.4])
+def test_the_no_call_share_of_the_tool_chats_is_the_setting(share):
+    """generate.tool_no_call_share: that share of the tool chats needs no tool (binomial 99% band), each
+    question once, none phrased like the eval's no-call items ("Wish … a good day.")."""
+    import math
+    import random
+
+    from tasks.generate import build_world, tool_chats
+
+    n = 300
+    chats = tool_chats(build_world(random.Random(7)), n, random.Random(8), share)
+    no_call = [r for r in chats if not any(m.get("tool_calls") for m in r["messages"])]
+    sd = math.sqrt(n * share * (1 - share))
+    assert abs(len(no_call) - n * share) < 2.6 * sd, (len(no_call), n * share)
+    questions = [r["messages"][0]["content"] for r in chats]
+    assert len(set(questions)) == n
+    assert not any(q.startswith("Wish") for q in questions)
