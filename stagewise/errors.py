@@ -142,7 +142,7 @@ class _DropOwnErrors(logging.Filter):
         return not any(f"exception {n}" in msg or f"{n}(" in msg for n in _OWN_NAMES)
 
 
-_OWN_NAMES = ("ConfigError", "BadInput", "CliError", "WorkspaceLocked", "StoreError", "UserError",
+_OWN_NAMES = ("ConfigError", "BadInput", "CliError", "WorkspaceLocked", "StoreError", "UserError", "EvaluationError",
               "StagewiseError", "Interrupted", "KeyboardInterrupt")
 _FILTER = _DropOwnErrors()
 

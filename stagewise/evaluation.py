@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stagewise.config import EvaluateConfig, hash_obj
+from stagewise.errors import UserError
 from stagewise.metrics import metric as metric_info
 from stagewise.workspace import Workspace
 
@@ -32,8 +33,9 @@ from stagewise.workspace import Workspace
 _CWD_LOCK = threading.Lock()  # chdir is process-wide: one evaluation at a time per process
 
 
-class EvaluationError(RuntimeError):
-    """An evaluation that cannot run, phrased for the person who has to fix it."""
+class EvaluationError(UserError):
+    """An evaluation that cannot run, phrased for the person who has to fix it: one `error:` line, exit 2
+    (a missing benchmark file, an undeclared task, a folder without weights), never a traceback."""
 
 
 # ---------------------------------------------------------------- metric helpers (shared with gate)

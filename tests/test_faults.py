@@ -666,3 +666,28 @@ def test_flags_in_help_do_not_ask_for_a_value():
         res = runner.invoke(app, command, env={"COLUMNS": "160"})
         ours = [ln for ln in res.output.splitlines() if "<bool>" in ln and "--help" not in ln]   # --help: typer's
         assert res.exit_code == 0 and not ours, res.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)   # the shared smoke run is set up inside this item when it comes first
+def test_a_missing_eval_data_file_is_one_error_line_with_exit_2(finished_smoke_workspace, tmp_path):
+    """`--stages sft` uses existing data as it is: when the sft target's benchmark file is gone (data made
+    with other generate settings), the evaluation says which file and how to make it — once, exit 2, no
+    traceback (it was a RuntimeError: exit 1 and four tracebacks, 2026-12-07)."""
+    import subprocess
+    import sys
+
+    from conftest import workspace_env
+
+    ws = tmp_path / "ws"
+    subprocess.run(["cp", "-a", str(finished_smoke_workspace), str(ws)], check=True)
+    (ws / "data" / "01_raw" / "benchmarks" / "instruct.jsonl").unlink()
+    proc = subprocess.run([str(Path(sys.executable).parent / "stagewise"), "run", "--profile", "smoke", "--stages", "sft",
+                           "--force-stage", "sft"], cwd=ws, env=workspace_env(ws), capture_output=True, text=True,
+                          timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, out[-3000:]
+    assert "data/01_raw/benchmarks/instruct.jsonl" in errors[0] and "run the `generate` step" in errors[0], errors
