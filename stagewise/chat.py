@@ -33,6 +33,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from stagewise.errors import ConfigError
+
 # Only for a base without any chat template (a plain pretrained LM). Reuses the tokenizer's own EOS as
 # the end of every assistant turn; roles are plain words, so no token is added. The newlines are
 # expressions: `-%}` would strip a literal one (the turns then ran together, "…?Assistant:").
@@ -59,8 +61,8 @@ FIX = ("set `model.chat_template: <path to a .jinja>` (params.yaml) to a version
        "with {% generation %}…{% endgeneration %} around each assistant reply and its end-of-turn token")
 
 
-class ChatTemplateError(ValueError):
-    """A template the project cannot train on, phrased for the person who has to fix it."""
+class ChatTemplateError(ConfigError):
+    """A template the project cannot train on, phrased for the person who has to fix it (exit 2)."""
 
 
 # Probe conversations: every shape the stages render (system or not, one or two turns, generation prompt).

@@ -139,11 +139,19 @@ class _DropOwnErrors(logging.Filter):
         msg = record.getMessage()
         if "aborted by an interrupt signal" in msg:   # Ctrl-C/SIGTERM: the CLI says it once
             return False
-        return not any(f"exception {n}" in msg or f"{n}(" in msg for n in _OWN_NAMES)
+        return not any(f"exception {n}" in msg or f"{n}(" in msg for n in _own_names())
 
 
-_OWN_NAMES = ("ConfigError", "BadInput", "CliError", "WorkspaceLocked", "StoreError", "UserError", "EvaluationError",
-              "StagewiseError", "Interrupted", "KeyboardInterrupt")
+def _own_names() -> set[str]:
+    """Class names of the project's own errors: every StagewiseError subclass defined so far (an error
+    that was raised had its module imported), so a new one needs no entry in a list here."""
+    names, todo = {"Interrupted", "KeyboardInterrupt"}, [StagewiseError]
+    while todo:
+        c = todo.pop()
+        names.add(c.__name__)
+        todo.extend(c.__subclasses__())
+    return names
+
 _FILTER = _DropOwnErrors()
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 from prefect import task
 
 from stagewise.config import ValidateConfig
+from stagewise.errors import UserError
 from stagewise.records import input_kinds, read_jsonl, write_json
 from stagewise.tools import language_turns
 
 
-class ValidationFailed(RuntimeError):
-    """Curated data broke a critical expectation; the message lists each failure with examples."""
+class ValidationFailed(UserError, RuntimeError):
+    """Curated data broke a critical expectation; the message lists each failure with examples (exit 2)."""
 
 
 def validate(cfg: ValidateConfig, in_dir: Path, out_dir: Path) -> dict:
