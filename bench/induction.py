@@ -136,8 +136,8 @@ def synthetic(cfg, steps: int, lr: float, corpus_share: float, curated: Path, to
         ids = g.choices(vocab, k=g.randint(0, 20)) + span + g.choices(vocab, k=g.randint(0, 40)) + span
         probe_mask.append([0] * (len(ids) - 16) + [1] * 16 + [0] * (T - len(ids)))
         probe_x.append(ids + [vocab[0]] * (T - len(ids)))
-    probe_x = torch.tensor(probe_x)
-    mask = torch.tensor(probe_mask)[:, 1:].bool() & torch.tensor(probe_mask)[:, :-1].bool()   # 2nd..16th
+    probe_x, in_span = torch.tensor(probe_x), torch.tensor(probe_mask).bool()
+    mask = in_span[:, 1:] & in_span[:, :-1]   # targets whose previous token is in the span too: its 2nd..16th
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     curve, t0 = [], time.perf_counter()
@@ -167,53 +167,48 @@ def main() -> None:
     p = sub.add_parser("probe")
     p.add_argument("models", nargs="+", type=Path)
     t = sub.add_parser("pretrain")
-    t.add_argument("--config", default="params.resolved.yaml")
     t.add_argument("--out", required=True, type=Path)
-    t.add_argument("--set", action="append", default=[], dest="sets")
     y = sub.add_parser("synthetic")
-    y.add_argument("--config", default="params.resolved.yaml")
-    y.add_argument("--set", action="append", default=[], dest="sets")
     y.add_argument("--steps", type=int, default=2500)
     y.add_argument("--lr", type=float, default=1e-3)
     y.add_argument("--corpus-share", type=float, default=0.0)
+    for q in (t, y):   # the two that train: the workspace's config, with overrides
+        q.add_argument("--config", default="params.resolved.yaml")
+        q.add_argument("--set", action="append", default=[], dest="sets")
     for q in (p, t):
         q.add_argument("--rag", type=Path, default=Path("data/01_raw/benchmarks/rag.jsonl"))
         q.add_argument("--n", type=int, default=100, help="held-out rag items probed")
     a = ap.parse_args()
-    if a.cmd == "synthetic":
-        from stagewise.config import load_config
-        from stagewise.workspace import Workspace
-
-        ws = Workspace.at(".")
-        cfg = load_config(Path(a.config), None, a.sets, root=ws.root)
-        curve = synthetic(cfg, a.steps, a.lr, a.corpus_share, ws.curated, ws.root / "data" / "07_tokenizer")
-        m = cfg.model
-        formed = next((c["step"] for c in curve if c["copy_acc"] >= 0.5), None)
-        print(json.dumps({"shape": f"{m.num_layers}x{m.hidden_size} h{m.num_heads}/{m.num_kv_heads}", "sets": a.sets,
-                          "lr": a.lr, "corpus_share": a.corpus_share, "steps": a.steps, "copy_acc_ge_0.5_at": formed,
-                          "final_copy_acc": curve[-1]["copy_acc"], "machine": machine.label(machine.describe())}), flush=True)
-        return
-    probes = items(a.rag, a.n)
     if a.cmd == "probe":
+        probes = items(a.rag, a.n)
         for m in a.models:
             print(json.dumps(probe(m, probes)), flush=True)
         return
     from stagewise.config import load_config
     from stagewise.workspace import Workspace
-    from tasks.pretrain import pretrain
 
-    logs.configure()
     ws = Workspace.at(".")
     cfg = load_config(Path(a.config), None, a.sets, root=ws.root)
-    t0 = time.perf_counter()
-    res = pretrain(cfg, ws.root / "data" / "07_tokenizer", ws.curated, a.out)
-    wall = time.perf_counter() - t0
     m = cfg.model
-    print(json.dumps({**probe(a.out, probes, cfg.run.threads), "sets": a.sets, "pretrain_s": round(wall, 1),
-                      "steps": cfg.pretrain.max_steps, "shape": f"{m.num_layers}x{m.hidden_size} h{m.num_heads}/{m.num_kv_heads}",
-                      "params": res.get("params"), "eval_loss": res.get("train_metrics", {}).get("eval_loss"),
-                      "heldout_ppl": res.get("heldout_ppl"), "machine": machine.label(machine.describe())}), flush=True)
+    about = {"shape": f"{m.num_layers}x{m.hidden_size} h{m.num_heads}/{m.num_kv_heads}", "sets": a.sets,
+             "machine": machine.label(machine.describe())}
+    if a.cmd == "synthetic":
+        curve = synthetic(cfg, a.steps, a.lr, a.corpus_share, ws.curated, ws.tokenizer)
+        formed = next((c["step"] for c in curve if c["copy_acc"] >= 0.5), None)
+        print(json.dumps({**about, "lr": a.lr, "corpus_share": a.corpus_share, "steps": a.steps,
+                          "copy_acc_ge_0.5_at": formed, "final_copy_acc": curve[-1]["copy_acc"]}), flush=True)
+        return
+    from tasks.pretrain import pretrain
 
+    probes = items(a.rag, a.n)
+    logs.configure()
+    t0 = time.perf_counter()
+    res = pretrain(cfg, ws.tokenizer, ws.curated, a.out)
+    wall = time.perf_counter() - t0
+    print(json.dumps({**probe(a.out, probes, cfg.run.threads), **about, "pretrain_s": round(wall, 1),
+                      "steps": cfg.pretrain.max_steps, "params": res.get("params"),
+                      "eval_loss": res.get("train_metrics", {}).get("eval_loss"),
+                      "heldout_ppl": res.get("heldout_ppl")}), flush=True)
 
 if __name__ == "__main__":
     main()

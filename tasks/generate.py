@@ -212,8 +212,8 @@ TRAIN_PAIRS = [("food", "color"), ("add", "add"), ("color", "km_to_m")]
 UNSEEN_PAIRS = [("food", "add"), ("color", "add")]
 NO_TOOL = ["Say hello to {n}.", "Greet {n} for me.", "Write a short hello to {n}.", "Send a warm hello to {n}.",
            "Please say hi to {n}.", "Give my greetings to {n}."]   # never the eval's "Wish {n} a good day."
-NO_TOOL_HOME = ["Tell me where the {a} lives.", "Where does the {a} live?"]
 # Questions no tool answers (home): answered in text, like the plain chats do.
+NO_TOOL_HOME = ["Tell me where the {a} lives.", "Where does the {a} live?"]
 
 
 def _tool_args(name: str, animals: list[str], rng: random.Random) -> dict:
